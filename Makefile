@@ -1,0 +1,42 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both set up .venv when needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export MPLBACKEND := Agg
+export WANDB_MODE ?= offline
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup test test-slow demo demo-long slurm-up slurm-down bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+test: setup slurm-up
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-slow: setup slurm-up
+	$(BIN)/python -m pytest -m slow -q
+
+demo: setup
+	$(BIN)/harness sweep demo
+
+demo-long: setup
+	$(BIN)/harness sweep demo_long
+
+slurm-up:
+	bash tests/slurm/slurm-local.sh start
+
+slurm-down:
+	bash tests/slurm/slurm-local.sh stop
+
+bench: setup
+	$(BIN)/harness bench model=mini-S/2
+
+clean:
+	rm -rf runs sweeps_out reports bench .pytest_cache

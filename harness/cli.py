@@ -1,0 +1,142 @@
+"""The `harness` command: a thin layer over the library functions that notebooks and tests call too.
+
+Every subcommand takes Hydra-style overrides (`model=DiT-XL/2 trainer.global_batch_size=32`) where it
+builds a config. Bad input raises `HarnessError`, printed here as one line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from harness.errors import HarnessError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from harness.train import hydra_train
+
+    return hydra_train(args.overrides)
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    from harness.train import dry_run, format_dry_run
+
+    print(format_dry_run(dry_run(args.overrides, take_step=not args.no_step)))
+    return 0
+
+
+def _flops(args: argparse.Namespace) -> int:
+    from harness.flops import flops_table, format_table
+
+    models = args.models or None
+    print(format_table(flops_table(models, args.overrides, conditioning_ablation=args.ablation), args.format))
+    return 0
+
+
+def _extract_latents(args: argparse.Namespace) -> int:
+    from harness.data import extract_latents_cli
+
+    return extract_latents_cli(args.overrides)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from harness.evaluate import evaluate_cli
+
+    return evaluate_cli(args.overrides)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from harness.sweep import launch_sweep
+
+    return launch_sweep(args.name, args.overrides, dry_run=args.dry_run)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from harness.sweep import format_status, sweep_status
+
+    print(format_status(sweep_status(args.sweep_dir)))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from harness.report import write_report
+
+    paths = write_report(args.sweep_dirs, args.out, step=args.step, overlay_paper=args.overlay_paper,
+                         mix_extractors=args.mix_extractors)
+    print(f"report: {paths['html']}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from harness.bench import format_bench, run_bench
+
+    print(format_bench(run_bench(args.overrides, what=args.what, log=args.log)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="harness", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    overrides = dict(nargs="*", metavar="KEY=VALUE", help="Hydra-style config overrides")
+
+    p = command("train", _train, "Train one DiT config (a Hydra app; -m for multirun).")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="Hydra arguments and overrides")
+
+    p = command("dry-run", _dry_run, "Resolve a config, count params/tokens/Gflops/memory and take one real CPU step.")
+    p.add_argument("overrides", **overrides)
+    p.add_argument("--no-step", action="store_true", help="skip the forward/backward/optimizer step")
+
+    p = command("flops", _flops, "Forward Gflops (fvcore) of a list of configs, or the paper's 12-config grid.")
+    p.add_argument("--models", nargs="+", metavar="NAME", help="model names, e.g. DiT-XL/2 mini-S/2 (default: the paper grid)")
+    p.add_argument("--ablation", action="store_true", help="the four conditioning variants of DiT-XL/2 instead")
+    p.add_argument("--format", choices=("text", "csv", "json"), default="text")
+    p.add_argument("overrides", **overrides)
+
+    p = command("extract-latents", _extract_latents, "Encode an image folder into a sharded latent cache (out=DIR).")
+    p.add_argument("overrides", **overrides)
+
+    p = command("eval", _eval, "Sample from a checkpoint and compute FID (ckpt=PATH).")
+    p.add_argument("overrides", **overrides)
+
+    p = command("sweep", _sweep, "Launch a sweep from sweeps/ through Hydra multirun + submitit.")
+    p.add_argument("name", help="a sweep definition in sweeps/ (e.g. demo, paper_grid)")
+    p.add_argument("overrides", **overrides)
+    p.add_argument("--dry-run", action="store_true", help="print the grid and one sbatch script; submit nothing")
+
+    p = command("status", _status, "State of every run of a sweep.")
+    p.add_argument("sweep_dir")
+
+    p = command("report", _report, "Gflops-vs-FID report (report.md, report.html, figures) from sweep dirs.")
+    p.add_argument("sweep_dirs", nargs="+")
+    p.add_argument("-o", "--out", required=True, help="output directory")
+    p.add_argument("--step", type=int, default=None, help="training step for the FID-vs-Gflops figure (default: last common)")
+    p.add_argument("--overlay-paper", action="store_true", help="overlay the paper's 400K-step points")
+    p.add_argument("--mix-extractors", action="store_true", help="allow FIDs of different feature extractors on one axis")
+
+    p = command("bench", _bench, "Time training, sampling, feature extraction and latent loading; MFU and memory.")
+    p.add_argument("--what", nargs="+", default=["train", "sample", "features", "latents"],
+                   choices=("train", "sample", "features", "latents"))
+    p.add_argument("--log", default="bench/bench_log.jsonl", help="benchmark log to append to")
+    p.add_argument("overrides", **overrides)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except HarnessError as err:
+        print(f"harness: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
