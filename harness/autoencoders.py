@@ -1,0 +1,148 @@
+"""Autoencoders: what maps images in [-1, 1] to the space the DiT is trained in, and back.
+
+`identity` trains in pixel space (the embedded digits default). `sd-vae-ft-ema` / `sd-vae-ft-mse` are
+Stable Diffusion's VAE through diffusers' `AutoencoderKL`, as in the DiT paper: the latent is a sample
+of the encoder's posterior times `scale_factor` (0.18215), and decoding divides by it first. The
+weights come from `autoencoder.path` (a local directory or a hub id); nothing is downloaded when the
+hub is offline, and a missing model is one HarnessError naming that key.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from harness.errors import HarnessError, require
+
+VAE_NAMES = ("sd-vae-ft-ema", "sd-vae-ft-mse")
+
+
+class Autoencoder(torch.nn.Module):
+    """Common interface: `encode(x in [-1, 1]) -> latents`, `decode(latents) -> x in [-1, 1]`.
+
+    Both run without gradients and take optional `batch_size` to bound memory on large inputs.
+    """
+
+    name: str
+    latent_channels: int
+    downsample: int
+    scale_factor: float
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None,
+               batch_size: int | None = None) -> torch.Tensor:
+        return _batched(lambda chunk: self._encode(chunk, generator), x, batch_size)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        return _batched(self._decode, z, batch_size)
+
+    def _encode(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _batched(fn, x: torch.Tensor, batch_size: int | None) -> torch.Tensor:
+    if batch_size is None or len(x) <= batch_size:
+        return fn(x)
+    return torch.cat([fn(chunk) for chunk in x.split(batch_size)])
+
+
+class IdentityAutoencoder(Autoencoder):
+    """Pixel space: the DiT sees the images themselves."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.name = "identity"
+        self.latent_channels = int(channels)
+        self.downsample = 1
+        self.scale_factor = 1.0
+
+    def _encode(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        return x.clone()
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z.clone()
+
+
+class VAEAutoencoder(Autoencoder):
+    """Stable Diffusion's KL autoencoder; latent = posterior sample x scale_factor."""
+
+    def __init__(self, name: str, vae: torch.nn.Module, scale_factor: float):
+        super().__init__()
+        self.name = name
+        self.vae = vae.eval().requires_grad_(False)
+        self.latent_channels = int(vae.config.latent_channels)
+        # Each down block but the last halves the resolution.
+        self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.scale_factor = float(scale_factor)
+
+    def _encode(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        posterior = self.vae.encode(x.to(self._dtype())).latent_dist
+        return posterior.sample(generator=generator).float() * self.scale_factor
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode((z / self.scale_factor).to(self._dtype())).sample.float()
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+
+def build_autoencoder(ae_cfg: DictConfig, data_cfg: DictConfig, device: str | torch.device = "cpu") -> Autoencoder:
+    """The autoencoder of `ae_cfg` on `device`, checked against the geometry the config declares."""
+    name = str(ae_cfg.name)
+    if name == "identity":
+        require(int(ae_cfg.downsample) == 1, f"autoencoder.downsample must be 1 for identity, got {ae_cfg.downsample}")
+        channels = ae_cfg.latent_channels if ae_cfg.latent_channels is not None else data_cfg.channels
+        require(int(channels) == int(data_cfg.channels),
+                f"autoencoder.latent_channels={channels} must equal data.channels={data_cfg.channels} for identity")
+        return IdentityAutoencoder(int(data_cfg.channels)).to(device)
+    require(name in VAE_NAMES, f"autoencoder.name={name!r} is not one of identity, {', '.join(VAE_NAMES)}")
+    require(int(data_cfg.channels) == 3, f"data.channels={data_cfg.channels}: the {name} VAE encodes RGB images (3 channels)")
+    ae = VAEAutoencoder(name, load_vae(str(ae_cfg.path)), float(ae_cfg.scale_factor))
+    # The DiT's input geometry is computed from the config; it must describe the weights actually loaded.
+    require(ae.downsample == int(ae_cfg.downsample),
+            f"autoencoder.downsample={ae_cfg.downsample} but the VAE at {ae_cfg.path} downsamples by {ae.downsample}")
+    if ae_cfg.latent_channels is not None:
+        require(ae.latent_channels == int(ae_cfg.latent_channels),
+                f"autoencoder.latent_channels={ae_cfg.latent_channels} but the VAE at {ae_cfg.path} has {ae.latent_channels}")
+    return ae.to(device)
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub must not be contacted (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE set)."""
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return bool(constants.HF_HUB_OFFLINE) or any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
+
+
+def load_vae(path: str) -> torch.nn.Module:
+    """`AutoencoderKL.from_pretrained(path)` from a local directory, the hub cache, or (online) the hub."""
+    from diffusers import AutoencoderKL
+    from diffusers.utils import is_accelerate_available
+
+    hint = "point autoencoder.path at a local directory holding the VAE's config.json and weights"
+    local = Path(path).expanduser()
+    looks_local = local.is_absolute() or path.startswith((".", "~")) or local.exists()
+    if looks_local and not local.is_dir():
+        raise HarnessError(f"autoencoder.path={path!r} is not a directory; {hint}")
+    # Offline, only the local directory or the hub cache may be read: never wait on a connection.
+    offline = hub_offline()
+    try:
+        with warnings.catch_warnings():  # deprecation notices between diffusers and huggingface_hub versions
+            warnings.simplefilter("ignore")
+            # The low-memory loader needs `accelerate`; without it diffusers falls back anyway, only noisily.
+            return AutoencoderKL.from_pretrained(str(local) if looks_local else path,
+                                                 local_files_only=offline or looks_local,
+                                                 low_cpu_mem_usage=is_accelerate_available())
+    except Exception as err:  # diffusers/huggingface_hub raise OSError, ValueError, HTTP and JSON errors
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        where = "offline (HF_HUB_OFFLINE) and not in the hub cache" if offline and not looks_local else reason
+        raise HarnessError(f"autoencoder.path={path!r}: cannot load the AutoencoderKL weights ({where}); {hint}") from None

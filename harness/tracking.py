@@ -1,0 +1,75 @@
+"""Where a run's numbers go: `metrics.jsonl` in the run dir, the terminal, and wandb.
+
+wandb is offline unless `logger.mode` says otherwise, so a run never needs a connection; an offline
+run is synced later with `wandb sync <run_dir>/wandb/offline-run-*`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from harness.config import slug
+from harness.io import append_jsonl
+
+
+class Tracker:
+    """Writes metric rows to `metrics.jsonl`, prints progress, and mirrors both to wandb when enabled."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, enabled: bool = True):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.interactive = sys.stderr.isatty()
+        self.wandb_run = None
+        if enabled and cfg.logger.name == "wandb":
+            self.wandb_run = _init_wandb(cfg, self.run_dir)
+
+    def log_metrics(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        append_jsonl(self.run_dir / "metrics.jsonl", row)
+        if self.wandb_run is not None:
+            self.wandb_run.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def log_result(self, row: dict) -> None:
+        """An evaluation row (already in results.jsonl) mirrored to wandb."""
+        if self.enabled and self.wandb_run is not None:
+            numbers = {f"eval/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+            self.wandb_run.log(numbers, step=row["step"])
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=sys.stderr if self.interactive else sys.stdout, flush=True)
+
+    def finish(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def _init_wandb(cfg: DictConfig, run_dir: Path):
+    import wandb
+
+    logger = cfg.logger
+    os.environ.setdefault("WANDB_SILENT", "true")
+    wandb_dir = Path(logger.dir) if logger.dir else run_dir
+    wandb_dir.mkdir(parents=True, exist_ok=True)
+    # One wandb run per run dir, resumed across restarts and requeues.
+    run_id = f"{slug(cfg.run_name)}-{hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:8]}"
+    return wandb.init(
+        project=logger.project,
+        entity=logger.entity,
+        mode=logger.mode,
+        group=logger.group,
+        name=cfg.run_name,
+        id=run_id,
+        resume="allow",
+        dir=str(wandb_dir),
+        config=OmegaConf.to_container(cfg, resolve=True),
+        settings=wandb.Settings(start_method="thread", console="off"),
+    )
+

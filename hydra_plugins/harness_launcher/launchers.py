@@ -1,0 +1,154 @@
+"""The harness's Hydra launchers: hydra-submitit-launcher, made idempotent and never blocking unboundedly.
+
+Hydra instantiates launchers only from plugin classes under the `hydra_plugins` package, so these
+live here; `conf/hydra/launcher/harness_{slurm,local}.yaml` name them by `_target_` and
+`launcher=slurm|local` selects one. What differs from hydra-submitit-launcher's own `launch()`,
+which submits one job array and then blocks until every job returns (forever, if a job dies where
+accounting cannot see it):
+
+- before anything is submitted, every job's config is validated (all errors at once) and the sweep
+  dir is checked (harness.sweep.check_grid / check_sweep_dir);
+- runs that are done, or whose job is still queued or running (squeue; a live pid for local runs),
+  are skipped; the others are submitted and resume from their checkpoints;
+- each run is its own job with its own resources (GPUs, nodes, time from its config), recorded in
+  the sweep dir's submissions.jsonl;
+- waiting is bounded by `wait_s` and polls squeue, never sacct.
+
+Running a job (`__call__`) and requeueing it (`checkpoint`, called by submitit on SIGUSR2 once the
+training loop has saved its checkpoint) are the base class's: the requeued job runs the same
+grid point again, and training resumes from the run dir.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
+
+from harness import sweep
+
+log = logging.getLogger(__name__)
+
+
+class HarnessSubmititLauncher(BaseSubmititLauncher):
+    """Submits the runs of a sweep that still need a job; waits at most `wait_s` seconds."""
+
+    _EXECUTOR = "abstract"
+
+    def __call__(self, *args: Any) -> JobReturn:
+        """Run one grid point inside the job; a failed run fails the job, with its traceback in the job's log."""
+        result = super().__call__(*args)
+        if result.status == JobStatus.FAILED:
+            error = result._return_value
+            traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+            sys.stderr.flush()
+            raise error
+        return result
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        assert self.config is not None and self.hydra_context is not None
+        name = str(self.config.hydra.job.config_name)
+        sweep._set_hydra_config(self.config)  # jobs may read ${hydra:launcher...} (e.g. GPUs per model size)
+        specs = []
+        for offset, overrides in enumerate(job_overrides):
+            spec = sweep.RunSpec(initial_job_idx + offset, list(overrides))
+            spec.cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            specs.append(spec)
+        sweep.label_points(specs)
+        sweep.check_grid(name, specs, self._EXECUTOR)
+        sweep.check_sweep_dir(name, specs)
+        queue = sweep.slurm_queue(strict=True) if self._EXECUTOR == "slurm" else None
+        decisions = sweep.plan_runs(specs, self._EXECUTOR, queue)
+        sweep_dir = specs[0].sweep_dir
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        task_overrides = [str(o) for o in self.config.hydra.overrides.task]
+        sweep.write_sweep_record(name, self.config, specs, task_overrides)
+        for d in decisions:
+            print(f"  {d.spec.run_name}: {'submit' if d.submit else 'skip'} ({d.reason})", flush=True)
+        todo = [d for d in decisions if d.submit]
+        print(f"sweep {name}: {len(todo)} of {len(decisions)} runs to submit ({self._EXECUTOR}); "
+              f"sweep dir {sweep_dir}", flush=True)
+        if todo:
+            self._run(todo, sweep_dir)
+        return []
+
+    def _submit(self, decision: sweep.Decision, sweep_dir: Path):
+        """One run as one submitit job; returns the job handle (after recording it)."""
+        import submitit
+
+        spec = decision.spec
+        folder = sweep_dir / sweep.SUBMITIT_DIR / "%j"
+        max_timeouts = int(spec.cfg.hydra.launcher.max_num_timeout)
+        if self._EXECUTOR == "slurm":
+            executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_timeouts)
+            executor.update_parameters(**sweep.slurm_parameters(spec.cfg))
+        else:
+            executor = submitit.LocalExecutor(folder=folder, max_num_timeout=max_timeouts)
+            executor.update_parameters(**sweep.local_parameters(spec.cfg))
+        # The same arguments hydra-submitit-launcher gives each job: the job composes its config from them.
+        job = executor.submit(self, list(spec.overrides), "hydra.sweep.dir", spec.index, f"job_id_for_{spec.index}",
+                              Singleton.get_state())
+        sweep.record_submission(spec, self._EXECUTOR, job, decision.reason)
+        print(f"  submitted {spec.run_name}: job {job.job_id} ({decision.reason}), log {job.paths.stdout}", flush=True)
+        return job
+
+    def _run(self, todo: list[sweep.Decision], sweep_dir: Path) -> None:
+        raise NotImplementedError
+
+
+class HarnessSlurmLauncher(HarnessSubmititLauncher):
+    """`launcher=slurm`: one sbatch job per run; returns at once unless `wait_s` > 0."""
+
+    _EXECUTOR = "slurm"
+
+    def _run(self, todo: list[sweep.Decision], sweep_dir: Path) -> None:
+        job_ids = [str(self._submit(d, sweep_dir).job_id) for d in todo]
+        wait_s = float(self.config.hydra.launcher.wait_s or 0)
+        if wait_s <= 0:
+            print(f"submitted {len(job_ids)} jobs; follow them with `harness status {sweep_dir}`", flush=True)
+            return
+        poll_s = max(1.0, float(self.config.hydra.launcher.poll_s))
+        deadline = time.time() + wait_s
+        while True:
+            queue = sweep.slurm_queue(strict=False)
+            left = [j for j in job_ids if queue is None or j in queue]
+            if not left:
+                return
+            if time.time() >= deadline:
+                print(f"stopped waiting after {wait_s:.0f} s with {len(left)} jobs still queued or running "
+                      f"({', '.join(left)}); they go on: `harness status {sweep_dir}`", flush=True)
+                return
+            time.sleep(min(poll_s, max(0.0, deadline - time.time())))
+
+
+class HarnessLocalLauncher(HarnessSubmititLauncher):
+    """`launcher=local`: local processes, at most `max_parallel` at a time, waited on for at most `wait_s`."""
+
+    _EXECUTOR = "local"
+
+    def _run(self, todo: list[sweep.Decision], sweep_dir: Path) -> None:
+        parallel, _ = sweep.local_parallelism(todo[0].spec.cfg)
+        wait_s = float(self.config.hydra.launcher.wait_s or 0)
+        poll_s = max(0.2, float(self.config.hydra.launcher.poll_s))
+        deadline = time.time() + wait_s
+        pending, running = list(todo), []
+        print(f"running {len(todo)} runs locally, {parallel} at a time", flush=True)
+        while pending or running:
+            running = [job for job in running if not job.done()]
+            while pending and len(running) < parallel and time.time() < deadline:
+                running.append(self._submit(pending.pop(0), sweep_dir))
+            if time.time() >= deadline:
+                ids = ", ".join(str(job.job_id) for job in running)
+                print(f"stopped waiting after {wait_s:.0f} s: {len(running)} runs still running (pids {ids}) and "
+                      f"{len(pending)} not started; `harness status {sweep_dir}`, launch again to continue",
+                      flush=True)
+                return
+            if pending or running:
+                time.sleep(poll_s)

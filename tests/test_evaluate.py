@@ -1,0 +1,339 @@
+"""Evaluation: the digits feature extractor, FID through torch-fidelity, evaluation sampling, result rows.
+
+FIDs here are computed with the shipped digits CNN on the real digits (1,437 train / 360 held-out images),
+so every check is a few seconds on one core.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from omegaconf import OmegaConf
+
+from harness.config import compose, latent_geometry, to_yaml
+from harness.data import real_images_uint8
+from harness.errors import HarnessError
+from harness.evaluate import (DIGITS_CNN, DIGITS_WEIGHTS, INCEPTION_FILE, MAX_SAMPLES, DigitsFeatureExtractor,
+                              check_eval_config, classifier_accuracy, compute_fid, eval_labels, evaluate_cli,
+                              evaluate_model, generate_samples, load_digits_cnn, reference_floor,
+                              train_digits_extractor)
+from harness.data import build_dataset
+
+from conftest import run_harness
+
+# A DiT that samples 16x16 digits in well under a second: 16 tokens, one block.
+TINY_EVAL = [
+    "model=custom", "model.depth=1", "model.hidden_size=32", "model.num_heads=2", "model.patch_size=4",
+    "eval.num_samples=24", "eval.batch_size=8", "eval.sampler=ddpm4", "logger=none",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids oversubscription stalls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fid_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("fid_cache")
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return compose(TINY_EVAL)
+
+
+@pytest.fixture(scope="module")
+def digits(cfg):
+    return real_images_uint8(cfg.data, "train"), real_images_uint8(cfg.data, "held_out")
+
+
+def tiny_model(cfg, seed=0):
+    """A tiny DiT with random (not adaLN-Zero) weights, so its samples depend on the weights."""
+    from harness.model import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, latent_geometry(cfg))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+    return model.eval()
+
+
+def with_eval(cfg, **changes):
+    ev = cfg.eval.copy()
+    for key, value in changes.items():
+        OmegaConf.update(ev, key, value, force_add=True)
+    return ev
+
+
+# ------------------------------------------------------------------------------------------ extractor
+
+
+def test_shipped_extractor_accuracy_and_metadata(cfg):
+    assert DIGITS_WEIGHTS.stat().st_size < 1_000_000
+    model, meta = load_digits_cnn()
+    held = build_dataset(cfg.data, "held_out")
+    labels = torch.tensor([int(held[i][1]) for i in range(len(held))])
+    accuracy = classifier_accuracy(model, real_images_uint8(cfg.data, "held_out"), labels)
+    assert accuracy >= 0.97
+    assert abs(accuracy - meta["held_out_accuracy"]) < 1e-6
+    assert meta["data"]["image_size"] == 16 and meta["data"]["split_seed"] == 0
+    assert 64 <= meta["arch"]["features"] <= 128
+
+
+def test_retraining_reproduces_the_shipped_weights(tmp_path):
+    meta = train_digits_extractor(tmp_path / "cnn.pt", seed=0)
+    shipped = torch.load(DIGITS_WEIGHTS, weights_only=True)
+    retrained = torch.load(tmp_path / "cnn.pt", weights_only=True)
+    assert meta["held_out_accuracy"] >= 0.97
+    same_platform = (shipped["meta"]["torch"], shipped["meta"]["cpu_capability"]) == \
+        (meta["torch"], meta["cpu_capability"])
+    if same_platform:  # float kernels differ across CPU ISAs and torch versions; bitwise where they cannot
+        for key, value in shipped["state_dict"].items():
+            assert torch.equal(value, retrained["state_dict"][key]), key
+    else:
+        assert abs(meta["held_out_accuracy"] - shipped["meta"]["held_out_accuracy"]) <= 0.01
+
+
+def test_extractor_refuses_another_image_size(digits):
+    cfg32 = compose([*TINY_EVAL, "data.image_size=32"])
+    with pytest.raises(HarnessError, match="trained for data.image_size=16"):
+        check_eval_config(cfg32.eval, cfg32.data)
+    extractor = DigitsFeatureExtractor(DIGITS_CNN, ["penultimate"])
+    with pytest.raises(HarnessError, match="Nx1x16x16"):
+        extractor(torch.zeros(2, 1, 32, 32, dtype=torch.uint8))
+    # Gray images read as RGB (torch-fidelity's image-file path) give the same features as 1 channel.
+    train, _ = digits
+    (gray,) = extractor(train[:8])
+    (rgb,) = extractor(train[:8].expand(-1, 3, -1, -1))
+    assert torch.equal(gray, rgb)
+
+
+# ------------------------------------------------------------------------------------------ FID
+
+
+def test_fid_of_a_set_against_itself_is_zero_and_grows_with_shift_and_noise(cfg, digits, fid_cache):
+    train, _ = digits
+    assert abs(compute_fid(train, cfg.eval, cfg.data, cache_dir=fid_cache)["fid"]) < 1e-3
+    shifted = [compute_fid(torch.roll(train, k, dims=-1), cfg.eval, cfg.data, cache_dir=fid_cache)["fid"]
+               for k in (1, 2)]
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(train.shape, generator=gen)
+    noised = [compute_fid((train + s * noise).clamp(0, 255).to(torch.uint8), cfg.eval, cfg.data,
+                          cache_dir=fid_cache)["fid"] for s in (30.0, 80.0)]
+    assert 1.0 < shifted[0] < shifted[1]
+    assert 1.0 < noised[0] < noised[1]
+
+
+def test_result_names_the_digits_fid_and_floor_is_cached(cfg, digits, fid_cache):
+    _, held = digits
+    result = compute_fid(held, cfg.eval, cfg.data, cache_dir=fid_cache)
+    assert result["fid_name"] == "fid_digits" and result["feature_extractor"] == "digits-cnn"
+    assert result["num_samples"] == len(held)
+    floor = reference_floor(cfg.eval, cfg.data, cache_dir=fid_cache)
+    assert floor == pytest.approx(result["fid"], rel=1e-9)  # the floor is exactly held-out vs train
+    assert 0.5 < floor < 50
+    assert any(p.name.endswith("stat-fid-penultimate.pt") and "held_out" in p.name for p in fid_cache.iterdir())
+
+
+def test_npz_statistics_give_the_same_fid_as_computed_ones(cfg, digits, fid_cache, tmp_path):
+    train, held = digits
+    extractor = DigitsFeatureExtractor(DIGITS_CNN, ["penultimate"])
+    (features,) = extractor(train)
+    features = features.double().numpy()
+    npz = tmp_path / "digits_ref.npz"
+    np.savez(npz, mu=features.mean(0), sigma=np.cov(features, rowvar=False))  # float64, as ADM's files hold them
+    computed = compute_fid(held, cfg.eval, cfg.data, cache_dir=fid_cache)["fid"]
+    loaded = compute_fid(held, with_eval(cfg, reference=str(npz)), cfg.data, cache_dir=fid_cache)["fid"]
+    assert loaded == pytest.approx(computed, rel=1e-4)
+
+
+def test_bad_reference_npz(cfg, digits, fid_cache, tmp_path):
+    _, held = digits
+    bad = tmp_path / "no_stats.npz"
+    np.savez(bad, arr_0=np.zeros((2, 16, 16, 1), np.uint8))
+    with pytest.raises(HarnessError, match=r"no_stats\.npz.*not the statistics mu and sigma"):
+        compute_fid(held, with_eval(cfg, reference=str(bad)), cfg.data, cache_dir=fid_cache)
+    wrong = tmp_path / "wrong_dims.npz"
+    np.savez(wrong, mu=np.zeros(2048), sigma=np.eye(2048))
+    with pytest.raises(HarnessError, match="do not fit digits-cnn's 128-dim features"):
+        compute_fid(held, with_eval(cfg, reference=str(wrong)), cfg.data, cache_dir=fid_cache)
+    stats_only = tmp_path / "stats_only.npz"
+    np.savez(stats_only, mu=np.zeros(128), sigma=np.eye(128))
+    with pytest.raises(HarnessError, match="need its reference images"):
+        compute_fid(held, with_eval(cfg, reference=str(stats_only), prc=True), cfg.data, cache_dir=fid_cache)
+
+
+def test_inception_score_and_precision_recall(cfg, digits, fid_cache):
+    _, held = digits
+    result = compute_fid(held, with_eval(cfg, isc=True, prc=True), cfg.data, cache_dir=fid_cache)
+    assert 5.0 < result["isc"] <= 10.0  # 10 classes, confidently and evenly recognised
+    assert 0.7 < result["precision"] <= 1.0 and 0.7 < result["recall"] <= 1.0
+    noise = torch.randint(0, 256, (64, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    junk = compute_fid(noise, with_eval(cfg, isc=True, prc=True), cfg.data, cache_dir=fid_cache)
+    assert junk["precision"] < 0.2 and junk["isc"] < result["isc"]
+
+
+def test_bad_fid_inputs(cfg, digits, fid_cache):
+    train, _ = digits
+    with pytest.raises(HarnessError, match="num_samples must be >= 2"):
+        compute_fid(train[:1], cfg.eval, cfg.data, cache_dir=fid_cache)
+    with pytest.raises(HarnessError, match="more than"):
+        check_eval_config(with_eval(cfg, num_samples=MAX_SAMPLES + 1), cfg.data)
+    with pytest.raises(HarnessError, match="samples are 1x8x8"):
+        compute_fid(train[:, :, :8, :8].contiguous(), cfg.eval, cfg.data, cache_dir=fid_cache)
+    with pytest.raises(HarnessError, match="uint8 NCHW"):
+        compute_fid(train.float(), cfg.eval, cfg.data, cache_dir=fid_cache)
+    with pytest.raises(HarnessError, match="eval.feature_extractor='vgg'"):
+        compute_fid(train, with_eval(cfg, feature_extractor="vgg"), cfg.data, cache_dir=fid_cache)
+
+
+def test_inception_without_weights_is_one_clear_error(cfg, digits, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    _, held = digits
+    ev = with_eval(cfg, feature_extractor="inception-v3-compat")
+    with pytest.raises(HarnessError, match=f"eval.inception_weights is not set.*{INCEPTION_FILE}"):
+        compute_fid(held, ev, cfg.data, cache_dir=tmp_path)
+    with pytest.raises(HarnessError, match=f"eval.inception_weights=.*nowhere.pth does not exist.*{INCEPTION_FILE}"):
+        compute_fid(held, with_eval(cfg, feature_extractor="inception-v3-compat",
+                                    inception_weights=str(tmp_path / "nowhere.pth")), cfg.data, cache_dir=tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+
+def test_balanced_labels_are_balanced_and_seeded():
+    for n, k in ((1000, 10), (25, 10), (7, 10)):
+        counts = eval_labels(n, k, "balanced", seed=0).bincount(minlength=k)
+        assert counts.sum() == n and counts.max() - counts.min() <= 1 and counts.min() == n // k
+    assert torch.equal(eval_labels(25, 10, "balanced", 0), eval_labels(25, 10, "balanced", 0))
+    assert not torch.equal(eval_labels(25, 10, "balanced", 0), eval_labels(25, 10, "balanced", 1))
+    # The remainder goes to seed-chosen classes, not always to the first ones.
+    extras = {tuple(eval_labels(25, 10, "balanced", s).bincount().eq(3).nonzero().flatten().tolist()) for s in range(4)}
+    assert len(extras) > 1
+    uniform = eval_labels(1000, 10, "uniform", 0)
+    assert uniform.min() >= 0 and uniform.max() < 10 and uniform.bincount().max() - uniform.bincount().min() > 1
+
+
+def test_same_seed_same_samples_on_any_number_of_ranks(cfg):
+    from harness.autoencoders import build_autoencoder
+
+    model, geometry = tiny_model(cfg), latent_geometry(cfg)
+    ae = build_autoencoder(cfg.autoencoder, cfg.data)
+    args = (model, cfg.diffusion, ae, cfg.eval, geometry, "cpu")
+    first = generate_samples(*args)
+    assert first.shape == (24, 1, 16, 16) and first.dtype == torch.uint8
+    assert torch.equal(first, generate_samples(*args))
+    # Without a process group each rank returns its own global batches (batch b on rank b % world_size).
+    shards = [generate_samples(*args, rank=r, world_size=2) for r in (0, 1)]
+    assert torch.equal(torch.cat([shards[0][:8], shards[1], shards[0][8:]]), first)
+    other_seed = generate_samples(model, cfg.diffusion, ae, with_eval(cfg, seed=1), geometry, "cpu")
+    assert not torch.equal(other_seed, first)
+
+
+def _gather_worker(rank, world_size, port, cfg_yaml, state, out):
+    from harness.autoencoders import build_autoencoder
+    from harness.model import build_model
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world_size)
+    try:
+        cfg = OmegaConf.create(cfg_yaml)
+        model = build_model(cfg.model, latent_geometry(cfg))
+        model.load_state_dict(state)
+        ae = build_autoencoder(cfg.autoencoder, cfg.data)
+        images = generate_samples(model, cfg.diffusion, ae, cfg.eval, latent_geometry(cfg), "cpu", rank, world_size)
+        assert (images is None) == (rank != 0)
+        if rank == 0:
+            torch.save(images, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_ranks_gather_the_same_samples_as_one_process(cfg, tmp_path):
+    from harness.autoencoders import build_autoencoder
+
+    # 3 batches of 8 over 2 ranks: rank 1 sits out the last round, which must still gather.
+    model = tiny_model(cfg)
+    expected = generate_samples(model, cfg.diffusion, build_autoencoder(cfg.autoencoder, cfg.data), cfg.eval,
+                                latent_geometry(cfg), "cpu")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "gathered.pt"
+    # fork: the children inherit the imports (spawn would re-import torch and the harness twice).
+    mp.start_processes(_gather_worker, args=(2, port, to_yaml(cfg), model.state_dict(), str(out)), nprocs=2,
+                       start_method="fork")
+    assert torch.equal(torch.load(out), expected)
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+
+def test_evaluate_model_appends_a_complete_row(cfg, tmp_path, fid_cache, monkeypatch):
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "cache"))
+    run_cfg = compose([*TINY_EVAL, "eval.save_npz=true", f"eval.cache_dir={fid_cache}"])
+    model = tiny_model(run_cfg)
+    logged = []
+    row = evaluate_model(model, run_cfg, 10, tmp_path / "run", log_fn=logged.append)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert rows == [row] == logged
+    expected = ("run_id run_dir sweep model size patch conditioning depth hidden_size num_heads tokens params gflops "
+                "step global_batch_size images_seen train_compute_flops fid fid_name feature_extractor num_samples "
+                "sampler cfg_scale cfg_channels seed dataset image_size eval_wall_s timestamp fid_floor").split()
+    assert set(expected) <= set(row)
+    assert row["fid_name"] == "fid_digits" and row["num_samples"] == 24 and row["tokens"] == 16
+    assert row["train_compute_flops"] == pytest.approx(row["gflops"] * 1e9 * row["global_batch_size"] * 10 * 3)
+    assert (tmp_path / "run" / "samples" / "step_0000010.png").stat().st_size > 0
+    arr = np.load(tmp_path / "run" / "samples" / "step_0000010.npz")["arr_0"]
+    assert arr.shape == (24, 16, 16, 1) and arr.dtype == np.uint8
+    # Same checkpoint and seed: the same FID.
+    again = evaluate_model(model, run_cfg, 10, tmp_path / "run2")
+    assert again["fid"] == row["fid"]
+
+
+def _write_checkpoint(cfg, path, model):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "step": 30, "config": to_yaml(cfg)}, path)
+
+
+def test_eval_cli_on_our_checkpoint_and_refusals(cfg, tmp_path, fid_cache, monkeypatch, capsys):
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "cache"))
+    run_cfg = compose([*TINY_EVAL, "eval.num_samples=100", "trainer.device=cpu"])
+    ckpt = tmp_path / "run" / "checkpoints" / "step_0000030.pt"
+    _write_checkpoint(run_cfg, ckpt, tiny_model(run_cfg))
+    assert evaluate_cli([f"ckpt={ckpt}", "eval.num_samples=16", f"eval.cache_dir={fid_cache}"]) == 0
+    (row,) = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert row["step"] == 30 and row["num_samples"] == 16 and "fid_digits" in capsys.readouterr().out
+    with pytest.raises(HarnessError, match="trained with another config.*model.depth"):
+        evaluate_cli([f"ckpt={ckpt}", "model.depth=2"])
+    # A released-style file (a bare state_dict) takes its config from the overrides; a mismatch is named.
+    released = tmp_path / "released.pt"
+    torch.save(tiny_model(run_cfg).state_dict(), released)
+    with pytest.raises(HarnessError, match="released.pt"):
+        evaluate_cli([f"ckpt={released}", *TINY_EVAL, "model.hidden_size=64"])
+
+
+def test_eval_command_reports_missing_inception_weights_in_one_line(cfg, tmp_path):
+    run_cfg = compose([*TINY_EVAL, "trainer.device=cpu"])
+    ckpt = tmp_path / "run" / "checkpoints" / "step_0000030.pt"
+    _write_checkpoint(run_cfg, ckpt, tiny_model(run_cfg))
+    result = run_harness(["eval", f"ckpt={ckpt}", "eval.feature_extractor=inception-v3-compat"], timeout=120,
+                         TORCH_HOME=str(tmp_path / "empty_torch_home"))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("harness: error: eval.inception_weights")
+    assert INCEPTION_FILE in lines[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "empty_torch_home").exists() or not any((tmp_path / "empty_torch_home").rglob("*.pth"))

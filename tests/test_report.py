@@ -1,0 +1,261 @@
+"""harness.report: the results table, fits, figures and report of a (synthetic) sweep."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fixtures.sweep import BATCH, MAX_STEPS, SLOPE, STEPS, expected_runs, make_fixture_sweep
+from harness import report
+from harness.errors import HarnessError
+
+FIGURES = ("fid_vs_gflops", "fid_vs_steps", "fid_vs_compute", "samples")
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    return make_fixture_sweep(tmp_path_factory.mktemp("sweep") / "fixture")
+
+
+@pytest.fixture(scope="module")
+def df(sweep):
+    return report.collect_results(sweep)
+
+
+@pytest.fixture(scope="module")
+def inception_sweep(tmp_path_factory):
+    return make_fixture_sweep(tmp_path_factory.mktemp("inception") / "imagenet", fid_name="fid_inception")
+
+
+@pytest.fixture(scope="module")
+def written(sweep, tmp_path_factory):
+    return report.write_report([sweep], tmp_path_factory.mktemp("report"))
+
+
+# ---- results table ---------------------------------------------------------------------------
+
+
+def test_results_table_rows_columns_and_states(df):
+    runs = expected_runs()
+    assert set(report.RESULT_COLUMNS + report.RUN_COLUMNS) <= set(df.columns)
+    # One row per run x evaluated step; the torn last line of the running run is skipped.
+    assert len(df) == sum(last // 1000 for _, last in runs.values()) == 15
+    assert not (df["run_id"] == "torn by a kill").any()
+    per_run = df.groupby(df["run_path"].map(lambda p: p.rsplit("/", 1)[-1]))
+    assert {name: (g["state"].iloc[0], int(g["step"].max())) for name, g in per_run} == runs
+    assert set(df["state"]) == {"done", "running", "failed"}
+    failed = df[df["state"] == "failed"]
+    assert failed["error"].str.contains("illegal memory access").all()
+    assert df.duplicated(["run_path", "step"]).sum() == 0
+    np.testing.assert_allclose(df["train_compute_flops"], df["gflops"] * 1e9 * BATCH * df["step"] * 3)
+    assert df["config"].iloc[0] == "mini-S/4"  # smallest model, largest patch first
+
+
+def test_results_csv_round_trip(df, tmp_path):
+    path = report.write_results_csv(df, tmp_path / "out" / "results.csv")
+    back = pd.read_csv(path)
+    assert list(back.columns) == list(df.columns) and len(back) == len(df)
+    np.testing.assert_allclose(back["fid"], df["fid"])
+
+
+def test_runs_without_state_or_results_are_listed(sweep, tmp_path):
+    copy = shutil.copytree(sweep, tmp_path / "sweep")
+    (copy / "digits-mini-S-4-adaln_zero" / "run_state.json").unlink()
+    # A run preempted before its first evaluation: only a config and a state file.
+    early = copy / "digits-mini-B-8-adaln_zero"
+    early.mkdir()
+    (early / "config.yaml").write_text("model:\n  name: mini-B/8\n  size: mini-B\n  patch_size: 8\n"
+                                       "  conditioning: adaln_zero\n")
+    (early / "run_state.json").write_text(json.dumps({"state": "preempted", "step": 200, "max_steps": 3000}))
+    df = report.collect_results(copy)
+    assert set(df.loc[df["config"] == "mini-S/4", "state"]) == {"unknown"}
+    row = df[df["config"] == "mini-B/8"]
+    assert len(row) == 1 and row["state"].iloc[0] == "preempted" and row["fid"].isna().all()
+    assert row["patch"].iloc[0] == 8
+    # Neither the unknown-state run nor the unevaluated one counts as finished for the default step.
+    assert report.default_step(df)[0] == MAX_STEPS
+
+
+def test_a_re_evaluated_step_keeps_the_latest_row(sweep, tmp_path):
+    copy = shutil.copytree(sweep, tmp_path / "sweep")
+    results = copy / "digits-mini-B-2-adaln_zero" / "results.jsonl"
+    last = json.loads(results.read_text().splitlines()[-1])
+    with open(results, "a") as f:
+        f.write(json.dumps({**last, "fid": 1.25}) + "\n")
+    df = report.collect_results(copy)
+    rows = df[(df["config"] == "mini-B/2") & (df["step"] == MAX_STEPS)]
+    assert list(rows["fid"]) == [1.25]
+
+
+def test_default_and_chosen_step(df):
+    step, why = report.default_step(df)
+    assert step == MAX_STEPS and "finished" in why
+    assert len(report.rows_at_step(df, MAX_STEPS)) == 4  # the done runs
+    assert len(report.rows_at_step(df, STEPS[0])) == 6
+    assert report.pick_step(df, 2000)[0] == 2000
+
+
+# ---- fits --------------------------------------------------------------------------------------
+
+
+def test_fit_recovers_a_known_power_law():
+    rng = np.random.default_rng(1)
+    gflops = np.geomspace(0.3, 120, 12)
+    slope, intercept, sigma = -0.36, 2.1, 0.05
+    x = np.log10(gflops)
+    fid = 10 ** (intercept + slope * x + rng.normal(0, sigma, x.size))
+    fit = report.fit_power_law(gflops, fid, seed=0)
+    r_true = slope * x.std() / np.sqrt(slope**2 * x.var() + sigma**2)
+    assert fit.n == 12 and fit.n_boot == report.BOOTSTRAP_RESAMPLES
+    assert abs(fit.slope - slope) < 0.03 and abs(fit.intercept - intercept) < 0.05
+    assert abs(fit.r - r_true) < 0.03 and fit.r2 == pytest.approx(fit.r**2)
+    assert fit.slope_ci[0] < slope < fit.slope_ci[1]
+    assert fit.r_ci[0] < r_true < fit.r_ci[1] and fit.r_ci[0] < fit.r < fit.r_ci[1]
+    assert re.fullmatch(r"Gflops vs FID: r = -0\.9\d{2} \[-[01]\.\d{3}, -0\.9\d{2}\], slope = -0\.3\d{2}", fit.summary())
+    # Seeded: the same seed gives the same interval.
+    assert report.fit_power_law(gflops, fid, seed=0).r_ci == fit.r_ci
+
+
+def test_fit_of_an_exact_power_law_is_exact():
+    gflops = np.array([0.5, 2.0, 8.0, 30.0])
+    fit = report.fit_power_law(gflops, 50 * gflops**-0.5, n_boot=200)
+    assert fit.slope == pytest.approx(-0.5) and 10**fit.intercept == pytest.approx(50)
+    assert fit.r == pytest.approx(-1.0) and fit.resid_std == pytest.approx(0, abs=1e-9)
+
+
+def test_predict_fid_interval_covers_the_truth_and_widens_outside_the_grid():
+    rng = np.random.default_rng(2)
+    gflops = np.geomspace(1, 100, 10)
+    fid = 80 * gflops**-0.4 * 10 ** rng.normal(0, 0.03, gflops.size)
+    fit = report.fit_power_law(gflops, fid)
+    mid, lo, hi = report.predict_fid(fit, 10.0)
+    assert lo < mid < hi and lo < 80 * 10**-0.4 < hi
+    _, far_lo, far_hi = report.predict_fid(fit, 1e4)
+    assert np.log(far_hi / far_lo) > np.log(hi / lo)
+    arr = report.predict_fid(fit, np.array([5.0, 50.0]))
+    assert all(a.shape == (2,) for a in arr)
+    with pytest.raises(HarnessError, match="positive"):
+        report.predict_fid(fit, 0.0)
+
+
+@pytest.mark.parametrize("gflops, fid, match", [
+    ([1.0, 2.0], [10.0, 5.0], "at least 3"),
+    ([1.0, 2.0, -3.0], [10.0, 5.0, 3.0], "positive"),
+    ([2.0, 2.0, 2.0], [10.0, 5.0, 3.0], "same Gflops"),
+])
+def test_fit_refuses_bad_input(gflops, fid, match):
+    with pytest.raises(HarnessError, match=match):
+        report.fit_power_law(gflops, fid)
+
+
+def test_compute_frontier(df):
+    front = report.compute_frontier(df)
+    assert front["train_compute_flops"].is_monotonic_increasing and front["fid"].is_monotonic_decreasing
+    for row in front.itertuples():
+        within = df[df["train_compute_flops"] <= row.train_compute_flops]
+        assert row.fid == within["fid"].min()
+    cheapest = df.loc[df["train_compute_flops"].idxmin()]
+    assert front.iloc[0]["config"] == cheapest["config"]
+    assert front.iloc[-1]["fid"] == df["fid"].min()
+
+
+# ---- figures and the report --------------------------------------------------------------------
+
+
+def test_every_figure_is_written_as_png_and_svg(written):
+    for name in FIGURES:
+        png, svg = written[f"{name}.png"], written[f"{name}.svg"]
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+        assert "<svg" in svg.read_text()[:2000] and svg.stat().st_size > 10_000
+
+
+def test_report_holds_the_table_the_fits_and_the_figures(written, df):
+    md, html = written["md"].read_text(), written["html"].read_text()
+    summary = r"Gflops vs FID: r = -[01]\.\d{3} \[-[01]\.\d{3}, -[01]\.\d{3}\], slope = -0\.\d{3}"
+    for text in (md, html):
+        assert re.search(summary, text)
+        assert all(config in text for config in df["config"].unique())
+        assert "fid_digits" in text and "NOT Inception FID" in text
+        assert "step 3,000, the last step every finished run reached" in text
+        assert "Compute frontier" in text and "prediction interval" in text
+        assert "failed" in text and "running" in text
+    assert "| config | size | patch |" in md
+    assert all(f"](figures/{name}.png)" in md for name in FIGURES)
+    # Self-contained: the table as HTML and every figure embedded, nothing loaded from elsewhere.
+    assert "<table" in html and "<th>config</th>" in html
+    assert html.count('src="data:image/png;base64,') == len(FIGURES)
+    assert not re.search(r'(src|href)="(?!data:)', html)
+    fits = json.loads(written["json"].read_text())
+    assert fits["step"] == MAX_STEPS and fits["fits"]["fid_digits"]["n"] == 4
+    assert fits["fits"]["fid_digits"]["slope"] == pytest.approx(SLOPE, abs=0.1)
+    assert pd.read_csv(written["csv"]).shape[0] == len(df)
+
+
+def test_report_without_samples_skips_the_grid(sweep, tmp_path):
+    copy = shutil.copytree(sweep, tmp_path / "sweep")
+    for png in copy.glob("*/samples/*.png"):
+        png.unlink()
+    df = report.collect_results(copy)
+    assert report.last_samples(df) == {}
+    with pytest.raises(HarnessError, match="samples"):
+        report.plot_sample_grid(df)
+
+
+def test_overlay_of_the_paper_points_on_an_inception_sweep(inception_sweep):
+    df = report.collect_results(inception_sweep)
+    fig = report.plot_fid_vs_gflops(df, overlay_paper=True)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    assert ax.get_xlim()[1] > 118.64  # the paper's DiT-XL/2 is on the axis
+    assert "Inception" in ax.get_ylabel()
+    assert len(report.load_paper_table4()) == 12
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+
+def test_a_sweep_dir_without_results_is_refused(tmp_path):
+    empty = tmp_path / "empty_sweep"
+    (empty / "some_run").mkdir(parents=True)
+    (empty / "some_run" / "results.jsonl").write_text("")
+    with pytest.raises(HarnessError, match="empty_sweep.*no results"):
+        report.collect_results(empty)
+    with pytest.raises(HarnessError, match="does not exist"):
+        report.collect_results(tmp_path / "missing")
+
+
+def test_mixed_feature_extractors_are_refused_unless_asked(sweep, inception_sweep, tmp_path):
+    df = report.collect_results([sweep, inception_sweep])
+    with pytest.raises(HarnessError, match=r"fid_digits \(digits-cnn\), fid_inception \(inception-v3-compat\)"):
+        report.plot_fid_vs_gflops(df)
+    with pytest.raises(HarnessError, match="mix"):
+        report.write_report([sweep, inception_sweep], tmp_path / "out")
+    fig = report.plot_fid_vs_steps(df, mix_extractors=True)
+    assert "mixed" in fig.axes[0].get_ylabel()
+    assert df["config"].nunique() == 12  # the same models in two sweeps keep distinct names
+
+
+def test_a_step_no_run_reached_is_refused(df, sweep, tmp_path):
+    with pytest.raises(HarnessError, match="step 2,500.*steps available: 1,000, 2,000, 3,000"):
+        report.plot_fid_vs_gflops(df, step=2500)
+    with pytest.raises(HarnessError, match="steps available"):
+        report.write_report(sweep, tmp_path / "out", step=10**6)
+
+
+def test_the_paper_overlay_is_refused_for_digits_fid(df):
+    with pytest.raises(HarnessError, match="overlay_paper.*fid_digits"):
+        report.plot_fid_vs_gflops(df, overlay_paper=True)
+
+
+def test_cli_report_reports_bad_input_in_one_line(tmp_path, capsys):
+    from harness.cli import main
+
+    (tmp_path / "nothing").mkdir()
+    assert main(["report", str(tmp_path / "nothing"), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("harness: error: sweep dir") and "\n" not in err

@@ -1,0 +1,160 @@
+"""The train app: exact resume after SIGKILL, corrupt-checkpoint fallback, DDP equivalence, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import HARNESS, REPO, TINY, harness_env, run_harness
+from harness.config import compose
+from harness.errors import HarnessError
+from harness.train import list_checkpoints, load_latest_checkpoint, train
+
+
+def final_weights(run_dir: Path) -> dict:
+    state = torch.load(list_checkpoints(run_dir)[-1], map_location="cpu", weights_only=False)
+    return {"step": state["step"], "model": state["model"], "ema": state["ema"]}
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    for which in ("model", "ema"):
+        assert a[which].keys() == b[which].keys()
+        for key in a[which]:
+            assert torch.equal(a[which][key], b[which][key]), f"{which}.{key} differs"
+
+
+def train_args(run_dir: Path, steps: int, *extra: str) -> list[str]:
+    return ["train", *TINY, f"trainer.max_steps={steps}", "trainer.ckpt_every=10", f"hydra.run.dir={run_dir}", *extra]
+
+
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
+    steps = 60
+    reference = tmp_path / "uninterrupted"
+    done = run_harness(train_args(reference, steps))
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    killed = tmp_path / "killed"
+    # Slow the run enough to kill it mid-way: a bigger batch, same everything else otherwise would differ,
+    # so instead poll hard for the first checkpoint and kill at once.
+    proc = subprocess.Popen([*HARNESS, *train_args(killed, steps)], cwd=REPO, env=harness_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list_checkpoints(killed) and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = [int(p.stem.split("_")[1]) for p in list_checkpoints(killed)]
+    assert saved and max(saved) < steps, f"the run was not killed mid-way (checkpoints {saved})"
+
+    resumed = run_harness(train_args(killed, steps))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed {killed} from step" in resumed.stdout + resumed.stderr
+    assert_bitwise_equal(final_weights(killed), final_weights(reference))
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
+    cfg = compose([*TINY, "trainer.max_steps=20", "trainer.ckpt_every=10", "trainer.keep_last=3"])
+    train(cfg, tmp_path)
+    newest = list_checkpoints(tmp_path)[-1]
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated, as by a kill during a non-atomic write
+    messages = []
+    state = load_latest_checkpoint(tmp_path, say=messages.append)
+    assert state["step"] == 10
+    assert any(str(newest) in m and "unreadable" in m for m in messages)
+    assert newest.exists(), "a corrupt checkpoint is reported, never deleted"
+
+    cfg = compose([*TINY, "trainer.max_steps=20", "trainer.ckpt_every=10", "trainer.keep_last=3"])
+    result = train(cfg, tmp_path)
+    assert result["step"] == 20
+
+
+def test_two_gloo_ranks_match_one_process(tmp_path):
+    steps = 6
+    single = tmp_path / "single"
+    assert run_harness(train_args(single, steps)).returncode == 0
+    ddp = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+         "-m", "harness.cli", *train_args(ddp, steps)],
+        cwd=REPO, env=harness_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = final_weights(single), final_weights(ddp)
+    assert a["step"] == b["step"] == steps
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
+
+
+def test_digits_training_lowers_the_loss(tmp_path):
+    cfg = compose([*TINY, "trainer.max_steps=150", "trainer.ckpt_every=150", "trainer.log_every=25",
+                   "trainer.lr=2e-3"])
+    train(cfg, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < 0.7 * rows[0]["loss"], rows
+    state = json.loads((tmp_path / "run_state.json").read_text())
+    assert state["state"] == "done" and state["step"] == 150
+
+
+def test_wandb_offline_run_logs_metrics(tmp_path):
+    cfg = compose([*TINY, "trainer.max_steps=10", "trainer.ckpt_every=10", "logger=wandb"])
+    env_before = os.environ.get("WANDB_MODE")
+    train(cfg, tmp_path)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs, "an offline wandb run directory is written under the run dir"
+    assert any(p.suffix == ".wandb" and p.stat().st_size > 0 for p in runs[0].iterdir())
+    assert os.environ.get("WANDB_MODE") == env_before
+
+
+def test_run_dir_with_a_different_config_is_refused(tmp_path):
+    train(compose([*TINY, "trainer.max_steps=2", "trainer.ckpt_every=2"]), tmp_path)
+    with pytest.raises(HarnessError, match=r"different config \(model.depth: 2 -> 3\).*on_config_change"):
+        train(compose([*TINY, "model.depth=3", "trainer.max_steps=2"]), tmp_path)
+    # Extending the run is the same run.
+    assert train(compose([*TINY, "trainer.max_steps=4", "trainer.ckpt_every=2"]), tmp_path)["step"] == 4
+    # Overwrite moves the old run aside instead of deleting it.
+    train(compose([*TINY, "model.depth=3", "trainer.max_steps=2", "on_config_change=overwrite"]), tmp_path)
+    aside = list(tmp_path.glob("overwritten-*"))
+    assert aside and list((aside[0] / "checkpoints").glob("step_*.pt"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+    train(compose([*TINY, "trainer.max_steps=4", "trainer.ckpt_every=2"]), tmp_path)
+    before = {p.name: p.read_bytes() for p in list_checkpoints(tmp_path)}
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        train(compose([*TINY, "trainer.max_steps=8", "trainer.ckpt_every=2", "trainer.lr=1e30"]), tmp_path)
+    after = {p.name: p.read_bytes() for p in list_checkpoints(tmp_path)}
+    assert all(after[name] == data for name, data in before.items())
+    assert json.loads((tmp_path / "run_state.json").read_text())["state"] == "failed"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.global_batch_size=0", "trainer.global_batch_size must be a positive integer"),
+    ("trainer.max_steps=-1", "trainer.max_steps must be a positive integer"),
+    ("model.conditioning=film", "conditioning"),
+    ("model.patch_size=3", "patch"),
+    ("model.num_heads=5", "num_heads"),
+    ("trainer.precision=fp16", "trainer.precision='fp16' is not one of fp32, bf16"),
+])
+def test_bad_train_config_is_one_line_exit_2(tmp_path, override, message):
+    result = run_harness(["train", *TINY, override, f"hydra.run.dir={tmp_path}"])
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_batch_not_divisible_by_world_size(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+         "-m", "harness.cli", *train_args(tmp_path, 2, "trainer.global_batch_size=15")],
+        cwd=REPO, env=harness_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "trainer.global_batch_size=15 is not divisible by the world size 2" in proc.stderr
