@@ -365,9 +365,11 @@ def real_images_uint8(data_cfg: DictConfig, split: str = "train", limit: int | N
         return images.index_select(0, _subset(len(images), limit))
     if name == "latents":
         require(split == "train", "data=latents has no held_out split (a latent cache is extracted from training images)")
-        index = read_json(Path(str(data_cfg.root)).expanduser() / INDEX_FILE)
+        root = data_cfg.get("root")
+        require(root not in (None, "", "???"), "data.root is not set: point it at a latent cache (out= of extract-latents)")
+        index = read_json(Path(str(root)).expanduser() / INDEX_FILE)
         require(isinstance(index, dict) and index.get("source_root"),
-                f"data.root={data_cfg.root!r}: no latent cache index naming its source images")
+                f"data.root={root!r}: no latent cache index naming its source images (needed for FID references)")
         dataset = ImageFolderDataset(index["source_root"], int(index["image_size"]), int(index["channels"]),
                                      int(index["num_classes"]), str(data_cfg.get("on_bad_image", "skip")),
                                      root_key="the latent cache's source_root")

@@ -97,7 +97,8 @@ class DigitsCNN(nn.Module):
 
 def train_digits_extractor(out_path: str | os.PathLike, seed: int = 0, data_cfg: DictConfig | None = None,
                            epochs: int = 15, verbose: bool = False) -> dict:
-    """Train the digits CNN on the digits train split and save it with its metadata; return the metadata.
+    """Train the digits CNN on the digits train split and save it with its metadata; return the metadata
+    (plus the training time).
 
     Reproducible: fixed seeds, one CPU thread (a different thread count may reorder float sums), no
     global RNG state touched. `data_cfg` defaults to `conf/data/digits.yaml`; the weights record the
@@ -144,23 +145,24 @@ def train_digits_extractor(out_path: str | os.PathLike, seed: int = 0, data_cfg:
     finally:
         torch.set_num_threads(threads)
 
+    data = OmegaConf.to_container(data_cfg, resolve=True)
+    # No timings or paths in the file: retraining writes the same bytes, so cached statistics stay valid.
     meta = {
         "arch": model.arch(),
-        "data": {k: OmegaConf.to_container(data_cfg, resolve=True).get(k)
-                 for k in ("name", "image_size", "channels", "num_classes", "held_out_fraction", "split_seed")},
+        "data": {k: data.get(k) for k in ("name", "image_size", "channels", "num_classes", "held_out_fraction",
+                                          "split_seed")},
         "seed": seed,
         "epochs": epochs,
         "train_images": len(x_train),
         "held_out_images": len(x_held),
         "held_out_accuracy": classifier_accuracy(model, x_held, y_held),
-        "train_seconds": round(train_s, 1),
         "torch": str(torch.__version__),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "command": f"harness train-digits-cnn --seed {seed}",
+        "command": f"harness train-digits-cnn --seed {seed} data.image_size={size}",
     }
     atomic_torch_save({"state_dict": model.state_dict(), "meta": meta}, out_path)
     os.chmod(out_path, 0o644)  # shipped package data: readable by everyone (temp files are created 0600)
-    return meta
+    return {**meta, "train_seconds": round(train_s, 1)}
 
 
 def _labels(dataset: Dataset) -> torch.Tensor:
@@ -747,7 +749,8 @@ _EVAL_ARGS = ("ckpt", "out", "step")
 
 
 def checkpoint_config(ckpt: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> tuple[DictConfig, dict]:
-    """The config to evaluate `ckpt` with, and what the file says about itself ({"ours", "step", "run_dir"}).
+    """The config to evaluate `ckpt` (a file, or a run dir: its newest checkpoint) with, and what the file says
+    about itself ({"ours", "path", "step", "run_dir"}).
 
     Our checkpoints carry their config: overrides may change only what does not define the trained model
     (eval.*, logger, trainer.device, ...; harness.train.RUN_CONTROL_KEYS); anything else that differs is
@@ -758,6 +761,12 @@ def checkpoint_config(ckpt: str | os.PathLike, overrides: list[str] | tuple[str,
     from harness.train import _first_difference, run_identity
 
     path = Path(ckpt).expanduser()
+    if path.is_dir():  # a run dir: its newest checkpoint
+        from harness.train import list_checkpoints
+
+        found = list_checkpoints(path)
+        require(bool(found), f"ckpt={path} is a directory without checkpoints/step_*.pt")
+        path = found[-1]
     require(path.is_file(), f"ckpt={path}: no such file")
     try:
         # mmap: reading the config of a multi-GB checkpoint must not load its tensors.
@@ -766,7 +775,7 @@ def checkpoint_config(ckpt: str | os.PathLike, overrides: list[str] | tuple[str,
         raise HarnessError(f"ckpt={path} cannot be read ({type(err).__name__})") from None
     requested = compose(overrides)
     if not (isinstance(blob, dict) and isinstance(blob.get("config"), str)):
-        return requested, {"ours": False, "step": None, "run_dir": None}
+        return requested, {"ours": False, "path": path, "step": None, "run_dir": None}
     stored = OmegaConf.create(blob["config"])
     merged = stored.copy()
     for override in overrides:
@@ -777,13 +786,13 @@ def checkpoint_config(ckpt: str | os.PathLike, overrides: list[str] | tuple[str,
     require(not difference, f"ckpt={path} was trained with another config ({difference}); only eval.*, logger and "
                             "trainer.device may be overridden")
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-    return merged, {"ours": True, "step": int(blob.get("step", 0)), "run_dir": run_dir}
+    return merged, {"ours": True, "path": path, "step": int(blob.get("step", 0)), "run_dir": run_dir}
 
 
 def evaluate_checkpoint(ckpt: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
                         run_dir: str | os.PathLike | None = None, step: int | None = None,
                         cache_dir: str | os.PathLike | None = None) -> dict | None:
-    """Evaluate a checkpoint file (ours or a released DiT .pt) and append the row to `run_dir`/results.jsonl.
+    """Evaluate a checkpoint (ours, a run dir's newest, or a released DiT .pt); append the row to `run_dir`/results.jsonl.
 
     `run_dir` defaults to the checkpoint's run dir (ours) or `runs/eval-<file name>` (released files);
     `step` to the checkpoint's step (released files: 0). Runs under torchrun as a distributed job too.
@@ -793,9 +802,10 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, overrides: list[str] | tuple[st
     from harness.train import setup_distributed
     from harness.tracking import Tracker
 
-    path = Path(ckpt).expanduser()
-    cfg, info = checkpoint_config(path, overrides)
+    cfg, info = checkpoint_config(ckpt, overrides)
+    path = info["path"]
     validate(cfg)
+    check_eval_config(cfg.eval, cfg.data)  # before loading weights that may take minutes to sample from
     step = int(step if step is not None else info["step"] or 0)
     run_dir = Path(run_dir or info["run_dir"] or Path("runs") / f"eval-{slug(path.stem)}")
     dist = setup_distributed(str(cfg.trainer.get("device", "auto")))

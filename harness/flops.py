@@ -60,32 +60,41 @@ def is_matmul_op(name: str) -> bool:
     return op in MATMUL_OPS or "conv" in op or "attention" in op
 
 
-def _trace_flops(model_cfg, geometry: Geometry) -> dict:
-    """Count one forward pass with fvcore (the expensive part: the model runs once on the CPU)."""
-    import torch
+def fvcore_count(model, inputs: tuple) -> tuple[int, dict[str, int]]:
+    """(flops, {skipped operator: count}) of `model(*inputs)` by fvcore, with the SDPA handle registered.
 
-    from harness.model import build_model, count_params
+    Raises RuntimeError if fvcore skipped a matmul-like operator: the count would be too low.
+    """
+    import torch
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fvcore imports torch.jit.script, deprecated in recent torch
         from fvcore.nn import FlopCountAnalysis
 
-    # Weights do not change the count: skip their initialisation (seconds for DiT-XL).
-    model = build_model(model_cfg, geometry, init_weights=False).eval()
-    x = torch.zeros(1, geometry.in_channels, geometry.input_size, geometry.input_size)
-    t = torch.zeros(1)
-    y = torch.zeros(1, dtype=torch.long)
-    analysis = FlopCountAnalysis(model, (x, t, y))
+    analysis = FlopCountAnalysis(model, inputs)
     analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
     analysis.unsupported_ops_warnings(False)
     analysis.uncalled_modules_warnings(False)
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # jit tracer warnings about data-dependent Python values
+        warnings.simplefilter("ignore")  # jit tracer warnings about Python values in the graph
         flops = int(analysis.total())
     skipped = {str(k): int(v) for k, v in sorted(analysis.unsupported_ops().items())}
     missed = [op for op in skipped if is_matmul_op(op)]
     if missed:
         raise RuntimeError(f"fvcore skipped matmul-like operators {missed}: the Gflops count would be too low")
+    return flops, skipped
+
+
+def _trace_flops(model_cfg, geometry: Geometry) -> dict:
+    """Count one forward pass of one image (the expensive part: the model runs once on the CPU)."""
+    import torch
+
+    from harness.model import build_model, count_params
+
+    # Weights do not change the count: skip their initialisation (seconds for DiT-XL).
+    model = build_model(model_cfg, geometry, init_weights=False).eval()
+    x = torch.zeros(1, geometry.in_channels, geometry.input_size, geometry.input_size)
+    flops, skipped = fvcore_count(model, (x, torch.zeros(1), torch.zeros(1, dtype=torch.long)))
     return {
         "flops": flops,
         "gflops": flops / 1e9,

@@ -34,9 +34,10 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation, LogLocator, MaxNLocator, NullFormatter
 
 from harness.errors import HarnessError, require
+from harness.flops import REFERENCE_DIR, training_compute_flops
 from harness.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, read_jsonl
 
-PAPER_TABLE4 = Path(__file__).resolve().parent / "reference" / "paper_table4.csv"
+PAPER_TABLE4 = REFERENCE_DIR / "paper_table4.csv"  # shared with harness.flops
 
 # The keys of a results.jsonl row (written by harness.evaluate), in table order.
 RESULT_COLUMNS = (
@@ -165,9 +166,7 @@ def collect_results(sweep_dirs: str | Path | Iterable[str | Path]) -> pd.DataFra
     # The latest evaluation of a step wins (a step is re-evaluated after a requeue, say).
     df = df.drop_duplicates(subset=["run_path", "step", "fid_name"], keep="last")
     missing = df["train_compute_flops"].isna()
-    df.loc[missing, "train_compute_flops"] = (
-        df["gflops"] * 1e9 * df["global_batch_size"] * df["step"] * 3
-    )[missing]
+    df.loc[missing, "train_compute_flops"] = training_compute_flops(df["gflops"], df["global_batch_size"], df["step"])[missing]
     df["config"] = _config_labels(df)
     size_rank = {s: i for i, s in enumerate(_size_order(df))}
     df["_size_rank"] = df["size"].map(size_rank).fillna(len(size_rank))
@@ -577,10 +576,11 @@ def plot_fid_vs_gflops(df: pd.DataFrame, step: int | None = None, overlay_paper:
                 _fit_line(ax, fit, group["gflops"], color="black", ls=LINESTYLES[1 + k % 3], band=True)
                 tag = f" ({name})" if len(names) > 1 else ""
                 extra += [Line2D([], [], color="black", ls=LINESTYLES[1 + k % 3],
-                                 label=f"fit{tag}: FID $\\propto$ Gflops$^{{{fit.slope:.2f}}}$, r = {fit.r:.2f}"),
-                          Line2D([], [], color="0.6", lw=8, alpha=0.3, label="95% prediction band")]
+                                 label=f"fit{tag}: FID $\\propto$ Gflops$^{{{fit.slope:.2f}}}$, r = {fit.r:.2f}")]
                 _, band_lo, band_hi = predict_fid(fit, np.array([group["gflops"].min(), group["gflops"].max()]))
                 ys += list(band_lo) + list(band_hi)
+        if any("fit" in h.get_label() and "paper" not in h.get_label() for h in extra):
+            extra.append(Line2D([], [], color="0.6", lw=8, alpha=0.3, label="95% prediction band"))
     floors = at["fid_floor"].dropna()
     if len(floors) and len(names) == 1:
         ax.axhline(float(floors.median()), color="0.35", ls=(0, (1, 2)), lw=1.2, zorder=1)

@@ -262,6 +262,11 @@ def check_grid(name: str, specs: list[RunSpec], executor: str) -> None:
                            + "\n".join(f"  - {e}" for e in errors))
 
 
+def task_config(cfg: DictConfig) -> DictConfig:
+    """The config a run's task function sees: without the `hydra` node (as Hydra's run_job hands it over)."""
+    return OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+
+
 def check_sweep_dir(name: str, specs: list[RunSpec]) -> None:
     """Refuse a sweep dir that holds another sweep, or runs whose config changed (unless on_config_change allows)."""
     from harness.train import _first_difference, run_identity
@@ -278,7 +283,7 @@ def check_sweep_dir(name: str, specs: list[RunSpec]) -> None:
     for spec in specs:
         saved = spec.run_dir / "config.yaml"
         if saved.exists():
-            difference = _first_difference(run_identity(OmegaConf.load(saved)), run_identity(spec.cfg))
+            difference = _first_difference(run_identity(OmegaConf.load(saved)), run_identity(task_config(spec.cfg)))
             if difference:
                 changed.append(f"{spec.run_name}: {difference}")
     policy = str(specs[0].cfg.on_config_change)
@@ -291,15 +296,13 @@ def check_sweep_dir(name: str, specs: list[RunSpec]) -> None:
 def write_sweep_record(name: str, base: DictConfig, specs: list[RunSpec], overrides: list[str]) -> Path:
     """`sweep.yaml` in the sweep dir: the sweep's name, command-line overrides, grid and resolved config."""
     sweep_dir = specs[0].sweep_dir
-    config = OmegaConf.to_container(base, resolve=False)
-    config.pop("hydra", None)
     record = {
         "name": name,
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "overrides": list(overrides),
         "grid": {spec.run_name: spec.overrides for spec in specs},
         "launcher": OmegaConf.to_container(base.hydra.launcher, resolve=False),
-        "config": OmegaConf.to_container(OmegaConf.create(config), resolve=True),
+        "config": OmegaConf.to_container(task_config(base), resolve=True),
     }
     path = sweep_dir / SWEEP_RECORD
     atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(record)))

@@ -310,7 +310,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
     params = count_params(model)
 
     dataset = build_dataset(cfg.data, "train", cfg.autoencoder)
-    stream = BatchStream(dataset, local_batch, dist.rank, dist.world_size, cfg.seed, bool(cfg.data.hflip))
+    stream = BatchStream(dataset, local_batch, dist.rank, dist.world_size, cfg.seed, bool(cfg.data.hflip),
+                         num_workers=int(cfg.data.get("num_workers", 0)), pin_memory=device.type == "cuda")
     # Pixel data through a VAE is encoded on the fly; a latent cache and pixel-space models need nothing.
     encoder = None
     if cfg.data.name != "latents" and cfg.autoencoder.name != "identity":

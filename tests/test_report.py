@@ -85,11 +85,13 @@ def test_a_re_evaluated_step_keeps_the_latest_row(sweep, tmp_path):
     copy = shutil.copytree(sweep, tmp_path / "sweep")
     results = copy / "digits-mini-B-2-adaln_zero" / "results.jsonl"
     last = json.loads(results.read_text().splitlines()[-1])
+    del last["train_compute_flops"]  # an older row format: computed from gflops, batch and step
     with open(results, "a") as f:
         f.write(json.dumps({**last, "fid": 1.25}) + "\n")
     df = report.collect_results(copy)
     rows = df[(df["config"] == "mini-B/2") & (df["step"] == MAX_STEPS)]
     assert list(rows["fid"]) == [1.25]
+    assert rows["train_compute_flops"].iloc[0] == pytest.approx(last["gflops"] * 1e9 * BATCH * MAX_STEPS * 3)
 
 
 def test_default_and_chosen_step(df):
