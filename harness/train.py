@@ -222,9 +222,9 @@ def _in_main_thread() -> bool:
 # ----------------------------------------------------------------------------- per-step randomness
 
 
-def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    """The generator of one training step, the same on every rank and after any resume."""
-    mixed = int(np.random.SeedSequence([seed, step]).generate_state(1, dtype=np.uint64)[0] >> 1)
+def step_generator(seed: int, step: int, device: torch.device, *stream: int) -> torch.Generator:
+    """The generator of one training step, the same on every rank and after any resume (`stream` splits it)."""
+    mixed = int(np.random.SeedSequence([seed, step, *stream]).generate_state(1, dtype=np.uint64)[0] >> 1)
     return torch.Generator(device=device).manual_seed(mixed)
 
 
@@ -374,8 +374,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
         while step < max_steps:
             x, y = next(stream)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if encoder is not None:
-                x = encoder.encode(x)
+            if encoder is not None:  # the posterior sample of this rank's images, reproducible on resume
+                x = encoder.encode(x, generator=step_generator(cfg.seed, step, device, 1, dist.rank))
             gen = step_generator(cfg.seed, step, device)
             t, noise, drop = step_draws(gen, tc.global_batch_size, rank_slice, sample_shape,
                                         diffusion.num_timesteps, float(cfg.model.class_dropout_prob), device)

@@ -1,0 +1,177 @@
+"""Sweeps without a cluster: grid expansion, per-run resources, the dry run, bad input and status.
+
+The launches against a real SLURM are in test_slurm.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from fixtures.sweep import expected_runs, make_fixture_sweep
+from harness import sweep
+from harness.errors import HarnessError
+
+# Two tiny CPU runs on the demo sweep (patch 8 and 4 on 16x16 digits).
+TINY_GRID = [
+    "model=custom", "model.patch_size=8,4", "model.depth=2", "model.hidden_size=32", "model.num_heads=2",
+    "trainer.global_batch_size=16", "trainer.max_steps=20", "eval.every=0", "eval.num_samples=20",
+]
+
+
+def grid(name: str, overrides: list[str]) -> list[sweep.RunSpec]:
+    with sweep.hydra_context():
+        _, specs = sweep.expand_grid(name, overrides)
+    return specs
+
+
+def test_every_sweep_expands_to_its_grid():
+    assert {"paper_grid", "conditioning_ablation", "demo", "demo_long"} <= set(sweep.available_sweeps())
+    with sweep.hydra_context():
+        paper = sweep.expand_grid("paper_grid", [])[1]
+        ablation = sweep.expand_grid("conditioning_ablation", [])[1]
+        demo = sweep.expand_grid("demo", [])[1]
+        demo_long = sweep.expand_grid("demo_long", [])[1]
+    assert [s.cfg.model.name for s in paper] == [f"DiT-{m}/{p}" for m in ("S", "B", "L", "XL") for p in (8, 4, 2)]
+    for spec in paper:
+        cfg = spec.cfg
+        assert (cfg.data.name, cfg.autoencoder.name, cfg.data.image_size) == ("latents", "sd-vae-ft-ema", 256)
+        assert (cfg.trainer.global_batch_size, cfg.trainer.max_steps) == (256, 400_000)
+        assert (cfg.eval.every, cfg.eval.num_samples, cfg.eval.sampler, cfg.eval.cfg_scale) == (50_000, 50_000, "ddpm250", 1.0)
+        assert spec.run_dir.parent.name == "paper_grid" and "DiT-" in spec.run_name
+    assert sorted(s.cfg.model.conditioning for s in ablation) == ["adaln", "adaln_zero", "cross_attention", "in_context"]
+    assert {s.cfg.model.name for s in ablation} == {"DiT-XL/2"}
+    assert len({s.run_dir for s in ablation}) == 4
+    assert [s.cfg.model.name for s in demo] == [f"mini-{m}/{p}" for m in ("S", "B") for p in (4, 2, 1)]
+    assert {s.cfg.data.name for s in demo} == {"digits"} and {s.cfg.trainer.device for s in demo} == {"cpu"}
+    assert [s.cfg.model.name for s in demo_long] == [s.cfg.model.name for s in demo]
+    assert demo_long[0].cfg.trainer.max_steps > demo[0].cfg.trainer.max_steps
+    assert sweep.executor_kind(paper[0].cfg) == "slurm" and sweep.executor_kind(demo[0].cfg) == "local"
+
+
+def test_paper_grid_requests_gpus_and_time_per_model_size():
+    specs = {s.cfg.model.name: s for s in grid("paper_grid", [])}
+    small, large = (sweep.slurm_parameters(specs[m].cfg) for m in ("DiT-S/8", "DiT-XL/2"))
+    assert (small["gpus_per_node"], small["ntasks_per_node"], small["nodes"]) == (1, 1, 1)
+    assert (large["gpus_per_node"], large["ntasks_per_node"], large["nodes"]) == (8, 8, 1)
+    assert large["time"] > small["time"] and specs["DiT-XL/2"].cfg.trainer.gpus == 8
+    # Overridable per size, and across nodes: 16 GPUs are two nodes of 8 tasks.
+    specs = {s.cfg.model.name: s for s in grid("paper_grid", ["hydra.launcher.by_size.XL.gpus=16",
+                                                              "hydra.launcher.partition=gpu", "hydra.launcher.qos=high",
+                                                              "+hydra.launcher.additional_parameters.mail-type=END"])}
+    params = sweep.slurm_parameters(specs["DiT-XL/2"].cfg)
+    assert (params["gpus_per_node"], params["ntasks_per_node"], params["nodes"]) == (8, 8, 2)
+    assert (params["partition"], params["qos"], params["additional_parameters"]) == ("gpu", "high", {"mail-type": "END"})
+    assert specs["DiT-XL/2"].cfg.trainer.gpus == 16 and specs["DiT-S/2"].cfg.trainer.gpus == 1
+    # CPU runs ask for no GPU and one task.
+    demo = sweep.slurm_parameters(grid("demo", ["launcher=slurm"])[0].cfg)
+    assert "gpus_per_node" not in demo and demo["ntasks_per_node"] == 1 and demo["cpus_per_task"] == 1
+
+
+def test_dry_run_of_the_paper_grid_prints_12_runs_with_the_papers_gflops(tmp_path, capsys):
+    out_dir = tmp_path / "paper"
+    assert sweep.launch_sweep("paper_grid", [f"hydra.sweep.dir={out_dir}"], dry_run=True) == 0
+    text = capsys.readouterr().out
+    with open(REPO / "harness" / "reference" / "paper_table4.csv") as f:
+        paper = {row["model"]: float(row["gflops"]) for row in csv.DictReader(f)}
+    lines = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith("latents-DiT-")}
+    assert len(lines) == 12
+    for model, gflops in paper.items():
+        cells = lines[f"latents-{model.replace('/', '-')}-adaln_zero"]
+        assert cells[1] == model
+        assert abs(float(cells[5]) - gflops) / gflops < 0.005, (model, cells[5], gflops)
+        assert float(cells[6]) == gflops                      # the paper's number printed beside ours
+    assert "GPU-hours" in text and "assumed" in text and "MFU" in text   # says where the estimate comes from
+    assert "#SBATCH --gpus-per-node=1" in text and "submitit.core._submit" in text
+    assert not out_dir.exists()                               # nothing written, nothing submitted
+
+
+def test_unknown_sweep_lists_the_sweeps():
+    with pytest.raises(HarnessError, match=r"unknown sweep 'nope'.*paper_grid"):
+        sweep.launch_sweep("nope", [])
+
+
+def test_invalid_points_are_all_listed_before_anything_is_written(tmp_path):
+    out_dir = tmp_path / "bad"
+    overrides = [*TINY_GRID, "model.hidden_size=30,32", "model.num_heads=4", "model.patch_size=3,4",
+                 f"hydra.sweep.dir={out_dir}"]
+    with pytest.raises(HarnessError) as err:
+        sweep.launch_sweep("demo", overrides)
+    lines = str(err.value).splitlines()
+    assert "3 problem(s) in a grid of 4 runs; nothing was submitted" in lines[0]
+    errors = lines[1:]
+    assert len(errors) == 3 and all(line.startswith("  - ") for line in errors)
+    assert sum("model.hidden_size=30" in line for line in errors) == 2
+    assert sum("model.patch_size=3" in line for line in errors) == 2
+    assert not out_dir.exists()
+    # A point that does not even compose is listed with the others.
+    with pytest.raises(HarnessError, match=r"2 problem\(s\).*\n.*model=no-such-model.*\n.*model.hidden_size=30"):
+        sweep.launch_sweep("demo", ["model=mini-S/4,no-such-model", "model.hidden_size=30", f"hydra.sweep.dir={out_dir}"])
+
+
+def test_no_sbatch_on_path_with_the_slurm_launcher(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))   # nothing on PATH
+    with pytest.raises(HarnessError, match="launcher=slurm needs the SLURM commands sbatch"):
+        sweep.launch_sweep("demo", [*TINY_GRID, "launcher=slurm", f"hydra.sweep.dir={tmp_path / 'out'}"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_sweep_dir_of_another_sweep_is_refused(tmp_path):
+    (tmp_path / sweep.SWEEP_RECORD).write_text("name: paper_grid\n")
+    with pytest.raises(HarnessError, match=r"holds the sweep 'paper_grid', not 'demo'"):
+        sweep.launch_sweep("demo", [*TINY_GRID, f"hydra.sweep.dir={tmp_path}"], dry_run=True)
+
+
+def test_a_run_whose_config_changed_is_refused(tmp_path):
+    from harness.config import to_yaml
+
+    spec = grid("demo", [*TINY_GRID, f"hydra.sweep.dir={tmp_path}"])[0]
+    spec.run_dir.mkdir(parents=True)
+    (spec.run_dir / "config.yaml").write_text(to_yaml(sweep.task_config(spec.cfg)).replace("lr: 0.001", "lr: 0.002"))
+    with pytest.raises(HarnessError, match=r"different config.*\n.*trainer.lr: 0.002 -> 0.001"):
+        sweep.launch_sweep("demo", [*TINY_GRID, f"hydra.sweep.dir={tmp_path}"], dry_run=True)
+
+
+def test_plan_skips_done_and_queued_runs_and_resumes_the_rest(tmp_path):
+    specs = grid("demo", [*TINY_GRID, "model.patch_size=8,4,2", "launcher=slurm", f"hydra.sweep.dir={tmp_path}"])
+    done, queued, interrupted = specs
+    for spec in specs:
+        (spec.run_dir / "checkpoints").mkdir(parents=True)
+    (done.run_dir / "run_state.json").write_text(json.dumps({"state": "done", "step": 20}))
+    (done.run_dir / "checkpoints" / "step_0000020.pt").write_bytes(b"")
+    (queued.run_dir / "run_state.json").write_text(json.dumps({"state": "preempted", "step": 10, "slurm_job_id": "7"}))
+    (interrupted.run_dir / "run_state.json").write_text(json.dumps({"state": "running", "step": 0, "slurm_job_id": "5"}))
+    (interrupted.run_dir / "checkpoints" / "step_0000010.pt").write_bytes(b"")
+    queue = {"7": {"name": "x", "state": "PENDING", "command": ""}}
+    decisions = sweep.plan_runs(specs, "slurm", queue)
+    assert [(d.submit, d.reason) for d in decisions] == [
+        (False, "done at step 20"), (False, "job 7 is pending"), (True, "resume from step 10")]
+    # A job submitted but never recorded is found by its name and script path.
+    (queued.run_dir / "run_state.json").unlink()
+    queue = {"9": {"name": sweep.job_name(queued.cfg), "state": "RUNNING",
+                   "command": str(tmp_path / sweep.SUBMITIT_DIR / "9" / "submission.sh")}}
+    assert sweep.plan_runs(specs, "slurm", queue)[1].reason == "job 9 is running"
+    # More steps than the finished run had: it continues.
+    longer = grid("demo", [*TINY_GRID, "trainer.max_steps=40", f"hydra.sweep.dir={tmp_path}"])
+    assert sweep.plan_runs(longer[:1], "slurm", {})[0].reason == "resume from step 20"
+
+
+def test_status_of_a_sweep_dir(tmp_path):
+    sweep_dir = make_fixture_sweep(tmp_path / "fixture")
+    rows = {r["run"]: r for r in sweep.sweep_status(sweep_dir)}
+    expected = expected_runs()
+    assert rows.keys() == expected.keys()
+    for name, (state, last_step) in expected.items():
+        row = rows[name]
+        assert row["fid_step"] == last_step and row["fid"] > 0
+        assert row["state"] == {"done": "done", "failed": "failed", "running": "interrupted"}[state]
+    text = sweep.format_status(list(rows.values()))
+    assert "6 runs: 4 done, 1 failed, 1 interrupted" in text
+    assert "RuntimeError: CUDA error: an illegal memory access" in text   # a failed run shows its error
+    with pytest.raises(HarnessError, match="holds no runs"):
+        sweep.sweep_status(tmp_path)
