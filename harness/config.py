@@ -18,7 +18,7 @@ from harness.errors import HarnessError, require
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 CONDITIONINGS = ("adaln_zero", "adaln", "cross_attention", "in_context")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def slug(text: str) -> str:
@@ -95,6 +95,7 @@ def validate(cfg: DictConfig) -> None:
     require(float(trainer.lr) > 0, f"trainer.lr must be positive, got {trainer.lr}")
     require(0.0 <= float(trainer.ema_decay) < 1.0, f"trainer.ema_decay must be in [0, 1), got {trainer.ema_decay}")
     require(trainer.precision in PRECISIONS, f"trainer.precision={trainer.precision!r} is not one of {', '.join(PRECISIONS)}")
+    require(trainer.compile in ("auto", True, False), f"trainer.compile must be auto, true or false, got {trainer.compile!r}")
     require(trainer.keep_last >= 1, f"trainer.keep_last must be >= 1, got {trainer.keep_last}")
     require(
         cfg.on_config_change in ("refuse", "resume", "overwrite"),

@@ -28,7 +28,7 @@ from harness.errors import require
 # `harness flops` never imports torch (seconds on a small CPU) and never composes a config.
 
 # Bump when the counting changes, so cached counts from an older method are not reused.
-COUNTER_VERSION = 2
+COUNTER_VERSION = 3
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 PAPER_GEOMETRY = Geometry(input_size=32, in_channels=4, num_classes=1000)
 ABLATION_MODEL = "DiT-XL/2"
@@ -85,20 +85,44 @@ def fvcore_count(model, inputs: tuple) -> tuple[int, dict[str, int]]:
     return flops, skipped
 
 
-def _trace_flops(model_cfg, geometry: Geometry) -> dict:
-    """Count one forward pass of one image (the expensive part: the model runs once on the CPU)."""
+def _patch_conv_on_cpu(model):
+    """Run a meta-device DiT's patch conv on the CPU and hand its output back to the meta device.
+
+    PyTorch's meta convolution cannot be jit-traced (its shape checks see traced sizes); every other
+    op of the DiT can. With this, fvcore still traces every op of the forward pass, at their real
+    shapes, without doing the arithmetic (seconds for DiT-XL/2 otherwise). `aten::to` counts nothing.
+    """
+    import torch
+
+    class PatchEmbedOnCpu(torch.nn.Module):
+        def __init__(self, embed):
+            super().__init__()
+            self.embed = embed.to_empty(device="cpu")
+
+        def forward(self, x):
+            return self.embed(x).to("meta")
+
+    model.x_embedder = PatchEmbedOnCpu(model.x_embedder)
+    return model
+
+
+def _trace_flops(model_cfg, geometry: Geometry, device: str = "meta") -> dict:
+    """Count one forward pass of one image; device="cpu" runs it for real (same count, much slower)."""
     import torch
 
     from harness.model import build_model, count_params
 
-    # Weights do not change the count: skip their initialisation (seconds for DiT-XL).
-    model = build_model(model_cfg, geometry, init_weights=False).eval()
+    # Weights do not change the count: a meta model has none, a CPU one skips their initialisation.
+    model = build_model(model_cfg, geometry, device=device, init_weights=False).eval()
+    params = count_params(model)
     x = torch.zeros(1, geometry.in_channels, geometry.input_size, geometry.input_size)
-    flops, skipped = fvcore_count(model, (x, torch.zeros(1), torch.zeros(1, dtype=torch.long)))
+    if device == "meta":
+        model = _patch_conv_on_cpu(model)
+    flops, skipped = fvcore_count(model, (x, torch.zeros(1, device=device), torch.zeros(1, dtype=torch.long, device=device)))
     return {
         "flops": flops,
         "gflops": flops / 1e9,
-        "params": count_params(model),
+        "params": params,
         "tokens": geometry.tokens(int(model_cfg.patch_size)),
         "unsupported_ops": skipped,
     }

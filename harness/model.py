@@ -116,7 +116,9 @@ class LabelEmbedder(nn.Module):
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
         super().__init__()
         # The null row exists even when dropout_prob is 0, so guided sampling always has a null label.
-        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+        # The table is filled by DiT.initialize_weights; from_pretrained skips nn.Embedding's own
+        # N(0, 1) init, whose meta-device kernel alone costs seconds of imports in a meta build.
+        self.embedding_table = nn.Embedding.from_pretrained(torch.empty(num_classes + 1, hidden_size), freeze=False)
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
 
@@ -338,7 +340,8 @@ class DiT(nn.Module):
         else:
             self.blocks = nn.ModuleList(ViTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
             self.final_layer = PlainFinalLayer(hidden_size, patch_size, self.out_channels)
-        self.initialize_weights()
+        if not self.pos_embed.is_meta:  # a meta-device model has no values to initialise
+            self.initialize_weights()
 
     def reset_pos_embed(self) -> None:
         """(Re)write the fixed sin-cos positional embedding."""

@@ -614,7 +614,7 @@ def plan_row(spec: RunSpec, table: dict, decision: Decision | None = None) -> di
 
 
 def _fmt_gflops(value: float) -> str:
-    return f"{value:.2f}" if value >= 0.1 else f"{value:.4f}"
+    return f"{value:.3f}" if value >= 0.1 else f"{value:.5f}"
 
 
 def _fmt_hours(value) -> str:

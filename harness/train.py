@@ -330,18 +330,17 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
         tracker.print(f"resumed {run_dir} from step {step}")
     del state
 
-    train_model = model
-    if tc.compile:
-        train_model = torch.compile(model)
+    fast = fast_path_settings(tc, device)
+    train_model = torch.compile(model) if fast["compile"] else model
     if dist.world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    forward = autocast_forward(train_model, model, tc.precision, device)
+    forward = autocast_forward(train_model, model, fast["precision"], device)
 
     max_steps = int(tc.max_steps)
     milestones = {int(s) for s in tc.ckpt_milestones}
     eval_every = cfg.eval.every
-    peak = tc.peak_tflops or datasheet_peak_tflops(device, tc.precision)
+    peak = tc.peak_tflops or datasheet_peak_tflops(device, fast["precision"])
     sample_shape = (geometry.in_channels, geometry.input_size, geometry.input_size)
     preemption = PreemptionFlag()
     if dist.is_main:
@@ -433,6 +432,15 @@ def build_optimizer(model: torch.nn.Module, tc: DictConfig, device: torch.device
     fused = tc.fused_adamw is True or (tc.fused_adamw == "auto" and device.type == "cuda")
     return torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas),
                              fused=fused or None)
+
+
+def fast_path_settings(tc: DictConfig, device: torch.device) -> dict:
+    """Resolve `auto` fast paths per device: bf16 autocast and torch.compile on CUDA; fp32 eager on CPU,
+    where `harness bench` shows neither pays for a small DiT."""
+    on_gpu = device.type == "cuda"
+    precision = ("bf16" if on_gpu else "fp32") if tc.precision == "auto" else str(tc.precision)
+    compile_ = on_gpu if tc.compile == "auto" else bool(tc.compile)
+    return {"precision": precision, "compile": compile_}
 
 
 def autocast_forward(train_model, model: torch.nn.Module, precision: str, device: torch.device):
@@ -577,6 +585,7 @@ def dry_run(overrides: list[str], take_step: bool = True) -> dict:
     flops = count_flops(mc, geometry)
     tokens = geometry.tokens(mc.patch_size)
     batch_per_gpu = max(1, tc.global_batch_size // max(1, int(tc.gpus)))
+    gpu_precision = fast_path_settings(tc, torch.device("cuda"))["precision"]  # the estimate is per GPU
     report = {
         "config": to_yaml(cfg), "model": mc.name, "conditioning": mc.conditioning, "geometry": vars(geometry),
         "tokens": tokens, "params": flops["params"], "gflops": flops["gflops"],
@@ -584,8 +593,8 @@ def dry_run(overrides: list[str], take_step: bool = True) -> dict:
         "global_batch_size": tc.global_batch_size, "max_steps": tc.max_steps, "gpus": int(tc.gpus),
         "train_compute_flops": training_compute_flops(flops["gflops"], tc.global_batch_size, tc.max_steps),
         "memory": estimate_training_memory(flops["params"], mc.depth, tokens, mc.hidden_size, mc.num_heads,
-                                           batch_per_gpu, tc.precision, bool(tc.grad_checkpointing)),
-        "batch_per_gpu": batch_per_gpu, "precision": tc.precision,
+                                           batch_per_gpu, gpu_precision, bool(tc.grad_checkpointing)),
+        "batch_per_gpu": batch_per_gpu, "precision": gpu_precision,
     }
     if take_step:
         start = time.time()

@@ -338,3 +338,22 @@ def test_eval_command_reports_missing_inception_weights_in_one_line(cfg, tmp_pat
     assert len(lines) == 1 and lines[0].startswith("harness: error: eval.inception_weights")
     assert INCEPTION_FILE in lines[0] and "Traceback" not in result.stderr
     assert not (tmp_path / "empty_torch_home").exists() or not any((tmp_path / "empty_torch_home").rglob("*.pth"))
+
+
+def test_a_trained_digits_model_scores_far_below_an_untrained_one(tmp_path, fid_cache):
+    from harness.model import build_model
+    from harness.train import train
+
+    cfg = compose([
+        "model=custom", "model.depth=2", "model.hidden_size=64", "model.num_heads=4", "model.patch_size=4",
+        "trainer.max_steps=300", "trainer.ckpt_every=300", "trainer.log_every=100", "trainer.lr=2e-3",
+        "trainer.ema_decay=0.95", "trainer.device=cpu", "eval.every=0", "eval.num_samples=200",
+        "eval.batch_size=200", "eval.sampler=ddim20", f"eval.cache_dir={fid_cache}", "logger=none",
+    ])
+    train(cfg, tmp_path / "trained")  # eval.every=0: the train app evaluates once, at the end
+    (row,) = [json.loads(line) for line in (tmp_path / "trained" / "results.jsonl").read_text().splitlines()]
+    assert row["step"] == 300 and row["fid_name"] == "fid_digits"
+    torch.manual_seed(0)
+    untrained = evaluate_model(build_model(cfg.model, latent_geometry(cfg)), cfg, 0, tmp_path / "untrained")
+    assert row["fid"] < 0.7 * untrained["fid"]
+    assert row["fid_floor"] < row["fid"]

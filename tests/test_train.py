@@ -141,7 +141,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     ("model.conditioning=film", "conditioning"),
     ("model.patch_size=3", "patch"),
     ("model.num_heads=5", "num_heads"),
-    ("trainer.precision=fp16", "trainer.precision='fp16' is not one of fp32, bf16"),
+    ("trainer.precision=fp16", "trainer.precision='fp16' is not one of auto, fp32, bf16"),
 ])
 def test_bad_train_config_is_one_line_exit_2(tmp_path, override, message):
     result = run_harness(["train", *TINY, override, f"hydra.run.dir={tmp_path}"])

@@ -1,0 +1,243 @@
+"""`harness bench`: how fast the harness is, in the field's terms.
+
+For one config it times, after warm-up, (a) a training step (forward, backward, AdamW, EMA: the same
+`train_step` the train app runs), (b) a sampling step with and without guidance, (c) torch-fidelity
+feature extraction per image, and (d) latent-cache loading per image. Throughput becomes achieved
+TFLOP/s through the fvcore Gflops (x3 for a training step; guidance doubles the batch) and MFU against
+two peaks: a large matmul measured in the same run at the run's precision, and the datasheet where the
+device is known. Results print as a table, return as a dict (JSON) and are appended to a benchmark log.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from harness.config import compose, latent_geometry, validate
+from harness.io import append_jsonl
+
+WHAT = ("train", "sample", "features", "latents")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device, warmup: int, iters: int) -> float:
+    """Seconds per call of `fn` after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / iters
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def measured_peak_tflops(device: torch.device, precision: str, size: int | None = None) -> float:
+    """TFLOP/s of a large square matmul at the run's precision: the ceiling this device shows today."""
+    size = size or (8192 if device.type == "cuda" else 1024)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    seconds = _timed(lambda: a @ b, device, warmup=2, iters=10 if device.type == "cuda" else 3)
+    return 2 * size**3 / seconds / 1e12
+
+
+def mfu(tflops: float, peak: float | None) -> float | None:
+    """Model flops utilisation: achieved model TFLOP/s over a peak."""
+    return tflops / peak if peak else None
+
+
+def _throughput(images_per_s: float, gflops: float, passes: float, peaks: dict) -> dict:
+    from harness.train import achieved_tflops
+
+    tflops = achieved_tflops(gflops, images_per_s, passes)
+    return {"images_per_s": images_per_s, "tflops": tflops,
+            "mfu_measured": mfu(tflops, peaks["measured"]), "mfu_datasheet": mfu(tflops, peaks["datasheet"])}
+
+
+def bench_train(cfg: DictConfig, device: torch.device, gflops: float, peaks: dict, warmup: int, iters: int) -> dict:
+    """One training step at `trainer.global_batch_size` on this device, as the train app runs it."""
+    from harness.diffusion import create_diffusion
+    from harness.model import build_model
+    from harness.train import autocast_forward, build_optimizer, fast_path_settings, peak_memory_gb, train_step
+
+    tc = cfg.trainer
+    fast = fast_path_settings(tc, device)
+    geometry = latent_geometry(cfg)
+    model = build_model(cfg.model, geometry).to(device)
+    model.grad_checkpointing = bool(tc.grad_checkpointing)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = build_optimizer(model, tc, device)
+    train_model = torch.compile(model) if fast["compile"] else model
+    forward = autocast_forward(train_model, model, fast["precision"], device)
+    diffusion = create_diffusion(cfg.diffusion)
+    batch = int(tc.global_batch_size)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, geometry.in_channels, geometry.input_size, geometry.input_size, device=device, generator=gen)
+    y = torch.randint(0, geometry.num_classes, (batch,), device=device, generator=gen)
+    t = torch.randint(0, diffusion.num_timesteps, (batch,), device=device, generator=gen)
+    noise = torch.randn(x.shape, device=device, generator=gen)
+    drop = torch.zeros(batch, dtype=torch.bool, device=device)
+    _reset_peak_memory(device)
+    seconds = _timed(lambda: train_step(forward, diffusion, model, ema, opt, x, y, t, noise, drop, tc), device,
+                     warmup, iters)
+    return {"batch": batch, "step_s": seconds, **fast, "grad_checkpointing": bool(tc.grad_checkpointing),
+            **_throughput(batch / seconds, gflops, 3.0, peaks), "peak_mem_gb": peak_memory_gb(device)}
+
+
+def bench_sample(cfg: DictConfig, device: torch.device, gflops: float, peaks: dict, warmup: int, iters: int) -> dict:
+    """One reverse-diffusion step at `eval.batch_size`, without guidance and with scale 1.5 (a doubled batch)."""
+    from harness.diffusion import create_diffusion
+    from harness.model import build_model
+    from harness.train import fast_path_settings
+
+    fast = fast_path_settings(cfg.trainer, device)
+    geometry = latent_geometry(cfg)
+    model = build_model(cfg.model, geometry).to(device).eval().requires_grad_(False)
+    if fast["compile"]:
+        model = torch.compile(model)
+    diffusion = create_diffusion(cfg.diffusion)
+    batch = int(cfg.eval.batch_size)
+    shape = (batch, geometry.in_channels, geometry.input_size, geometry.input_size)
+    y = torch.arange(batch, device=device) % geometry.num_classes
+    steps = 4
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast["precision"] == "bf16")
+    out = {"batch": batch}
+    for name, scale in (("no_guidance", 1.0), ("cfg_1.5", 1.5)):
+        def run():
+            with torch.no_grad(), autocast:
+                diffusion.sample(model, shape, y, sampler=f"ddpm{steps}", cfg_scale=scale,
+                                 generator=torch.Generator(device=device).manual_seed(0), device=device)
+        _reset_peak_memory(device)
+        step_s = _timed(run, device, warmup=1, iters=max(1, iters // 4)) / steps
+        passes = 2.0 if scale > 1 else 1.0  # guidance runs the doubled batch
+        images_250 = batch / (250 * step_s)
+        out[name] = {"step_s": step_s, **_throughput(batch / step_s, gflops, passes, peaks),
+                     "images_per_s_250_steps": images_250, "fid50k_sampling_hours": 50_000 / images_250 / 3600}
+    return out
+
+
+def bench_features(cfg: DictConfig, device: torch.device, warmup: int, iters: int) -> dict:
+    """torch-fidelity feature extraction per image with the config's FID extractor."""
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    from harness.errors import HarnessError
+    from harness.evaluate import resolve_extractor
+
+    try:
+        extractor = resolve_extractor(cfg.eval, cfg.data)
+    except HarnessError as err:
+        return {"skipped": str(err)}
+    size = int(cfg.data.image_size)
+    batch = int(cfg.eval.batch_size)
+    model = FEATURE_EXTRACTORS_REGISTRY[extractor.name](
+        extractor.name, [extractor.feature_layer], feature_extractor_weights_path=str(extractor.weights)).to(device)
+    images = torch.randint(0, 256, (batch, extractor.channels, size, size), dtype=torch.uint8, device=device)
+    if extractor.channels == 3 and size != 299:
+        images = torch.nn.functional.interpolate(images.float(), size=(299, 299)).to(torch.uint8)
+    with torch.no_grad():
+        seconds = _timed(lambda: model(images), device, warmup, iters)
+    return {"extractor": extractor.name, "batch": batch, "images_per_s": batch / seconds}
+
+
+def bench_latents(cfg: DictConfig, warmup: int, iters: int) -> dict:
+    """Loading from a latent cache (synthetic, same format and shape) into training batches, on one core."""
+    from harness.data import BatchStream, LatentDataset, write_synthetic_latent_cache
+
+    geometry = latent_geometry(cfg)
+    shape = (geometry.in_channels, geometry.input_size, geometry.input_size)
+    batch = int(cfg.trainer.global_batch_size)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_synthetic_latent_cache(tmp, num_images=max(4 * batch, 4096), latent_shape=shape,
+                                         num_classes=geometry.num_classes, shard_size=1024)
+            stream = BatchStream(LatentDataset(tmp), batch, hflip=True)
+            seconds = _timed(lambda: next(stream), torch.device("cpu"), warmup, max(iters, 20))
+    finally:
+        torch.set_num_threads(threads)
+    return {"batch": batch, "latent_shape": list(shape), "latents_per_s": batch / seconds}
+
+
+def run_bench(overrides: list[str], what=WHAT, log: str | None = None, warmup: int = 3, iters: int = 10) -> dict:
+    """Benchmark the config of `overrides`; append the result to the JSONL `log` when given."""
+    from harness.flops import count_flops
+    from harness.train import datasheet_peak_tflops, fast_path_settings
+
+    cfg = compose(overrides)
+    validate(cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.device != "cpu" else "cpu")
+    geometry = latent_geometry(cfg)
+    flops = count_flops(cfg.model, geometry)
+    precision = fast_path_settings(cfg.trainer, device)["precision"]
+    peaks = {"measured": measured_peak_tflops(device, precision), "datasheet": datasheet_peak_tflops(device, precision)}
+    result = {
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "overrides": list(overrides),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__, "model": cfg.model.name, "tokens": geometry.tokens(cfg.model.patch_size),
+        "params": flops["params"], "gflops": flops["gflops"], "precision": precision,
+        "peak_tflops_measured": peaks["measured"], "peak_tflops_datasheet": peaks["datasheet"],
+    }
+    if "train" in what:
+        result["train"] = bench_train(cfg, device, flops["gflops"], peaks, warmup, iters)
+    if "sample" in what:
+        result["sample"] = bench_sample(cfg, device, flops["gflops"], peaks, warmup, iters)
+    if "features" in what:
+        result["features"] = bench_features(cfg, device, warmup, iters)
+    if "latents" in what:
+        result["latents"] = bench_latents(cfg, warmup, iters)
+    if log:
+        append_jsonl(Path(log), result)
+    return result
+
+
+def format_bench(result: dict) -> str:
+    """The benchmark as a short table, then the full JSON."""
+    def pct(value):
+        return "-" if value is None else f"{value:.1%}"
+
+    lines = [f"{result['model']} ({result['tokens']} tokens, {result['gflops']:.4g} Gflops) on {result['device']}, "
+             f"{result['precision']}; matmul peak measured {result['peak_tflops_measured']:.2f} TFLOP/s"
+             + (f", datasheet {result['peak_tflops_datasheet']:.0f}" if result["peak_tflops_datasheet"] else "")]
+    rows = []
+    if "train" in result:
+        r = result["train"]
+        rows.append(("train step", r["batch"], r["images_per_s"], r["tflops"], r["mfu_measured"], r["mfu_datasheet"],
+                     r["peak_mem_gb"]))
+    for name in ("no_guidance", "cfg_1.5"):
+        if "sample" in result:
+            r = result["sample"][name]
+            rows.append((f"sample step {name}", result["sample"]["batch"], r["images_per_s"], r["tflops"],
+                         r["mfu_measured"], r["mfu_datasheet"], None))
+    lines.append(f"{'what':<24}{'batch':>6}{'img/s':>12}{'TFLOP/s':>10}{'MFU(meas)':>11}{'MFU(sheet)':>11}{'mem GB':>8}")
+    for what, batch, ips, tf, m1, m2, mem in rows:
+        lines.append(f"{what:<24}{batch:>6}{ips:>12.1f}{tf:>10.3f}{pct(m1):>11}{pct(m2):>11}"
+                     f"{'-' if mem is None else f'{mem:.2f}':>8}")
+    if "sample" in result:
+        r = result["sample"]["cfg_1.5"]
+        lines.append(f"250-step guided sampling: {r['images_per_s_250_steps']:.2f} img/s; "
+                     f"a 50K-sample FID takes {r['fid50k_sampling_hours']:.1f} h on this device")
+    if "features" in result:
+        r = result["features"]
+        lines.append(f"FID features: {r['skipped']}" if "skipped" in r else
+                     f"FID features ({r['extractor']}): {r['images_per_s']:.0f} img/s")
+    if "latents" in result:
+        lines.append(f"latent cache: {result['latents']['latents_per_s']:.0f} latents/s on one core")
+    return "\n".join(lines) + "\n" + json.dumps(result, indent=2, default=str)

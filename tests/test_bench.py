@@ -1,0 +1,91 @@
+"""`harness bench` and the fast paths: each switch trains like the plain eager fp32 path."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import TINY
+from harness.bench import mfu, run_bench
+from harness.config import compose, latent_geometry
+from harness.diffusion import create_diffusion
+from harness.model import build_model
+from harness.train import achieved_tflops, autocast_forward, build_optimizer, fast_path_settings, train_step
+
+
+def _positive_numbers(node, path=""):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _positive_numbers(value, f"{path}.{key}")
+    elif isinstance(node, (int, float)) and not isinstance(node, bool):
+        yield path, node
+
+
+def test_bench_writes_every_field_positive(tmp_path):
+    log = tmp_path / "bench.jsonl"
+    result = run_bench([*TINY, "eval.batch_size=8"], log=str(log), warmup=1, iters=2)
+    for section in ("train", "sample", "features", "latents"):
+        assert section in result
+    assert {"images_per_s", "tflops", "mfu_measured", "peak_mem_gb", "step_s"} <= result["train"].keys()
+    assert {"images_per_s_250_steps", "fid50k_sampling_hours"} <= result["sample"]["cfg_1.5"].keys()
+    numbers = dict(_positive_numbers(result))
+    assert numbers and all(value > 0 for value in numbers.values()), numbers
+    assert result["peak_tflops_datasheet"] is None  # a CPU has no datasheet entry
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert logged[-1]["train"]["images_per_s"] == result["train"]["images_per_s"]
+
+
+def test_mfu_arithmetic_by_hand():
+    # 0.5 Gflops (MACs) per image forward, 100 images/s, training = 3 forward-equivalents:
+    # 0.5e9 MAC * 2 flop/MAC * 3 * 100 /s = 3.0e11 flop/s = 0.3 TFLOP/s.
+    assert achieved_tflops(0.5, 100.0, 3.0) == pytest.approx(0.3)
+    assert achieved_tflops(0.5, 100.0, 2.0) == pytest.approx(0.2)  # a guided sampling step: doubled batch
+    assert mfu(0.3, 1.2) == pytest.approx(0.25)
+    assert mfu(0.3, None) is None
+
+
+def _losses(overrides: list[str], steps: int = 3) -> list[float]:
+    """Losses of `steps` training steps on fixed batches, through the train app's own step."""
+    cfg = compose([*TINY, *overrides])
+    device = torch.device("cpu")
+    fast = fast_path_settings(cfg.trainer, device)
+    geometry = latent_geometry(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, geometry)
+    model.grad_checkpointing = bool(cfg.trainer.grad_checkpointing)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = build_optimizer(model, cfg.trainer, device)
+    forward = autocast_forward(torch.compile(model) if fast["compile"] else model, model, fast["precision"], device)
+    diffusion = create_diffusion(cfg.diffusion)
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(16, 1, 8, 8, generator=gen)
+        y = torch.randint(0, 10, (16,), generator=gen)
+        t = torch.randint(0, 1000, (16,), generator=gen)
+        noise = torch.randn(x.shape, generator=gen)
+        drop = torch.rand(16, generator=gen) < 0.1
+        losses.append(train_step(forward, diffusion, model, ema, opt, x, y, t, noise, drop, cfg.trainer)["loss"].mean().item())
+    return losses
+
+
+@pytest.mark.parametrize("switch, rel", [
+    ("trainer.grad_checkpointing=true", 1e-6),
+    ("trainer.fused_adamw=true", 1e-5),
+    ("trainer.grad_clip=1000.0", 1e-6),  # clipping far above the gradient norm changes nothing
+    # bf16 autocast rounds activations to 8 mantissa bits: losses agree to about 1% (documented tolerance).
+    ("trainer.precision=bf16", 2e-2),
+])
+def test_fast_path_matches_plain_path(switch, rel):
+    plain = _losses(["trainer.precision=fp32", "trainer.compile=false"])
+    fast = _losses(["trainer.precision=fp32", "trainer.compile=false", switch])
+    assert fast == pytest.approx(plain, rel=rel)
+
+
+def test_cpu_defaults_are_the_plain_path():
+    cfg = compose(TINY)
+    assert fast_path_settings(cfg.trainer, torch.device("cpu")) == {"precision": "fp32", "compile": False}
+    assert fast_path_settings(cfg.trainer, torch.device("cuda")) == {"precision": "bf16", "compile": True}
