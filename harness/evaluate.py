@@ -41,6 +41,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from harness.config import Geometry, slug
 from harness.errors import HarnessError, require
 from harness.io import append_jsonl, atomic_torch_save, atomic_write_bytes
+from harness.tracking import run_id
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DIGITS_CNN = "digits-cnn"
@@ -102,7 +103,7 @@ def train_digits_extractor(out_path: str | os.PathLike, seed: int = 0, data_cfg:
 
     Reproducible: fixed seeds, one CPU thread (a different thread count may reorder float sums), no
     global RNG state touched. `data_cfg` defaults to `conf/data/digits.yaml`; the weights record the
-    data config they were trained for and refuse other image sizes.
+    data config they were trained for; images of other sizes are resized to it by the extractor.
     """
     from harness.config import compose
     from harness.data import build_dataset, real_images_uint8
@@ -233,10 +234,15 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
 
     def forward(self, x):
         size = self.model.image_size
-        if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] not in (1, 3) or tuple(x.shape[2:]) != (size, size):
-            raise HarnessError(f"the digits CNN takes uint8 Nx1x{size}x{size} images, got {x.dtype} {tuple(x.shape)}")
+        if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] not in (1, 3) or x.shape[2] != x.shape[3]:
+            raise HarnessError(f"the digits CNN takes square uint8 Nx1xHxW images, got {x.dtype} {tuple(x.shape)}")
         if x.shape[1] == 3:  # torch-fidelity reads image files as RGB; gray images have three equal channels
             x = x.float().mean(1, keepdim=True).round().to(torch.uint8)
+        if x.shape[2] != size:
+            # Digits at another size see the CNN's resolution through the same bilinear resize the data
+            # pipeline uses, as Inception resizes everything to 299: one extractor serves every digits size.
+            x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True,
+                              align_corners=False).round().clamp(0, 255).to(torch.uint8)
         feats = self.model.features(x)
         out = {DIGITS_LAYER: feats, "logits": self.model.head(feats)}
         return tuple(out[name] for name in self.features_list)
@@ -276,11 +282,8 @@ def resolve_extractor(eval_cfg: DictConfig, data_cfg: DictConfig) -> Extractor:
     if name == DIGITS_CNN:
         weights = Path(eval_cfg.get("digits_weights") or DIGITS_WEIGHTS)
         _, meta = load_digits_cnn(weights)
-        trained = meta["data"]
-        require(int(data_cfg.image_size) == int(trained["image_size"]),
-                f"eval.feature_extractor=digits-cnn: {weights} was trained for data.image_size={trained['image_size']}, "
-                f"not {data_cfg.image_size}; train one with `harness train-digits-cnn data.image_size="
-                f"{data_cfg.image_size} --out PATH` and set eval.digits_weights=PATH")
+        require(int(data_cfg.image_size) >= 4,
+                f"eval.feature_extractor=digits-cnn needs data.image_size >= 4, got {data_cfg.image_size}")
         require(int(data_cfg.channels) == 1, f"eval.feature_extractor=digits-cnn takes 1-channel images, "
                                              f"got data.channels={data_cfg.channels}")
         return Extractor(DIGITS_CNN, weights, "fid_digits", DIGITS_LAYER, int(meta["arch"]["features"]), "logits", 1)
@@ -670,11 +673,6 @@ def _autoencoder(cfg: DictConfig, device: torch.device) -> nn.Module:
     return _AUTOENCODERS[key]
 
 
-def run_id(cfg: DictConfig, run_dir: str | os.PathLike) -> str:
-    """A stable id of a run: its name and a hash of its directory (the wandb run id)."""
-    return f"{slug(cfg.run_name)}-{hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:8]}"
-
-
 def results_row(cfg: DictConfig, step: int, run_dir: str | os.PathLike, fid: dict, params: int, gflops: float,
                 eval_wall_s: float, fid_floor: float | None = None) -> dict:
     """One `results.jsonl` row: the run's config, its compute so far, and the evaluation's numbers."""
@@ -758,7 +756,7 @@ def checkpoint_config(ckpt: str | os.PathLike, overrides: list[str] | tuple[str,
     overrides (e.g. model=DiT-XL/2 experiment=imagenet256), checked by the strict weight loading.
     """
     from harness.config import compose
-    from harness.train import _first_difference, run_identity
+    from harness.train import first_difference, run_identity
 
     path = Path(ckpt).expanduser()
     if path.is_dir():  # a run dir: its newest checkpoint
@@ -782,7 +780,7 @@ def checkpoint_config(ckpt: str | os.PathLike, overrides: list[str] | tuple[str,
         key = override.split("=", 1)[0].lstrip("+~")
         value = OmegaConf.select(requested, key, default=None)
         OmegaConf.update(merged, key, value, force_add=True, merge=False)
-    difference = _first_difference(run_identity(stored), run_identity(merged))
+    difference = first_difference(run_identity(stored), run_identity(merged))
     require(not difference, f"ckpt={path} was trained with another config ({difference}); only eval.*, logger and "
                             "trainer.device may be overridden")
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else None

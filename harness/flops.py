@@ -23,6 +23,7 @@ from pathlib import Path
 
 from harness.config import CONF_DIR, Geometry, compose, config_groups, latent_geometry
 from harness.errors import require
+from harness.io import atomic_write_json, read_json
 
 # torch, fvcore and harness.model are imported where a count is traced: a fully cached
 # `harness flops` never imports torch (seconds on a small CPU) and never composes a config.
@@ -145,9 +146,9 @@ def _load_cache() -> dict:
     Empty when the file is absent, torn or from another counter version.
     """
     try:
-        cache = json.loads(cache_path().read_text())
-    except (OSError, ValueError):
-        return {"counts": {}, "rows": {}}
+        cache = read_json(cache_path(), default=None)
+    except (OSError, ValueError):  # unreadable: count again
+        cache = None
     if not isinstance(cache, dict) or cache.get("version") != COUNTER_VERSION:
         return {"counts": {}, "rows": {}}
     return {"counts": dict(cache.get("counts") or {}), "rows": dict(cache.get("rows") or {})}
@@ -159,8 +160,6 @@ def _update_cache(counts: dict | None = None, rows: dict | None = None) -> None:
     The file is re-read first (another process may have added counts meanwhile). `rows` is
     {"conf": fingerprint, "entries": {...}}; rows of an older conf/ fingerprint are dropped.
     """
-    from harness.io import atomic_write_json
-
     cache = _load_cache()
     cache["counts"].update(counts or {})
     if rows:

@@ -383,7 +383,7 @@ class DiT(nn.Module):
         h = w = int(x.shape[1] ** 0.5)
         assert h * w == x.shape[1], f"{x.shape[1]} tokens do not form a square grid"
         x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
+        x = x.permute(0, 5, 1, 3, 2, 4)  # (n, h, w, p, q, c) -> (n, c, h, p, w, q)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,

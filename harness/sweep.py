@@ -269,8 +269,6 @@ def task_config(cfg: DictConfig) -> DictConfig:
 
 def check_sweep_dir(name: str, specs: list[RunSpec]) -> None:
     """Refuse a sweep dir that holds another sweep, or runs whose config changed (unless on_config_change allows)."""
-    from harness.train import _first_difference, run_identity
-
     if not specs:
         return
     sweep_dir = specs[0].sweep_dir
@@ -283,7 +281,9 @@ def check_sweep_dir(name: str, specs: list[RunSpec]) -> None:
     for spec in specs:
         saved = spec.run_dir / "config.yaml"
         if saved.exists():
-            difference = _first_difference(run_identity(OmegaConf.load(saved)), run_identity(task_config(spec.cfg)))
+            from harness.train import first_difference, run_identity
+
+            difference = first_difference(run_identity(OmegaConf.load(saved)), run_identity(task_config(spec.cfg)))
             if difference:
                 changed.append(f"{spec.run_name}: {difference}")
     policy = str(specs[0].cfg.on_config_change)
@@ -541,38 +541,35 @@ def load_throughput(path: Path = THROUGHPUT_FILE) -> dict:
     return table
 
 
-def _bench_rate(table: dict, device: str, model: str, kind: str) -> float | None:
-    """images/s per GPU of `kind` (train | sample) from the newest matching `harness bench` row, if any."""
+def _bench_rate(table: dict, device: str, model: str, kind: str, guided: bool) -> float | None:
+    """images/s of `kind` (train, or one sampling step) from the newest `harness bench` row of this model and device."""
     path = Path(table.get("bench_log") or "")
-    if not path.is_absolute():
-        path = Path.cwd() / path
     rate = None
-    for row in read_jsonl(path):
+    for row in read_jsonl(path if path.is_absolute() else Path.cwd() / path):
         if device.lower() not in str(row.get("device", "")).lower() or row.get("model") != model:
             continue
-        value = row.get(f"{kind}_images_per_s")
-        if value is None and isinstance(row.get(kind), dict):
-            value = row[kind].get("images_per_s")
-        if value:
-            rate = float(value) / max(1, int(row.get("world_size") or 1))
+        result = row.get(kind) or {}
+        if kind == "sample":  # bench times a step without guidance and with scale 1.5 (a doubled batch)
+            result = result.get("cfg_1.5" if guided else "no_guidance") or {}
+        if result.get("images_per_s"):
+            rate = float(result["images_per_s"])
     return rate
 
 
 def throughput(table: dict, model: str, gflops: float, kind: str, guided: bool = False) -> tuple[float, str]:
-    """(images/s per GPU, source) for training (`train`) or one sampling step (`sample`)."""
+    """(images/s per GPU, source) for training (`train`) or one denoising step of sampling (`sample`)."""
     device = table["device"]
-    measured = ((table.get("measured") or {}).get(device) or {}).get(model) or {}
-    if measured.get(f"{kind}_images_per_s"):
-        rate, source = float(measured[f"{kind}_images_per_s"]), f"measured ({THROUGHPUT_FILE.name})"
-    elif (rate := _bench_rate(table, device, model, kind)) is not None:
-        source = f"measured ({table.get('bench_log')})"
-    else:
-        spec = table["devices"][device]
-        passes = 3.0 if kind == "train" else 1.0
-        rate = spec["peak_tflops"] * 1e12 * spec[f"{kind}_mfu"] / (2.0 * passes * gflops * 1e9)
-        source = f"estimated at an assumed {spec[f'{kind}_mfu']:.0%} MFU of {spec['peak_tflops']:g} TFLOP/s"
     what = "training" if kind == "train" else "sampling"
-    return (rate / 2.0 if guided and kind == "sample" else rate), f"{what} {source}"
+    measured = ((table.get("measured") or {}).get(device) or {}).get(model) or {}
+    halve = 2.0 if guided and kind == "sample" else 1.0   # guidance runs a doubled batch
+    if measured.get(f"{kind}_images_per_s"):
+        return float(measured[f"{kind}_images_per_s"]) / halve, f"{what} measured ({THROUGHPUT_FILE.name})"
+    if (rate := _bench_rate(table, device, model, kind, guided)) is not None:
+        return rate, f"{what} measured by harness bench ({table.get('bench_log')})"
+    spec = table["devices"][device]
+    passes = 3.0 if kind == "train" else 1.0
+    rate = spec["peak_tflops"] * 1e12 * spec[f"{kind}_mfu"] / (2.0 * passes * gflops * 1e9)
+    return rate / halve, f"{what} estimated at an assumed {spec[f'{kind}_mfu']:.0%} MFU of {spec['peak_tflops']:g} TFLOP/s"
 
 
 def plan_row(spec: RunSpec, table: dict, decision: Decision | None = None) -> dict:

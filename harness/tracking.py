@@ -51,6 +51,11 @@ class Tracker:
             self.wandb_run = None
 
 
+def run_id(cfg: DictConfig, run_dir: str | os.PathLike) -> str:
+    """A stable id of a run: its name and a hash of its directory (also its wandb run id)."""
+    return f"{slug(cfg.run_name)}-{hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:8]}"
+
+
 def _init_wandb(cfg: DictConfig, run_dir: Path):
     import wandb
 
@@ -58,15 +63,13 @@ def _init_wandb(cfg: DictConfig, run_dir: Path):
     os.environ.setdefault("WANDB_SILENT", "true")
     wandb_dir = Path(logger.dir) if logger.dir else run_dir
     wandb_dir.mkdir(parents=True, exist_ok=True)
-    # One wandb run per run dir, resumed across restarts and requeues.
-    run_id = f"{slug(cfg.run_name)}-{hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:8]}"
     return wandb.init(
         project=logger.project,
         entity=logger.entity,
         mode=logger.mode,
         group=logger.group,
         name=cfg.run_name,
-        id=run_id,
+        id=run_id(cfg, run_dir),  # one wandb run per run dir, resumed across restarts and requeues
         resume="allow",
         dir=str(wandb_dir),
         config=OmegaConf.to_container(cfg, resolve=True),

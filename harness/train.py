@@ -142,10 +142,10 @@ def run_identity(cfg: DictConfig) -> dict:
     return identity
 
 
-def _first_difference(old, new, prefix="") -> str:
+def first_difference(old, new, prefix="") -> str:
     if isinstance(old, dict) and isinstance(new, dict):
         for key in sorted(set(old) | set(new)):
-            found = _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+            found = first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
             if found:
                 return found
         return ""
@@ -156,7 +156,7 @@ def claim_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     """Refuse a run dir that holds a different run, unless told to resume it or start over."""
     saved = run_dir / "config.yaml"
     if saved.exists():
-        difference = _first_difference(run_identity(OmegaConf.load(saved)), run_identity(cfg))
+        difference = first_difference(run_identity(OmegaConf.load(saved)), run_identity(cfg))
         if difference and cfg.on_config_change == "refuse":
             raise HarnessError(
                 f"{run_dir} holds a run with a different config ({difference}); "

@@ -6,6 +6,7 @@ The launches against a real SLURM are in test_slurm.py.
 from __future__ import annotations
 
 import csv
+import time
 import json
 import os
 from pathlib import Path
@@ -33,20 +34,18 @@ def grid(name: str, overrides: list[str]) -> list[sweep.RunSpec]:
 def test_every_sweep_expands_to_its_grid():
     assert {"paper_grid", "conditioning_ablation", "demo", "demo_long"} <= set(sweep.available_sweeps())
     with sweep.hydra_context():
-        paper = sweep.expand_grid("paper_grid", [])[1]
+        # The paper grid's 12 points are checked by the dry run below; here its recipe, on one point.
+        paper = sweep.expand_grid("paper_grid", ["model=DiT-B/4"])[1]
         ablation = sweep.expand_grid("conditioning_ablation", [])[1]
         demo = sweep.expand_grid("demo", [])[1]
         demo_long = sweep.expand_grid("demo_long", [])[1]
-    assert [s.cfg.model.name for s in paper] == [f"DiT-{m}/{p}" for m in ("S", "B", "L", "XL") for p in (8, 4, 2)]
-    for spec in paper:
-        cfg = spec.cfg
-        assert (cfg.data.name, cfg.autoencoder.name, cfg.data.image_size) == ("latents", "sd-vae-ft-ema", 256)
-        assert (cfg.trainer.global_batch_size, cfg.trainer.max_steps) == (256, 400_000)
-        assert (cfg.eval.every, cfg.eval.num_samples, cfg.eval.sampler, cfg.eval.cfg_scale) == (50_000, 50_000, "ddpm250", 1.0)
-        assert spec.run_dir.parent.name == "paper_grid" and "DiT-" in spec.run_name
+    cfg = paper[0].cfg
+    assert (cfg.data.name, cfg.autoencoder.name, cfg.data.image_size) == ("latents", "sd-vae-ft-ema", 256)
+    assert (cfg.trainer.global_batch_size, cfg.trainer.max_steps) == (256, 400_000)
+    assert (cfg.eval.every, cfg.eval.num_samples, cfg.eval.sampler, cfg.eval.cfg_scale) == (50_000, 50_000, "ddpm250", 1.0)
+    assert paper[0].run_dir.parent.name == "paper_grid" and paper[0].run_name == "latents-DiT-B-4-adaln_zero"
     assert sorted(s.cfg.model.conditioning for s in ablation) == ["adaln", "adaln_zero", "cross_attention", "in_context"]
-    assert {s.cfg.model.name for s in ablation} == {"DiT-XL/2"}
-    assert len({s.run_dir for s in ablation}) == 4
+    assert {s.cfg.model.name for s in ablation} == {"DiT-XL/2"} and len({s.run_dir for s in ablation}) == 4
     assert [s.cfg.model.name for s in demo] == [f"mini-{m}/{p}" for m in ("S", "B") for p in (4, 2, 1)]
     assert {s.cfg.data.name for s in demo} == {"digits"} and {s.cfg.trainer.device for s in demo} == {"cpu"}
     assert [s.cfg.model.name for s in demo_long] == [s.cfg.model.name for s in demo]
@@ -55,19 +54,20 @@ def test_every_sweep_expands_to_its_grid():
 
 
 def test_paper_grid_requests_gpus_and_time_per_model_size():
-    specs = {s.cfg.model.name: s for s in grid("paper_grid", [])}
+    two = "model=DiT-S/8,DiT-XL/2"
+    specs = {s.cfg.model.name: s for s in grid("paper_grid", [two])}
     small, large = (sweep.slurm_parameters(specs[m].cfg) for m in ("DiT-S/8", "DiT-XL/2"))
     assert (small["gpus_per_node"], small["ntasks_per_node"], small["nodes"]) == (1, 1, 1)
     assert (large["gpus_per_node"], large["ntasks_per_node"], large["nodes"]) == (8, 8, 1)
     assert large["time"] > small["time"] and specs["DiT-XL/2"].cfg.trainer.gpus == 8
     # Overridable per size, and across nodes: 16 GPUs are two nodes of 8 tasks.
-    specs = {s.cfg.model.name: s for s in grid("paper_grid", ["hydra.launcher.by_size.XL.gpus=16",
+    specs = {s.cfg.model.name: s for s in grid("paper_grid", [two, "hydra.launcher.by_size.XL.gpus=16",
                                                               "hydra.launcher.partition=gpu", "hydra.launcher.qos=high",
                                                               "+hydra.launcher.additional_parameters.mail-type=END"])}
     params = sweep.slurm_parameters(specs["DiT-XL/2"].cfg)
     assert (params["gpus_per_node"], params["ntasks_per_node"], params["nodes"]) == (8, 8, 2)
     assert (params["partition"], params["qos"], params["additional_parameters"]) == ("gpu", "high", {"mail-type": "END"})
-    assert specs["DiT-XL/2"].cfg.trainer.gpus == 16 and specs["DiT-S/2"].cfg.trainer.gpus == 1
+    assert specs["DiT-XL/2"].cfg.trainer.gpus == 16 and specs["DiT-S/8"].cfg.trainer.gpus == 1
     # CPU runs ask for no GPU and one task.
     demo = sweep.slurm_parameters(grid("demo", ["launcher=slurm"])[0].cfg)
     assert "gpus_per_node" not in demo and demo["ntasks_per_node"] == 1 and demo["cpus_per_task"] == 1
@@ -178,3 +178,41 @@ def test_status_of_a_sweep_dir(tmp_path):
     assert "RuntimeError: CUDA error: an illegal memory access" in text   # a failed run shows its error
     with pytest.raises(HarnessError, match="holds no runs"):
         sweep.sweep_status(tmp_path)
+
+
+def test_throughput_comes_from_the_table_the_bench_log_or_an_assumed_mfu(tmp_path):
+    table = {"device": "H100", "devices": {"H100": {"peak_tflops": 1000.0, "train_mfu": 0.5, "sample_mfu": 0.25}},
+             "measured": {}, "bench_log": str(tmp_path / "bench.jsonl")}
+    rate, source = sweep.throughput(table, "DiT-B/2", 10.0, "train")
+    assert rate == pytest.approx(1000e12 * 0.5 / (2 * 3 * 10e9)) and "assumed 50% MFU" in source
+    rate, _ = sweep.throughput(table, "DiT-B/2", 10.0, "sample", guided=True)
+    assert rate == pytest.approx(1000e12 * 0.25 / (2 * 10e9) / 2)
+    rows = [{"device": "NVIDIA H100 80GB HBM3", "model": "DiT-B/2", "train": {"images_per_s": 900.0},
+             "sample": {"no_guidance": {"images_per_s": 5000.0}, "cfg_1.5": {"images_per_s": 2600.0}}}]
+    Path(table["bench_log"]).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert sweep.throughput(table, "DiT-B/2", 10.0, "train")[0] == 900.0
+    assert sweep.throughput(table, "DiT-B/2", 10.0, "sample", guided=True)[0] == 2600.0
+    assert "harness bench" in sweep.throughput(table, "DiT-B/2", 10.0, "train")[1]
+    assert "assumed" in sweep.throughput(table, "DiT-S/2", 10.0, "train")[1]    # no row for that model
+    table["measured"] = {"H100": {"DiT-B/2": {"train_images_per_s": 700.0}}}
+    assert sweep.throughput(table, "DiT-B/2", 10.0, "train") == (700.0, "training measured (throughput.yaml)")
+
+
+def test_local_launcher_waits_boundedly_and_skips_runs_that_are_running_or_done(tmp_path, capsys):
+    args = [*TINY_GRID, "model.patch_size=8", "trainer.max_steps=40", "trainer.ckpt_every=20",
+            f"hydra.sweep.dir={tmp_path}", "hydra.launcher.wait_s=1", "hydra.launcher.poll_s=0.2"]
+    run_dir = tmp_path / "digits-custom-d2-h32-8-adaln_zero"
+    assert sweep.launch_sweep("demo", args) == 0       # returns after ~1 s with the run still going
+    out = capsys.readouterr().out
+    assert "1 of 1 runs to submit (local)" in out and "stopped waiting after 1 s" in out
+    pid = json.loads((tmp_path / sweep.SUBMISSIONS).read_text())["job_id"]
+    assert sweep.launch_sweep("demo", args) == 0
+    assert f"skip (job {pid} is running)" in capsys.readouterr().out
+    deadline = time.time() + 120
+    while (json.loads(p.read_text()) if (p := run_dir / "run_state.json").exists() else {}).get("state") != "done":
+        assert time.time() < deadline, "the local run did not finish"
+        time.sleep(0.5)
+    assert sweep.launch_sweep("demo", args) == 0
+    out = capsys.readouterr().out
+    assert "skip (done at step 40)" in out and "1 runs: 1 done" in out
+    assert len((tmp_path / sweep.SUBMISSIONS).read_text().splitlines()) == 1

@@ -140,10 +140,13 @@ class HarnessLocalLauncher(HarnessSubmititLauncher):
         deadline = time.time() + wait_s
         pending, running = list(todo), []
         print(f"running {len(todo)} runs locally, {parallel} at a time", flush=True)
+        first = True
         while pending or running:
             running = [job for job in running if not job.done()]
-            while pending and len(running) < parallel and time.time() < deadline:
+            # The first runs always start; later ones only while there is time left to wait for them.
+            while pending and len(running) < parallel and (first or time.time() < deadline):
                 running.append(self._submit(pending.pop(0), sweep_dir))
+            first = False
             if time.time() >= deadline:
                 ids = ", ".join(str(job.job_id) for job in running)
                 print(f"stopped waiting after {wait_s:.0f} s: {len(running)} runs still running (pids {ids}) and "

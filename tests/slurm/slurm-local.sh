@@ -41,8 +41,15 @@ install_packages() {
     say "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    # The packages' maintainer scripts may try to start services; there is no init system to do it here.
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # Keep the packages' maintainer scripts from starting the daemons (unconfigured, and there may be
+    # no init system): Debian's policy-rc.d convention, only while installing and only if none exists.
+    local policy=/usr/sbin/policy-rc.d own_policy=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && own_policy=1
+    fi
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || { [ $own_policy = 1 ] && rm -f "$policy"; die "apt-get install ${missing[*]} failed"; }
+    [ $own_policy = 1 ] && rm -f "$policy"
+    return 0
 }
 
 node_name() {
@@ -198,6 +205,11 @@ healthy() {
 }
 
 start() {
+    # Without root, a healthy cluster this script configured is all there is to check.
+    if [ "$(id -u)" -ne 0 ] && [ -f "$CONF" ] && grep -qF "$MARKER" "$CONF" && command -v sinfo >/dev/null && healthy; then
+        say "already running: $(sinfo -h -o '%P %D %t %C' | head -n1)"
+        return 0
+    fi
     need_root
     install_packages
     write_munge_key
