@@ -28,8 +28,11 @@ def _dry_run(args: argparse.Namespace) -> int:
 def _flops(args: argparse.Namespace) -> int:
     from harness.flops import flops_table, format_table
 
-    models = args.models or None
-    print(format_table(flops_table(models, args.overrides, conditioning_ablation=args.ablation), args.format))
+    # `--models A B key=value`: argparse hands trailing overrides to --models; sort them back out.
+    items = [*(args.models or []), *args.overrides]
+    models = [item for item in items if "=" not in item] or None
+    overrides = [item for item in items if "=" in item]
+    print(format_table(flops_table(models, overrides, conditioning_ablation=args.ablation), args.format))
     return 0
 
 

@@ -36,6 +36,20 @@ def config_groups(group: str) -> list[str]:
     return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
 
 
+PAPER_EXPERIMENT = "experiment=imagenet256"
+
+
+def with_paper_setting(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """`overrides`, plus the paper's setting (ImageNet-256 latents) when they pick a paper model (model=DiT-*)
+    and neither an experiment nor a dataset: `harness dry-run model=DiT-XL/2` means the paper's DiT-XL/2."""
+    overrides = list(overrides)
+    keys = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+    paper_model = any(o.startswith("model=DiT-") for o in overrides)
+    if paper_model and not keys & {"experiment", "data", "autoencoder"}:
+        return [PAPER_EXPERIMENT, *overrides]
+    return overrides
+
+
 def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train") -> DictConfig:
     """The resolved config for `overrides`, as `harness train` would see it (bad overrides raise HarnessError)."""
     from hydra import compose as hydra_compose, initialize_config_dir

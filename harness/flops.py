@@ -21,7 +21,7 @@ import os
 import warnings
 from pathlib import Path
 
-from harness.config import CONF_DIR, Geometry, compose, config_groups, latent_geometry
+from harness.config import CONF_DIR, Geometry, compose, config_groups, latent_geometry, with_paper_setting
 from harness.errors import require
 from harness.io import atomic_write_json, read_json
 
@@ -281,13 +281,12 @@ def flops_table(models: list[str] | None = None, overrides: list[str] | tuple[st
     Rows are cached by their overrides while no file under conf/ changes, so a repeated table
     needs neither Hydra nor torch.
     """
-    known, paper = config_groups("model"), paper_models()
+    known = config_groups("model")
     if models is None:
         models = [ABLATION_MODEL] if conditioning_ablation else paper_models()
     for name in models:
         require(name in known, f"unknown model {name!r}; allowed: {', '.join(known)}")
     overrides = list(overrides)
-    pick_experiment = not any(o.lstrip("+~").startswith("experiment=") for o in overrides)
     variants = [[f"model.conditioning={c}"] for c in ABLATION_CONDITIONINGS] if conditioning_ablation else [[]]
 
     fingerprint = _conf_fingerprint()
@@ -295,9 +294,8 @@ def flops_table(models: list[str] | None = None, overrides: list[str] | tuple[st
     cached = cached.get("entries", {}) if cached.get("conf") == fingerprint else {}
     new, rows = {}, []
     for name in models:
-        base = ["experiment=imagenet256"] if name in paper and pick_experiment else []
         for variant in variants:
-            config_overrides = [*base, f"model={name}", *overrides, *variant]
+            config_overrides = with_paper_setting([f"model={name}", *overrides, *variant])
             key = json.dumps(config_overrides)
             if key not in cached:
                 new[key] = cached[key] = _counted_row(compose(config_overrides))

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -720,6 +720,14 @@ def _tail(path: str | Path | None, lines: int = ERROR_TAIL_LINES) -> list[str]:
     return [line.rstrip() for line in text.splitlines() if line.strip()][-lines:]
 
 
+def _last_step(run_dir: Path, state: dict) -> int | None:
+    """The furthest step a run is known to have reached: run_state.json is only written at start and end."""
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    steps = [s for s in (state.get("step"), metrics[-1].get("step") if metrics else None,
+                         newest_checkpoint_step(run_dir)) if s is not None]
+    return max(steps) if steps else None
+
+
 def sweep_status(sweep_dir: str | os.PathLike) -> list[dict]:
     """One row per run of a sweep dir: state, job, progress, last FID, log and (if failed) the error."""
     sweep_dir = Path(sweep_dir).absolute()
@@ -753,10 +761,12 @@ def _run_status(sweep_dir: Path, name: str, submission: dict | None, queue: dict
         running = queued in ("RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT")
         requeued = saved == "preempted" or int(state.get("requeues") or 0) > 0
         status = "running" if running else ("requeued" if requeued else "pending")
-    elif queued is None and needs_queue and saved in ("running", "preempted"):
-        status = f"{saved} (queue unknown)"
-    elif saved == "failed" or (submission and not saved):
+    elif saved == "failed":
         status = "failed"
+    elif queued is None and needs_queue:
+        status = f"{saved or 'submitted'} (queue unknown)"   # squeue did not answer
+    elif submission and not saved:
+        status = "failed"        # its job ended before training started
     elif saved in ("running", "preempted"):
         status = "interrupted"   # its job is gone without finishing: launching again resumes it
     else:
@@ -773,7 +783,7 @@ def _run_status(sweep_dir: Path, name: str, submission: dict | None, queue: dict
         error += [f"| {line}" for line in _tail((submission or {}).get("stderr"))]
     return {
         "run": name, "run_dir": str(run_dir), "state": status, "job_id": job_id, "queue_state": queued or None,
-        "step": state.get("step"), "max_steps": state.get("max_steps"), "requeues": state.get("requeues"),
+        "step": _last_step(run_dir, state), "max_steps": state.get("max_steps"), "requeues": state.get("requeues"),
         "fid": last.get("fid"), "fid_step": last.get("step"), "fid_name": last.get("fid_name"),
         "log": log, "error": error,
     }
@@ -791,9 +801,13 @@ def format_status(rows: list[dict]) -> str:
         fid = "" if r["fid"] is None else f"{r['fid']:.2f} ({r['fid_step']}) {r['fid_name'] or ''}".rstrip()
         body.append([r["run"], r["state"], r["job_id"] or "", step, str(r["requeues"] or 0), fid, r["log"] or ""])
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    fmt = lambda line: "  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()  # noqa: E731
+
+    def fmt(line):
+        return "  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
+
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    lines = [f"{len(rows)} runs: {summary}", fmt(header), "  ".join("-" * w for w in widths), *map(fmt, body)]
+    lines = [f"{len(rows)} run{'' if len(rows) == 1 else 's'}: {summary}", fmt(header),
+             "  ".join("-" * w for w in widths), *map(fmt, body)]
     for r in rows:
         if r["error"]:
             lines += ["", f"{r['run']} ({r['state']}):", *(f"  {line}" for line in r["error"])]

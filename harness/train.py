@@ -31,7 +31,7 @@ import torch
 import torch.distributed as torch_dist
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config import compose, latent_geometry, to_yaml, validate
+from harness.config import compose, latent_geometry, to_yaml, validate, with_paper_setting
 from harness.errors import HarnessError, require
 from harness.io import atomic_torch_save, atomic_write_json, atomic_write_text, read_json
 
@@ -578,7 +578,7 @@ def dry_run(overrides: list[str], take_step: bool = True) -> dict:
     from harness.flops import count_flops, training_compute_flops
     from harness.model import build_model, count_params
 
-    cfg = compose(overrides)
+    cfg = compose(with_paper_setting(overrides))
     validate(cfg)
     geometry = latent_geometry(cfg)
     tc, mc = cfg.trainer, cfg.model

@@ -34,6 +34,13 @@ def run_harness(args: list[str], cwd: Path | None = None, timeout: float = 300, 
                           text=True, timeout=timeout)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_caches(tmp_path_factory):
+    """Gflops counts and FID statistics of this test session stay out of the user's cache."""
+    os.environ["HARNESS_CACHE_DIR"] = str(tmp_path_factory.mktemp("harness-cache"))
+    yield
+
+
 @pytest.fixture
 def tiny_overrides() -> list[str]:
     return list(TINY)

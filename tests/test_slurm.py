@@ -4,10 +4,10 @@ One scenario, run once for the module (it is the slow part: every job starts Pyt
 evaluates), on the demo sweep shrunk to a tiny DiT and a few hundred steps:
 
 1. sweep P (patch 4) and sweep S (patch 8 and 4) are submitted with launcher=slurm and no waiting;
-2. P's job gets `scancel --signal=USR2` once it has a checkpoint: it must checkpoint, requeue itself
-   and finish; its final weights must equal those of S's patch-4 run, trained without interruption;
-3. S's patch-8 job is killed (`scancel`) mid-run; launching S again must resubmit only that run,
-   which resumes from its checkpoint; launching S once more must submit nothing.
+2. P's job gets `scancel --signal=USR2` mid-run: it must checkpoint, requeue itself and finish; its
+   final weights must equal those of S's patch-4 run, trained without interruption;
+3. S's patch-8 job is killed (`scancel --signal=KILL`) after its first checkpoint; launching S again
+   must resubmit only that run, which resumes from its checkpoint; launching S once more submits nothing.
 
 Without SLURM (and no root to start it) the tests skip; under CI=true they fail instead.
 """
@@ -47,11 +47,11 @@ def slurm_or_skip() -> None:
     try:
         out = subprocess.run(["bash", str(REPO / "tests" / "slurm" / "slurm-local.sh"), "start"],
                              capture_output=True, text=True, timeout=600)
-        reason = "" if out.returncode == 0 else (out.stderr or out.stdout).strip().splitlines()[-1:]
+        problem = None if out.returncode == 0 else ((out.stderr or out.stdout).strip().splitlines() or ["?"])[-1]
     except (OSError, subprocess.TimeoutExpired) as err:
-        reason = [str(err)]
-    if reason:
-        message = f"no local SLURM (tests/slurm/slurm-local.sh start failed: {reason[0] if reason else ''})"
+        problem = str(err)
+    if problem is not None:
+        message = f"no local SLURM: tests/slurm/slurm-local.sh start failed ({problem})"
         if ci:
             pytest.fail(message)
         pytest.skip(message)
@@ -107,8 +107,8 @@ def scenario(tmp_path_factory):
         deadline = time.time() + SCENARIO_TIMEOUT_S
         p_run, killed_run, twin_run = p_dir / RUN.format(4), s_dir / RUN.format(8), s_dir / RUN.format(4)
 
-        # Preempt P (USR2) and kill S's patch-8 run (scancel, no requeue) once each is past its first
-        # checkpoint and well before its end; see P pending again after its requeue.
+        # Preempt P (USR2) mid-run and kill S's patch-8 run once it has a checkpoint; see P pending
+        # again after its requeue.
         p_job = preempted = killed = None
         while not (killed and preempted):
             assert time.time() < deadline, f"timed out: preempted={preempted} killed={killed}"
@@ -117,7 +117,8 @@ def scenario(tmp_path_factory):
                 subprocess.run(["scancel", "--signal=USR2", p_job], check=True, timeout=60)
             if not killed and list_checkpoints(killed_run):
                 assert last_logged_step(killed_run) < STEPS - 100, "S/patch 8 ran too far to be killed mid-run"
-                subprocess.run(["scancel", job_of(s_dir, killed_run.name)], check=True, timeout=60)
+                # SIGKILL, as a crashed node or the OOM killer would: no checkpoint, no requeue.
+                subprocess.run(["scancel", "--signal=KILL", job_of(s_dir, killed_run.name)], check=True, timeout=60)
                 killed = True
             if p_job is not None and not preempted:
                 preempted = next((r for r in sweep_status(p_dir) if r["state"] == "requeued"), None)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import time
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -214,5 +213,5 @@ def test_local_launcher_waits_boundedly_and_skips_runs_that_are_running_or_done(
         time.sleep(0.5)
     assert sweep.launch_sweep("demo", args) == 0
     out = capsys.readouterr().out
-    assert "skip (done at step 40)" in out and "1 runs: 1 done" in out
+    assert "skip (done at step 40)" in out and "1 run: 1 done" in out
     assert len((tmp_path / sweep.SUBMISSIONS).read_text().splitlines()) == 1

@@ -1,0 +1,1 @@
+"""Hydra launcher plugin of the DiT harness (see launchers.py)."""

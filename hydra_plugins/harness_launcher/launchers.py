@@ -21,7 +21,6 @@ grid point again, and training resumes from the run dir.
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 import traceback
@@ -33,8 +32,6 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 
 from harness import sweep
-
-log = logging.getLogger(__name__)
 
 
 class HarnessSubmititLauncher(BaseSubmititLauncher):

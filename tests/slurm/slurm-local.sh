@@ -108,7 +108,7 @@ SelectTypeParameters=CR_CPU
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
-# Preempted or timed-out jobs requeue themselves (scontrol requeue); a requeued job may start again at once.
+# Preempted or timed-out jobs requeue themselves (scontrol requeue) and run again once cred_expire has passed.
 JobRequeue=1
 # Short timeouts: tests start, signal and cancel jobs within seconds.
 SlurmctldTimeout=10
@@ -231,7 +231,7 @@ start() {
     fi
     if ! pid_alive "$RUN/slurmd.pid" slurmd; then
         say "starting slurmd"
-        /usr/sbin/slurmd
+        /usr/sbin/slurmd -N "$(node_name)"   # the node name of slurm.conf, whatever gethostname() says
     fi
     wait_for_idle
     say "ready: $(sinfo -h -o 'partition %P, %D node, state %t, CPUs (A/I/O/T) %C' | head -n1)"
