@@ -7,7 +7,7 @@ export MPLBACKEND := Agg
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup test test-slow demo demo-long slurm-up slurm-down bench clean
+.PHONY: setup test test-slow demo demo-long slurm-up slurm-down bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -30,13 +30,16 @@ demo-long: setup
 	$(BIN)/harness sweep demo_long
 
 slurm-up:
-	bash tests/slurm/slurm-local.sh start
+	bash tests/slurm/slurm-local.sh start || [ "$$CI" != true ]
 
 slurm-down:
 	bash tests/slurm/slurm-local.sh stop
 
 bench: setup
-	$(BIN)/harness bench model=mini-S/2
+	$(BIN)/harness bench model=mini-S/4
+
+bench-gpu:
+	bash tests/gpu/gpu_check.sh
 
 clean:
 	rm -rf runs sweeps_out reports bench .pytest_cache

@@ -148,7 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if argv[:1] == ["train"]:  # Hydra parses its own flags (-m, --config-dir, --cfg, ...)
+        args = argparse.Namespace(func=_train, overrides=argv[1:])
+    else:
+        # Overrides may come after flags too (`harness sweep demo --dry-run launcher=slurm`).
+        args, extras = parser.parse_known_args(argv)
+        stray = [e for e in extras if "=" not in e or e.startswith("-") or not hasattr(args, "overrides")]
+        if stray:
+            parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        if extras:
+            args.overrides = [*args.overrides, *extras]
     try:
         return int(args.func(args) or 0)
     except HarnessError as err:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import run_harness
+from harness.cli import main
 from harness.train import dry_run, estimate_training_memory, format_dry_run
 
 
@@ -46,8 +47,13 @@ def test_memory_estimate_by_hand():
     (["trainer.max_steps=0"], "trainer.max_steps must be a positive integer"),
     (["data.image_size=-16"], "data.image_size"),
 ])
-def test_bad_input_is_one_line_and_exit_2(overrides, message):
-    result = run_harness(["dry-run", "--no-step", *overrides])
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("harness: error: ") and message in lines[0], result.stderr
+def test_bad_input_is_one_line_and_exit_2(capsys, overrides, message):
+    assert main(["dry-run", "--no-step", *overrides]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("harness: error: ") and message in lines[0], lines
+
+
+def test_the_installed_command_reports_bad_input_without_a_traceback():
+    result = run_harness(["dry-run", "--no-step", "model.num_heads=7"])
+    assert result.returncode == 2
+    assert result.stderr.strip() == "harness: error: model.hidden_size=96 is not divisible by model.num_heads=7"
