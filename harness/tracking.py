@@ -23,10 +23,21 @@ class Tracker:
     def __init__(self, cfg: DictConfig, run_dir: Path, enabled: bool = True):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
-        self.interactive = sys.stderr.isatty()
+        self.interactive = enabled and sys.stderr.isatty()
+        self.bar = None
         self.wandb_run = None
         if enabled and cfg.logger.name == "wandb":
             self.wandb_run = _init_wandb(cfg, self.run_dir)
+
+    def progress(self, step: int, total: int) -> None:
+        """Advance the progress bar (interactive terminals only; logs get the periodic lines instead)."""
+        if not self.interactive:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True)
+        self.bar.update(step - self.bar.n)
 
     def log_metrics(self, row: dict) -> None:
         if not self.enabled:
@@ -42,10 +53,15 @@ class Tracker:
             self.wandb_run.log(numbers, step=row["step"])
 
     def print(self, text: str) -> None:
-        if self.enabled:
+        if self.bar is not None:
+            self.bar.write(text)
+        elif self.enabled:
             print(text, file=sys.stderr if self.interactive else sys.stdout, flush=True)
 
     def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None

@@ -381,6 +381,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
             losses = train_step(forward, diffusion, model, ema, opt, x, y, t, noise, drop, tc)
             step += 1
 
+            tracker.progress(step, max_steps)
             window_images += tc.global_batch_size
             window_loss.append(losses["loss"].detach().mean())
             if step % tc.log_every == 0 or step == max_steps:

@@ -41,6 +41,17 @@ def _private_caches(tmp_path_factory):
     yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """The test models are tiny: intra-op threads only contend with the subprocesses tests start."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_overrides() -> list[str]:
     return list(TINY)

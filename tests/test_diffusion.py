@@ -23,15 +23,6 @@ BETAS = np.linspace(1e-4, 0.02, T, dtype=np.float64)
 ABAR = np.cumprod(1.0 - BETAS)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These tensors are small; on a shared 2-core machine intra-op threads only contend (20x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def diffusion():
     return create_diffusion({"num_timesteps": T, "beta_start": 1e-4, "beta_end": 0.02})
