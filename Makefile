@@ -25,9 +25,11 @@ test-slow: setup slurm-up
 
 demo: setup
 	$(BIN)/harness sweep demo
+	$(BIN)/harness report sweeps_out/demo -o reports/demo
 
 demo-long: setup
 	$(BIN)/harness sweep demo_long
+	$(BIN)/harness report sweeps_out/demo_long -o reports/demo_long
 
 slurm-up:
 	bash tests/slurm/slurm-local.sh start || [ "$$CI" != true ]

@@ -1,7 +1,7 @@
 """Sweeps on a real single-node SLURM (tests/slurm/slurm-local.sh): submit, preempt, requeue, kill, relaunch.
 
 One scenario, run once for the module (it is the slow part: every job starts Python, trains and
-evaluates), on the demo sweep shrunk to a tiny DiT and a few hundred steps:
+evaluates), on the demo sweep shrunk to a tiny DiT and 1,500 fast steps:
 
 1. sweep P (patch 4) and sweep S (patch 8 and 4) are submitted with launcher=slurm and no waiting;
 2. P's job gets `scancel --signal=USR2` mid-run: it must checkpoint, requeue itself and finish; its
@@ -30,7 +30,7 @@ from harness.train import list_checkpoints
 
 pytestmark = pytest.mark.slurm
 
-STEPS = 400
+STEPS = 1500  # long enough (about a minute) that the preemption and the kill land mid-run on an idle machine
 TINY = [
     "launcher=slurm", "model=custom", "model.depth=2", "model.hidden_size=32", "model.num_heads=2",
     "trainer.global_batch_size=16", f"trainer.max_steps={STEPS}", "trainer.ckpt_every=40", "trainer.log_every=10",
@@ -38,7 +38,7 @@ TINY = [
     "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=30", "hydra.launcher.poll_s=2",
 ]
 RUN = "digits-custom-d2-h32-{}-adaln_zero"
-SCENARIO_TIMEOUT_S = 300
+SCENARIO_TIMEOUT_S = 420
 
 
 def slurm_or_skip() -> None:
