@@ -89,6 +89,6 @@ def _init_wandb(cfg: DictConfig, run_dir: Path):
         resume="allow",
         dir=str(wandb_dir),
         config=OmegaConf.to_container(cfg, resolve=True),
-        settings=wandb.Settings(start_method="thread", console="off"),
+        settings=wandb.Settings(console="off"),
     )
 

@@ -324,6 +324,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
+        for group in opt.param_groups:  # the optimizer's settings come from the config, not the file
+            group.update(lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas))
         stream.load_state_dict(state["data_state"])
         set_rng_state(state["rng"])
         step = int(state["step"])

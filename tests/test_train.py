@@ -129,7 +129,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     train(compose([*TINY, "trainer.max_steps=4", "trainer.ckpt_every=2"]), tmp_path)
     before = {p.name: p.read_bytes() for p in list_checkpoints(tmp_path)}
     with pytest.raises(FloatingPointError, match="non-finite loss"):
-        train(compose([*TINY, "trainer.max_steps=8", "trainer.ckpt_every=2", "trainer.lr=1e30"]), tmp_path)
+        train(compose([*TINY, "trainer.max_steps=8", "trainer.ckpt_every=2", "trainer.lr=1e30",
+                       "on_config_change=resume"]), tmp_path)
     after = {p.name: p.read_bytes() for p in list_checkpoints(tmp_path)}
     assert all(after[name] == data for name, data in before.items())
     assert json.loads((tmp_path / "run_state.json").read_text())["state"] == "failed"
