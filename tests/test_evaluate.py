@@ -7,7 +7,6 @@ so every check is a few seconds on one core.
 from __future__ import annotations
 
 import json
-import os
 import socket
 
 import numpy as np
