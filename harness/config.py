@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from harness.errors import HarnessError, require
+from harness.errors import HarnessError, first_line, require
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 CONDITIONINGS = ("adaln_zero", "adaln", "cross_attention", "in_context")
@@ -60,13 +60,8 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "tra
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as err:
-        raise HarnessError(_first_line(err)) from None
+        raise HarnessError(first_line(err)) from None
     return cfg
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 from harness.errors import HarnessError, require
-from harness.io import atomic_write_bytes, atomic_write_json, read_json
+from harness.io import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "held_out")
@@ -229,14 +229,6 @@ def _image_files(folder: Path) -> list[str]:
 # ----------------------------------------------------------------------------------------------------
 # The latent cache (read side)
 # ----------------------------------------------------------------------------------------------------
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class LatentDataset(Dataset):

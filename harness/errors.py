@@ -14,3 +14,9 @@ def require(condition: bool, message: str) -> None:
     """Raise `HarnessError(message)` unless `condition` holds."""
     if not condition:
         raise HarnessError(message)
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message (library errors can run to pages)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__

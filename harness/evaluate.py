@@ -40,7 +40,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from harness.config import Geometry, slug
 from harness.errors import HarnessError, require
-from harness.io import append_jsonl, atomic_torch_save, atomic_write_bytes
+from harness.io import append_jsonl, atomic_torch_save, atomic_write_bytes, sha256_file
 from harness.tracking import run_id
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -313,11 +313,7 @@ def _file_fingerprint(path: Path) -> str:
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _FINGERPRINTS:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                digest.update(chunk)
-        _FINGERPRINTS[key] = digest.hexdigest()[:12]
+        _FINGERPRINTS[key] = sha256_file(path)[:12]
     return _FINGERPRINTS[key]
 
 

@@ -101,6 +101,17 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return list(iter_jsonl(path))
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 hex digest of a file, read in 4 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_json(path: str | os.PathLike, default: Any = None) -> Any:
     try:
         return json.loads(Path(path).read_text())

@@ -38,7 +38,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from harness.config import CONF_DIR, validate
-from harness.errors import HarnessError, require
+from harness.errors import HarnessError, first_line, require
 from harness.io import append_jsonl, atomic_write_text, read_json, read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,12 +107,7 @@ def _compose(name: str, overrides: list[str]) -> DictConfig:
     try:
         return compose(config_name=name, overrides=[*overrides, _searchpath_override()], return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as err:
-        raise HarnessError(_first_line(err)) from None
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
+        raise HarnessError(first_line(err)) from None
 
 
 def _set_hydra_config(cfg: DictConfig) -> None:
@@ -143,7 +138,7 @@ def expand_grid(name: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple
     try:
         parsed = parser.parse_overrides(overrides)
     except HydraException as err:
-        raise HarnessError(f"bad override: {_first_line(err)}") from None
+        raise HarnessError(f"bad override: {first_line(err)}") from None
     hydra_overrides = [o.input_line for o in parsed if _is_hydra_override(o.input_line)]
     task_overrides = [o.input_line for o in parsed if not _is_hydra_override(o.input_line)]
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
@@ -153,7 +148,7 @@ def expand_grid(name: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple
     try:
         points = BasicSweeper.split_arguments(parser.parse_overrides([*params, *task_overrides]), None)[0]
     except HydraException as err:
-        raise HarnessError(f"sweep {name}: {_first_line(err)}") from None
+        raise HarnessError(f"sweep {name}: {first_line(err)}") from None
     specs = []
     for index, point in enumerate(points):
         spec = RunSpec(index, list(point))
@@ -248,7 +243,7 @@ def check_grid(name: str, specs: list[RunSpec], executor: str) -> None:
         except HarnessError as err:
             errors.append(f"{spec.label}: {err}")
         except OmegaConfBaseException as err:
-            errors.append(f"{spec.label}: {_first_line(err)}")
+            errors.append(f"{spec.label}: {first_line(err)}")
     by_dir: dict[Path, list[str]] = {}
     for spec in specs:
         if spec.cfg is not None:
@@ -343,7 +338,7 @@ def slurm_queue(strict: bool = True) -> dict[str, dict] | None:
         out = subprocess.CompletedProcess([], 1, "", str(err))
     if out.returncode != 0:
         if strict:
-            raise HarnessError(f"squeue failed ({_first_line(Exception(out.stderr or out.stdout))}); cannot tell "
+            raise HarnessError(f"squeue failed ({first_line(Exception(out.stderr or out.stdout))}); cannot tell "
                                "which runs are still queued, so nothing was submitted")
         return None
     jobs = {}

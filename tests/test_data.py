@@ -284,7 +284,7 @@ def assert_same_cache(a, b):
 def test_extraction_writes_shards_and_index(extraction):
     import json
 
-    from harness.data import sha256_file
+    from harness.io import sha256_file
 
     ref = extraction["ref"]
     assert extraction["summary"]["complete"] and extraction["summary"]["written"] == 6
