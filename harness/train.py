@@ -413,8 +413,6 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
                 tracker.finish()
                 preemption.requeue_or_exit()
 
-        if not list_checkpoints(run_dir):
-            save(step)
         if eval_every is not None:
             evaluate(step)
         if dist.is_main:
