@@ -112,16 +112,21 @@ def validate(cfg: DictConfig) -> None:
     )
     diffusion = cfg.diffusion
     require(int(diffusion.num_timesteps) > 0, f"diffusion.num_timesteps must be positive, got {diffusion.num_timesteps}")
-    ev = cfg.eval
-    if ev.every is not None:
-        require(int(ev.every) >= 0, f"eval.every must be >= 0 or null, got {ev.every}")
-        require(int(ev.num_samples) >= 2, f"eval.num_samples must be >= 2, got {ev.num_samples}")
-        require(int(ev.batch_size) > 0, f"eval.batch_size must be positive, got {ev.batch_size}")
-        require(ev.labels in ("balanced", "uniform"), f"eval.labels={ev.labels!r} is not one of balanced, uniform")
-        require(float(ev.cfg_scale) >= 1.0, f"eval.cfg_scale must be >= 1 (1 = no guidance), got {ev.cfg_scale}")
-        from harness.diffusion import parse_sampler
+    if cfg.eval.every is not None:
+        require(int(cfg.eval.every) >= 0, f"eval.every must be >= 0 or null, got {cfg.eval.every}")
+        check_eval_values(cfg.eval, int(diffusion.num_timesteps))
 
-        parse_sampler(str(ev.sampler), int(diffusion.num_timesteps))
+
+def check_eval_values(ev: DictConfig, num_timesteps: int) -> None:
+    """The `eval` values that need no files (sample counts, labels, guidance, sampler); the extractor and its
+    weights are checked by `harness.evaluate.check_eval_config`, which calls this too."""
+    from harness.diffusion import parse_sampler
+
+    require(int(ev.num_samples) >= 2, f"eval.num_samples must be >= 2 for FID, got {ev.num_samples}")
+    require(int(ev.batch_size) > 0, f"eval.batch_size must be positive, got {ev.batch_size}")
+    require(ev.labels in ("balanced", "uniform"), f"eval.labels={ev.labels!r} is not one of balanced, uniform")
+    require(float(ev.cfg_scale) >= 1.0, f"eval.cfg_scale must be >= 1 (1 = no guidance), got {ev.cfg_scale}")
+    parse_sampler(str(ev.sampler), num_timesteps)
 
 
 def to_yaml(cfg: DictConfig) -> str:

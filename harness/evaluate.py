@@ -422,13 +422,13 @@ def _check_images(images: torch.Tensor, data_cfg: DictConfig, extractor: Extract
             f"{channels}x{size}x{size}")
 
 
-def check_eval_config(eval_cfg: DictConfig, data_cfg: DictConfig) -> Extractor:
+def check_eval_config(eval_cfg: DictConfig, data_cfg: DictConfig, num_timesteps: int = 1000) -> Extractor:
     """Everything about `eval` that can fail, checked before minutes of sampling; returns the extractor."""
+    from harness.config import check_eval_values
+
+    check_eval_values(eval_cfg, num_timesteps)
     n = int(eval_cfg.num_samples)
-    require(n >= 2, f"eval.num_samples must be >= 2 for FID, got {n}")
     require(n <= MAX_SAMPLES, f"eval.num_samples={n} is more than the feature extractors handle here (at most {MAX_SAMPLES})")
-    require(int(eval_cfg.batch_size) > 0, f"eval.batch_size must be positive, got {eval_cfg.batch_size}")
-    require(eval_cfg.labels in ("balanced", "uniform"), f"eval.labels={eval_cfg.labels!r} is not one of balanced, uniform")
     if eval_cfg.prc:
         require(n > 3, f"eval.prc needs eval.num_samples > 3 (the 3rd nearest neighbour), got {n}")
     extractor = resolve_extractor(eval_cfg, data_cfg)
@@ -710,7 +710,7 @@ def evaluate_model(model: nn.Module, cfg: DictConfig, step: int, run_dir: str | 
     start = time.perf_counter()
     rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     device = dist.device if dist is not None else _device(cfg.trainer.get("device"))
-    check_eval_config(cfg.eval, cfg.data)  # fail before sampling, not after
+    check_eval_config(cfg.eval, cfg.data, int(cfg.diffusion.num_timesteps))  # fail before sampling, not after
     geometry = latent_geometry(cfg)
     images = generate_samples(model, cfg.diffusion, _autoencoder(cfg, device), cfg.eval, geometry, device,
                               rank=rank, world_size=world_size)
@@ -799,7 +799,7 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, overrides: list[str] | tuple[st
     cfg, info = checkpoint_config(ckpt, overrides)
     path = info["path"]
     validate(cfg)
-    check_eval_config(cfg.eval, cfg.data)  # before loading weights that may take minutes to sample from
+    check_eval_config(cfg.eval, cfg.data, int(cfg.diffusion.num_timesteps))  # before loading weights that may take minutes to sample from
     step = int(step if step is not None else info["step"] or 0)
     run_dir = Path(run_dir or info["run_dir"] or Path("runs") / f"eval-{slug(path.stem)}")
     dist = setup_distributed(str(cfg.trainer.get("device", "auto")))

@@ -282,6 +282,10 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
     from harness.tracking import Tracker
 
     validate(cfg)
+    if cfg.eval.every is not None:  # a missing extractor or reference must not surface after hours of training
+        from harness.evaluate import check_eval_config
+
+        check_eval_config(cfg.eval, cfg.data, int(cfg.diffusion.num_timesteps))
     run_dir = Path(run_dir) if run_dir is not None else _hydra_output_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.trainer
@@ -365,9 +369,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
     def evaluate(step: int) -> None:
         from harness.evaluate import evaluate_model
 
-        row = evaluate_model(ema, cfg, step, run_dir, dist=dist, flops=flops, params=params)
-        if row is not None:
-            tracker.log_result(row)
+        evaluate_model(ema, cfg, step, run_dir, dist=dist, flops=flops, params=params, log_fn=tracker.log_result)
 
     try:
         model.train()
