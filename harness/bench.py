@@ -75,17 +75,19 @@ def bench_train(cfg: DictConfig, device: torch.device, gflops: float, peaks: dic
     """One training step at `trainer.global_batch_size` on this device, as the train app runs it."""
     from harness.diffusion import create_diffusion
     from harness.model import build_model
-    from harness.train import autocast_forward, build_optimizer, fast_path_settings, peak_memory_gb, train_step
+    from harness.train import (apply_matmul_settings, autocast_forward, build_optimizer, fast_path_settings,
+                               peak_memory_gb, train_step)
 
     tc = cfg.trainer
     fast = fast_path_settings(tc, device)
+    apply_matmul_settings(tc, device)
     geometry = latent_geometry(cfg)
-    model = build_model(cfg.model, geometry).to(device)
+    model = build_model(cfg.model, geometry, device=device)
     model.grad_checkpointing = bool(tc.grad_checkpointing)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = build_optimizer(model, tc, device)
     train_model = torch.compile(model) if fast["compile"] else model
-    forward = autocast_forward(train_model, model, fast["precision"], device)
+    forward = autocast_forward(train_model, model, fast, device)
     diffusion = create_diffusion(cfg.diffusion)
     batch = int(tc.global_batch_size)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -105,31 +107,30 @@ def bench_sample(cfg: DictConfig, device: torch.device, gflops: float, peaks: di
     """One reverse-diffusion step at `eval.batch_size`, without guidance and with scale 1.5 (a doubled batch)."""
     from harness.diffusion import create_diffusion
     from harness.model import build_model
-    from harness.train import fast_path_settings
+    from harness.train import apply_matmul_settings, inference_forward, peak_memory_gb
 
-    fast = fast_path_settings(cfg.trainer, device)
+    apply_matmul_settings(cfg.trainer, device)
     geometry = latent_geometry(cfg)
-    model = build_model(cfg.model, geometry).to(device).eval().requires_grad_(False)
-    if fast["compile"]:
-        model = torch.compile(model)
+    model = build_model(cfg.model, geometry, device=device).eval().requires_grad_(False)
+    forward = inference_forward(model, cfg, device)  # the sampling forward `harness eval` uses
     diffusion = create_diffusion(cfg.diffusion)
     batch = int(cfg.eval.batch_size)
     shape = (batch, geometry.in_channels, geometry.input_size, geometry.input_size)
     y = torch.arange(batch, device=device) % geometry.num_classes
     steps = 4
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast["precision"] == "bf16")
-    out = {"batch": batch}
+    out = {"batch": batch, "precision": forward.fast["precision"], "compile": forward.fast["compile"]}
     for name, scale in (("no_guidance", 1.0), ("cfg_1.5", 1.5)):
         def run():
-            with torch.no_grad(), autocast:
-                diffusion.sample(model, shape, y, sampler=f"ddpm{steps}", cfg_scale=scale,
+            with torch.no_grad():
+                diffusion.sample(forward, shape, y, sampler=f"ddpm{steps}", cfg_scale=scale,
                                  generator=torch.Generator(device=device).manual_seed(0), device=device)
         _reset_peak_memory(device)
         step_s = _timed(run, device, warmup=1, iters=max(1, iters // 4)) / steps
         passes = 2.0 if scale > 1 else 1.0  # guidance runs the doubled batch
         images_250 = batch / (250 * step_s)
         out[name] = {"step_s": step_s, **_throughput(batch / step_s, gflops, passes, peaks),
-                     "images_per_s_250_steps": images_250, "fid50k_sampling_hours": 50_000 / images_250 / 3600}
+                     "images_per_s_250_steps": images_250, "fid50k_sampling_hours": 50_000 / images_250 / 3600,
+                     "peak_mem_gb": peak_memory_gb(device)}
     return out
 
 

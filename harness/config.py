@@ -19,6 +19,7 @@ from harness.errors import HarnessError, first_line, require
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 CONDITIONINGS = ("adaln_zero", "adaln", "cross_attention", "in_context")
 PRECISIONS = ("auto", "fp32", "bf16")
+ATTENTION_KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
 
 
 def slug(text: str) -> str:
@@ -105,6 +106,10 @@ def validate(cfg: DictConfig) -> None:
     require(0.0 <= float(trainer.ema_decay) < 1.0, f"trainer.ema_decay must be in [0, 1), got {trainer.ema_decay}")
     require(trainer.precision in PRECISIONS, f"trainer.precision={trainer.precision!r} is not one of {', '.join(PRECISIONS)}")
     require(trainer.compile in ("auto", True, False), f"trainer.compile must be auto, true or false, got {trainer.compile!r}")
+    require(trainer.attention in ATTENTION_KERNELS,
+            f"trainer.attention={trainer.attention!r} is not one of {', '.join(ATTENTION_KERNELS)}")
+    require(isinstance(trainer.ddp_bucket_mb, (int, float)) and trainer.ddp_bucket_mb > 0,
+            f"trainer.ddp_bucket_mb must be a positive number, got {trainer.ddp_bucket_mb!r}")
     require(trainer.keep_last >= 1, f"trainer.keep_last must be >= 1, got {trainer.keep_last}")
     require(
         cfg.on_config_change in ("refuse", "resume", "overwrite"),
@@ -126,6 +131,9 @@ def check_eval_values(ev: DictConfig, num_timesteps: int) -> None:
     require(int(ev.batch_size) > 0, f"eval.batch_size must be positive, got {ev.batch_size}")
     require(ev.labels in ("balanced", "uniform"), f"eval.labels={ev.labels!r} is not one of balanced, uniform")
     require(float(ev.cfg_scale) >= 1.0, f"eval.cfg_scale must be >= 1 (1 = no guidance), got {ev.cfg_scale}")
+    require(ev.precision in PRECISIONS, f"eval.precision={ev.precision!r} is not one of {', '.join(PRECISIONS)}")
+    require(ev.max_forward_batch == "auto" or (isinstance(ev.max_forward_batch, int) and ev.max_forward_batch > 0),
+            f"eval.max_forward_batch must be auto or a positive integer, got {ev.max_forward_batch!r}")
     parse_sampler(str(ev.sampler), num_timesteps)
 
 

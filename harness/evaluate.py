@@ -706,14 +706,15 @@ def evaluate_model(model: nn.Module, cfg: DictConfig, step: int, run_dir: str | 
     `flops`/`params` avoid recounting (harness.flops.count_flops / harness.model.count_params).
     """
     from harness.config import latent_geometry
+    from harness.train import inference_forward
 
     start = time.perf_counter()
     rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     device = dist.device if dist is not None else _device(cfg.trainer.get("device"))
     check_eval_config(cfg.eval, cfg.data, int(cfg.diffusion.num_timesteps))  # fail before sampling, not after
     geometry = latent_geometry(cfg)
-    images = generate_samples(model, cfg.diffusion, _autoencoder(cfg, device), cfg.eval, geometry, device,
-                              rank=rank, world_size=world_size)
+    images = generate_samples(inference_forward(model, cfg, device), cfg.diffusion, _autoencoder(cfg, device),
+                              cfg.eval, geometry, device, rank=rank, world_size=world_size)
     if rank != 0:
         return None
     run_dir = Path(run_dir)

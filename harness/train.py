@@ -298,9 +298,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
     if dist.is_main:
         claim_run_dir(cfg, run_dir)
     dist.barrier()
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = bool(tc.tf32)
-        torch.backends.cudnn.allow_tf32 = bool(tc.tf32)
+    apply_matmul_settings(tc, device)
 
     # Model, EMA, optimizer. The same seed on every rank gives the same initial weights.
     geometry = latent_geometry(cfg)
@@ -340,8 +338,9 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
     train_model = torch.compile(model) if fast["compile"] else model
     if dist.world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    forward = autocast_forward(train_model, model, fast["precision"], device)
+            train_model, device_ids=[device.index] if device.type == "cuda" else None,
+            bucket_cap_mb=float(tc.ddp_bucket_mb), gradient_as_bucket_view=True)
+    forward = autocast_forward(train_model, model, fast, device)
 
     max_steps = int(tc.max_steps)
     milestones = {int(s) for s in tc.ckpt_milestones}
@@ -439,25 +438,87 @@ def build_optimizer(model: torch.nn.Module, tc: DictConfig, device: torch.device
 
 def fast_path_settings(tc: DictConfig, device: torch.device) -> dict:
     """Resolve `auto` fast paths per device: bf16 autocast and torch.compile on CUDA; fp32 eager on CPU,
-    where `harness bench` shows neither pays for a small DiT."""
+    where `harness bench` shows neither pays for a small DiT. The SDPA kernel stays PyTorch's choice unless pinned."""
     on_gpu = device.type == "cuda"
     precision = ("bf16" if on_gpu else "fp32") if tc.precision == "auto" else str(tc.precision)
     compile_ = on_gpu if tc.compile == "auto" else bool(tc.compile)
-    return {"precision": precision, "compile": compile_}
+    require(on_gpu or tc.attention in ("auto", "flash", "math"),
+            f"trainer.attention={tc.attention} needs CUDA; on CPU use auto, flash or math")
+    return {"precision": precision, "compile": compile_, "attention": str(tc.attention)}
 
 
-def autocast_forward(train_model, model: torch.nn.Module, precision: str, device: torch.device):
-    """`train_model(x, t, y)` under bf16 autocast when configured, returning fp32 for the loss."""
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+def apply_matmul_settings(tc: DictConfig, device: torch.device) -> None:
+    """TF32 tensor cores for the fp32 matmuls and convolutions that autocast leaves in fp32."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = bool(tc.tf32)
+        torch.backends.cudnn.allow_tf32 = bool(tc.tf32)
+
+
+def attention_kernel(name: str):
+    """A context pinning scaled_dot_product_attention to one kernel; `auto` leaves the choice to PyTorch."""
+    if name == "auto":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                        "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name])
+
+
+def autocast_forward(train_model, model: torch.nn.Module, fast: dict, device: torch.device):
+    """`train_model(x, t, y)` under bf16 autocast when configured and the configured SDPA kernel, returning fp32
+    for the loss."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if fast["precision"] == "bf16" else nullcontext()
 
     def forward(x, t, y, **kwargs):
-        with autocast:
+        with autocast, attention_kernel(fast["attention"]):
             out = train_model(x, t, y, **kwargs)
         return out.float()
 
     forward.learn_sigma = model.learn_sigma
     forward.num_classes = model.num_classes
     return forward
+
+
+class InferenceForward(torch.nn.Module):
+    """`module(x, t, y)` as sampling calls it: on the training fast paths (compile, bf16 autocast with fp32 out,
+    the SDPA kernel) and cut into calls of at most `max_batch` samples. With `max_batch="auto"` a call runs
+    whole and, on CUDA out-of-memory, again in halves (remembered for later calls). The noise is drawn outside
+    the model, so the samples never depend on how the calls were cut, i.e. on the device's memory."""
+
+    def __init__(self, module: torch.nn.Module, fast: dict, device: torch.device, max_batch: int | str = "auto"):
+        super().__init__()
+        self.module = module
+        self.fast, self.device = fast, device
+        self.adaptive = max_batch == "auto"
+        self.chunk = None if self.adaptive else int(max_batch)
+        object.__setattr__(self, "_call", torch.compile(module) if fast["compile"] else module)  # not a submodule
+
+    def _run(self, x, t, y):
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.fast["precision"] == "bf16")
+        with autocast, attention_kernel(self.fast["attention"]):
+            return self._call(x, t, y).float()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        while True:
+            chunk = min(self.chunk or n, n)
+            try:
+                return torch.cat([self._run(x[i:i + chunk], t[i:i + chunk], y[i:i + chunk])
+                                  for i in range(0, n, chunk)])
+            except torch.cuda.OutOfMemoryError:
+                if not self.adaptive or chunk == 1:
+                    raise
+                torch.cuda.empty_cache()
+                self.chunk = chunk // 2
+
+
+def inference_forward(model: torch.nn.Module, cfg: DictConfig, device: torch.device) -> InferenceForward:
+    """The sampling forward of `model` for a full config: the trainer's fast paths, `eval.precision` and
+    `eval.max_forward_batch`."""
+    fast = fast_path_settings(cfg.trainer, device)
+    if cfg.eval.precision != "auto":
+        fast["precision"] = str(cfg.eval.precision)
+    return InferenceForward(model, fast, device, cfg.eval.max_forward_batch)
 
 
 def train_step(forward, diffusion, model, ema, opt, x, y, t, noise, drop, tc: DictConfig) -> dict:
@@ -467,9 +528,10 @@ def train_step(forward, diffusion, model, ema, opt, x, y, t, noise, drop, tc: Di
     """
     losses = diffusion.training_losses(forward, x, t, {"y": y, "force_drop_ids": drop.long()}, noise=noise)
     loss = losses["loss"].mean()
+    loss.backward()
+    # Checked once backward is queued, so the GPU never idles waiting for this host sync.
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite loss ({loss.item()}); stopping with the last good checkpoint untouched")
-    loss.backward()
     if tc.grad_clip and tc.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
     opt.step()
