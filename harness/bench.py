@@ -48,6 +48,31 @@ def _reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def profile_calls(fn, device: torch.device, calls: int = 5, rows: int = 12) -> dict:
+    """Where the time of `fn` goes: torch.profiler over `calls` calls. The top ops by self time on the device
+    (CPU ops on a CPU) per call, and the share of wall time the GPU spent in kernels: well below 1, the host
+    (Python, kernel launches, syncs) keeps the GPU waiting."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        _sync(device)
+        wall_ms = (time.perf_counter() - start) * 1e3 / calls
+    events = prof.key_averages()
+
+    def self_ms(event):
+        return (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e3 / calls
+
+    top = sorted(events, key=self_ms, reverse=True)[:rows]
+    return {"wall_ms_per_call": wall_ms,
+            "gpu_busy_fraction": sum(e.self_device_time_total for e in events) / 1e3 / calls / wall_ms if cuda else None,
+            "top": [{"name": e.key[:80], "self_ms_per_call": self_ms(e), "calls_per_call": e.count / calls}
+                    for e in top]}
+
+
 def measured_peak_tflops(device: torch.device, precision: str, size: int | None = None) -> float:
     """TFLOP/s of a large square matmul at the run's precision: the ceiling this device shows today."""
     size = size or (8192 if device.type == "cuda" else 1024)
@@ -71,12 +96,13 @@ def _throughput(images_per_s: float, gflops: float, passes: float, peaks: dict) 
             "mfu_measured": mfu(tflops, peaks["measured"]), "mfu_datasheet": mfu(tflops, peaks["datasheet"])}
 
 
-def bench_train(cfg: DictConfig, device: torch.device, gflops: float, peaks: dict, warmup: int, iters: int) -> dict:
+def bench_train(cfg: DictConfig, device: torch.device, gflops: float, peaks: dict, warmup: int, iters: int,
+                profile: bool = False) -> dict:
     """One training step at `trainer.global_batch_size` on this device, as the train app runs it."""
     from harness.diffusion import create_diffusion
     from harness.model import build_model
-    from harness.train import (apply_matmul_settings, autocast_forward, build_optimizer, fast_path_settings,
-                               peak_memory_gb, train_step)
+    from harness.train import (apply_matmul_settings, autocast_forward, build_optimizer, compiled,
+                               fast_path_settings, peak_memory_gb, train_step)
 
     tc = cfg.trainer
     fast = fast_path_settings(tc, device)
@@ -86,7 +112,7 @@ def bench_train(cfg: DictConfig, device: torch.device, gflops: float, peaks: dic
     model.grad_checkpointing = bool(tc.grad_checkpointing)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = build_optimizer(model, tc, device)
-    train_model = torch.compile(model) if fast["compile"] else model
+    train_model = compiled(model, fast)
     forward = autocast_forward(train_model, model, fast, device)
     diffusion = create_diffusion(cfg.diffusion)
     batch = int(tc.global_batch_size)
@@ -96,11 +122,16 @@ def bench_train(cfg: DictConfig, device: torch.device, gflops: float, peaks: dic
     t = torch.randint(0, diffusion.num_timesteps, (batch,), device=device, generator=gen)
     noise = torch.randn(x.shape, device=device, generator=gen)
     drop = torch.zeros(batch, dtype=torch.bool, device=device)
+    def step():
+        train_step(forward, diffusion, model, ema, opt, x, y, t, noise, drop, tc)
+
     _reset_peak_memory(device)
-    seconds = _timed(lambda: train_step(forward, diffusion, model, ema, opt, x, y, t, noise, drop, tc), device,
-                     warmup, iters)
-    return {"batch": batch, "step_s": seconds, **fast, "grad_checkpointing": bool(tc.grad_checkpointing),
-            **_throughput(batch / seconds, gflops, 3.0, peaks), "peak_mem_gb": peak_memory_gb(device)}
+    seconds = _timed(step, device, warmup, iters)
+    out = {"batch": batch, "step_s": seconds, **fast, "grad_checkpointing": bool(tc.grad_checkpointing),
+           **_throughput(batch / seconds, gflops, 3.0, peaks), "peak_mem_gb": peak_memory_gb(device)}
+    if profile:
+        out["profile"] = profile_calls(step, device)
+    return out
 
 
 def bench_sample(cfg: DictConfig, device: torch.device, gflops: float, peaks: dict, warmup: int, iters: int) -> dict:
@@ -177,8 +208,10 @@ def bench_latents(cfg: DictConfig, warmup: int, iters: int) -> dict:
     return {"batch": batch, "latent_shape": list(shape), "latents_per_s": batch / seconds}
 
 
-def run_bench(overrides: list[str], what=WHAT, log: str | None = None, warmup: int = 3, iters: int = 10) -> dict:
-    """Benchmark the config of `overrides`; append the result to the JSONL `log` when given."""
+def run_bench(overrides: list[str], what=WHAT, log: str | None = None, warmup: int = 3, iters: int = 10,
+              profile: bool = False) -> dict:
+    """Benchmark the config of `overrides`; append the result to the JSONL `log` when given. `profile` adds
+    where the training step's time goes (`profile_calls`)."""
     from harness.flops import count_flops
     from harness.train import datasheet_peak_tflops, fast_path_settings
 
@@ -197,7 +230,7 @@ def run_bench(overrides: list[str], what=WHAT, log: str | None = None, warmup: i
         "peak_tflops_measured": peaks["measured"], "peak_tflops_datasheet": peaks["datasheet"],
     }
     if "train" in what:
-        result["train"] = bench_train(cfg, device, flops["gflops"], peaks, warmup, iters)
+        result["train"] = bench_train(cfg, device, flops["gflops"], peaks, warmup, iters, profile)
     if "sample" in what:
         result["sample"] = bench_sample(cfg, device, flops["gflops"], peaks, warmup, iters)
     if "features" in what:
@@ -231,6 +264,11 @@ def format_bench(result: dict) -> str:
     for what, batch, ips, tf, m1, m2, mem in rows:
         lines.append(f"{what:<24}{batch:>6}{ips:>12.1f}{tf:>10.3f}{pct(m1):>11}{pct(m2):>11}"
                      f"{'-' if mem is None else f'{mem:.2f}':>8}")
+    if "profile" in result.get("train", {}):
+        r = result["train"]["profile"]
+        busy = "" if r["gpu_busy_fraction"] is None else f", GPU busy {r['gpu_busy_fraction']:.0%}"
+        lines.append(f"train step profile: {r['wall_ms_per_call']:.2f} ms per step{busy}; top self times (ms per step):")
+        lines += [f"  {e['self_ms_per_call']:8.3f}  x{e['calls_per_call']:<5g} {e['name']}" for e in r["top"]]
     if "sample" in result:
         r = result["sample"]["cfg_1.5"]
         lines.append(f"250-step guided sampling: {r['images_per_s_250_steps']:.2f} img/s; "

@@ -84,7 +84,7 @@ def _report(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from harness.bench import format_bench, run_bench
 
-    print(format_bench(run_bench(args.overrides, what=args.what, log=args.log)))
+    print(format_bench(run_bench(args.overrides, what=args.what, log=args.log, profile=args.profile)))
     return 0
 
 
@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--what", nargs="+", default=["train", "sample", "features", "latents"],
                    choices=("train", "sample", "features", "latents"))
     p.add_argument("--log", default="bench/bench_log.jsonl", help="benchmark log to append to")
+    p.add_argument("--profile", action="store_true", help="also profile the training step: top ops, GPU busy share")
     p.add_argument("overrides", **overrides)
     return parser
 

@@ -20,6 +20,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 CONDITIONINGS = ("adaln_zero", "adaln", "cross_attention", "in_context")
 PRECISIONS = ("auto", "fp32", "bf16")
 ATTENTION_KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def slug(text: str) -> str:
@@ -106,6 +107,8 @@ def validate(cfg: DictConfig) -> None:
     require(0.0 <= float(trainer.ema_decay) < 1.0, f"trainer.ema_decay must be in [0, 1), got {trainer.ema_decay}")
     require(trainer.precision in PRECISIONS, f"trainer.precision={trainer.precision!r} is not one of {', '.join(PRECISIONS)}")
     require(trainer.compile in ("auto", True, False), f"trainer.compile must be auto, true or false, got {trainer.compile!r}")
+    require(trainer.compile_mode in COMPILE_MODES,
+            f"trainer.compile_mode={trainer.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
     require(trainer.attention in ATTENTION_KERNELS,
             f"trainer.attention={trainer.attention!r} is not one of {', '.join(ATTENTION_KERNELS)}")
     require(isinstance(trainer.ddp_bucket_mb, (int, float)) and trainer.ddp_bucket_mb > 0,

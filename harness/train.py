@@ -335,7 +335,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
     del state
 
     fast = fast_path_settings(tc, device)
-    train_model = torch.compile(model) if fast["compile"] else model
+    train_model = compiled(model, fast)
     if dist.world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -444,7 +444,15 @@ def fast_path_settings(tc: DictConfig, device: torch.device) -> dict:
     compile_ = on_gpu if tc.compile == "auto" else bool(tc.compile)
     require(on_gpu or tc.attention in ("auto", "flash", "math"),
             f"trainer.attention={tc.attention} needs CUDA; on CPU use auto, flash or math")
-    return {"precision": precision, "compile": compile_, "attention": str(tc.attention)}
+    return {"precision": precision, "compile": compile_, "compile_mode": str(tc.compile_mode),
+            "attention": str(tc.attention)}
+
+
+def compiled(model: torch.nn.Module, fast: dict):
+    """`model` under torch.compile in the configured mode when the fast paths say so, else `model` itself."""
+    if not fast["compile"]:
+        return model
+    return torch.compile(model, mode=None if fast["compile_mode"] == "default" else fast["compile_mode"])
 
 
 def apply_matmul_settings(tc: DictConfig, device: torch.device) -> None:
@@ -491,10 +499,11 @@ class InferenceForward(torch.nn.Module):
         self.fast, self.device = fast, device
         self.adaptive = max_batch == "auto"
         self.chunk = None if self.adaptive else int(max_batch)
-        object.__setattr__(self, "_call", torch.compile(module) if fast["compile"] else module)  # not a submodule
+        object.__setattr__(self, "_call", compiled(module, fast))  # not a submodule: no second copy of the weights
 
     def _run(self, x, t, y):
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.fast["precision"] == "bf16")
+        torch.compiler.cudagraph_mark_step_begin()  # with CUDA graphs: the last call's outputs are consumed
         with autocast, attention_kernel(self.fast["attention"]):
             return self._call(x, t, y).float()
 
@@ -526,6 +535,7 @@ def train_step(forward, diffusion, model, ema, opt, x, y, t, noise, drop, tc: Di
 
     A non-finite loss raises before any weight changes, so the last good checkpoint stays the truth.
     """
+    torch.compiler.cudagraph_mark_step_begin()  # with CUDA graphs: a new step, the last one's buffers are free
     losses = diffusion.training_losses(forward, x, t, {"y": y, "force_drop_ids": drop.long()}, noise=noise)
     loss = losses["loss"].mean()
     loss.backward()

@@ -13,7 +13,7 @@ from harness.bench import mfu, run_bench
 from harness.config import compose, latent_geometry
 from harness.diffusion import create_diffusion
 from harness.model import build_model
-from harness.train import achieved_tflops, autocast_forward, build_optimizer, fast_path_settings, train_step
+from harness.train import achieved_tflops, autocast_forward, build_optimizer, compiled, fast_path_settings, train_step
 
 
 def _positive_numbers(node, path=""):
@@ -58,7 +58,7 @@ def _losses(overrides: list[str], steps: int = 3) -> list[float]:
     model.grad_checkpointing = bool(cfg.trainer.grad_checkpointing)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = build_optimizer(model, cfg.trainer, device)
-    forward = autocast_forward(torch.compile(model) if fast["compile"] else model, model, fast, device)
+    forward = autocast_forward(compiled(model, fast), model, fast, device)
     diffusion = create_diffusion(cfg.diffusion)
     gen = torch.Generator().manual_seed(1)
     losses = []
@@ -90,6 +90,6 @@ def test_fast_path_matches_plain_path(switch, rel):
 def test_cpu_defaults_are_the_plain_path():
     cfg = compose(TINY)
     assert fast_path_settings(cfg.trainer, torch.device("cpu")) == {"precision": "fp32", "compile": False,
-                                                                    "attention": "auto"}
+                                                                    "compile_mode": "default", "attention": "auto"}
     assert fast_path_settings(cfg.trainer, torch.device("cuda")) == {"precision": "bf16", "compile": True,
-                                                                     "attention": "auto"}
+                                                                     "compile_mode": "default", "attention": "auto"}

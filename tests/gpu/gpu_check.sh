@@ -28,7 +28,7 @@ bench() {  # bench LIMIT_S OVERRIDES... [--what ...]
   if (( SECONDS + 20 > budget )); then echo "SKIPPED (budget): $*"; failed=1; return; fi
   echo "=== [$SECONDS s] bench $*"
   timeout "$limit" python3 -m harness.cli bench --log "$log" experiment=imagenet256 trainer.device=cuda "$@" \
-    | sed -n '1,8p' || { echo "FAILED ($?): $*"; failed=1; }
+    | sed '/^{/,$d' || { echo "FAILED ($?): $*"; failed=1; }
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

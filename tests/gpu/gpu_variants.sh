@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The fast-path comparisons behind the CUDA defaults (README, performance): torch.compile modes (CUDA graphs),
+# the SDPA kernel and the batch, with a profile of where a training step's time goes.
+# Budget: under 7 minutes; each benchmark has its own time limit and a failed one does not stop the rest.
+# Results: one JSON line per benchmark in bench/gpu_variants.jsonl ($OUT/gpu_variants.jsonl via the device tool).
+#
+# Python packages the harness needs beyond torch may travel as wheels in .whl/ (see the device notes);
+# they are installed into /tmp/site first when present.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export HF_HUB_OFFLINE=1 WANDB_MODE=offline PYTHONUNBUFFERED=1
+export HARNESS_CACHE_DIR="${HARNESS_CACHE_DIR:-/tmp/harness-cache}"
+out="${OUT:-bench}"
+log="$out/gpu_variants.jsonl"
+mkdir -p "$out"
+budget=${GPU_CHECK_BUDGET_S:-390}
+failed=0
+
+bench() {  # bench LIMIT_S OVERRIDES... [--what ...]
+  local limit=$1; shift
+  if (( SECONDS + 20 > budget )); then echo "SKIPPED (budget): $*"; failed=1; return; fi
+  echo "=== [$SECONDS s] bench $*"
+  timeout "$limit" python3 -m harness.cli bench --log "$log" experiment=imagenet256 trainer.device=cuda "$@" \
+    | sed '/^{/,$d' || { echo "FAILED ($?): $*"; failed=1; }
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+bench 100 model=DiT-B/2 trainer.global_batch_size=32 --what train --profile
+bench 100 model=DiT-B/2 trainer.global_batch_size=32 trainer.compile_mode=reduce-overhead --what train
+bench 140 model=DiT-XL/2 trainer.global_batch_size=32 trainer.compile_mode=reduce-overhead --what train --profile
+bench 100 model=DiT-B/2 trainer.global_batch_size=32 trainer.attention=cudnn --what train
+bench 120 model=DiT-XL/2 trainer.global_batch_size=128 --what train
+echo "[$SECONDS s] results: $log"
+exit $failed
