@@ -334,7 +334,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
         tracker.print(f"resumed {run_dir} from step {step}")
     del state
 
-    fast = fast_path_settings(tc, device)
+    fast = fast_path_settings(tc, device, dist.world_size)
     train_model = compiled(model, fast)
     if dist.world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -436,16 +436,20 @@ def build_optimizer(model: torch.nn.Module, tc: DictConfig, device: torch.device
                              fused=fused or None)
 
 
-def fast_path_settings(tc: DictConfig, device: torch.device) -> dict:
+def fast_path_settings(tc: DictConfig, device: torch.device, world_size: int = 1) -> dict:
     """Resolve `auto` fast paths per device: bf16 autocast and torch.compile on CUDA; fp32 eager on CPU,
-    where `harness bench` shows neither pays for a small DiT. The SDPA kernel stays PyTorch's choice unless pinned."""
+    where `harness bench` shows neither pays for a small DiT. CUDA graphs (compile mode reduce-overhead) for a
+    one-process CUDA run, where the H100 benchmark shows them paying (README); under DDP they are unmeasured.
+    The SDPA kernel stays PyTorch's choice unless pinned."""
     on_gpu = device.type == "cuda"
     precision = ("bf16" if on_gpu else "fp32") if tc.precision == "auto" else str(tc.precision)
     compile_ = on_gpu if tc.compile == "auto" else bool(tc.compile)
+    mode = str(tc.compile_mode)
+    if mode == "auto":
+        mode = "reduce-overhead" if on_gpu and world_size == 1 else "default"
     require(on_gpu or tc.attention in ("auto", "flash", "math"),
             f"trainer.attention={tc.attention} needs CUDA; on CPU use auto, flash or math")
-    return {"precision": precision, "compile": compile_, "compile_mode": str(tc.compile_mode),
-            "attention": str(tc.attention)}
+    return {"precision": precision, "compile": compile_, "compile_mode": mode, "attention": str(tc.attention)}
 
 
 def compiled(model: torch.nn.Module, fast: dict):
@@ -525,6 +529,8 @@ def inference_forward(model: torch.nn.Module, cfg: DictConfig, device: torch.dev
     """The sampling forward of `model` for a full config: the trainer's fast paths, `eval.precision` and
     `eval.max_forward_batch`."""
     fast = fast_path_settings(cfg.trainer, device)
+    if cfg.trainer.compile_mode == "auto":  # the benchmark measured sampling without CUDA graphs
+        fast["compile_mode"] = "default"
     if cfg.eval.precision != "auto":
         fast["precision"] = str(cfg.eval.precision)
     return InferenceForward(model, fast, device, cfg.eval.max_forward_batch)

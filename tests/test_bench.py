@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import TINY
-from harness.bench import mfu, run_bench
+from harness.bench import format_bench, mfu, run_bench
 from harness.config import compose, latent_geometry
 from harness.diffusion import create_diffusion
 from harness.model import build_model
@@ -36,6 +36,15 @@ def test_bench_writes_every_field_positive(tmp_path):
     assert result["peak_tflops_datasheet"] is None  # a CPU has no datasheet entry
     logged = [json.loads(line) for line in log.read_text().splitlines()]
     assert logged[-1]["train"]["images_per_s"] == result["train"]["images_per_s"]
+
+
+def test_bench_profile_says_where_a_step_goes():
+    result = run_bench(TINY, what=("train",), warmup=1, iters=1, profile=True)
+    profile = result["train"]["profile"]
+    assert profile["wall_ms_per_call"] > 0 and profile["gpu_busy_fraction"] is None  # no GPU here
+    assert len(profile["top"]) == 12 and any("mm" in op["name"] for op in profile["top"])
+    assert all(op["self_ms_per_call"] >= 0 and op["calls_per_call"] > 0 for op in profile["top"])
+    assert "train step profile" in format_bench(result)
 
 
 def test_mfu_arithmetic_by_hand():
@@ -92,4 +101,6 @@ def test_cpu_defaults_are_the_plain_path():
     assert fast_path_settings(cfg.trainer, torch.device("cpu")) == {"precision": "fp32", "compile": False,
                                                                     "compile_mode": "default", "attention": "auto"}
     assert fast_path_settings(cfg.trainer, torch.device("cuda")) == {"precision": "bf16", "compile": True,
-                                                                     "compile_mode": "default", "attention": "auto"}
+                                                                     "compile_mode": "reduce-overhead",
+                                                                     "attention": "auto"}
+    assert fast_path_settings(cfg.trainer, torch.device("cuda"), world_size=2)["compile_mode"] == "default"

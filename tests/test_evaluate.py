@@ -23,6 +23,7 @@ from harness.evaluate import (DIGITS_CNN, DIGITS_WEIGHTS, INCEPTION_FILE, MAX_SA
                               evaluate_model, generate_samples, load_digits_cnn, reference_floor,
                               train_digits_extractor)
 from harness.data import build_dataset
+from harness.train import InferenceForward
 
 from conftest import run_harness
 
@@ -236,6 +237,49 @@ def test_same_seed_same_samples_on_any_number_of_ranks(cfg):
     assert torch.equal(torch.cat([shards[0][:8], shards[1], shards[0][8:]]), first)
     other_seed = generate_samples(model, cfg.diffusion, ae, with_eval(cfg, seed=1), geometry, "cpu")
     assert not torch.equal(other_seed, first)
+
+
+def test_samples_do_not_depend_on_how_model_calls_are_cut(cfg):
+    from harness.autoencoders import build_autoencoder
+    from harness.train import inference_forward
+
+    model, geometry = tiny_model(cfg), latent_geometry(cfg)
+    ae = build_autoencoder(cfg.autoencoder, cfg.data)
+    cpu = torch.device("cpu")
+    guided = compose([*TINY_EVAL, "eval.cfg_scale=2.0"])  # a doubled batch of 16 per call
+    whole = generate_samples(inference_forward(model, guided, cpu), guided.diffusion, ae, guided.eval, geometry, cpu)
+    cut = compose([*TINY_EVAL, "eval.cfg_scale=2.0", "eval.max_forward_batch=5"])
+    forward = inference_forward(model, cut, cpu)
+    assert forward.chunk == 5 and not forward.adaptive
+    assert torch.equal(generate_samples(forward, cut.diffusion, ae, cut.eval, geometry, cpu), whole)
+
+
+def test_out_of_memory_halves_the_model_calls_and_remembers():
+    class FitsEight(torch.nn.Module):
+        learn_sigma, num_classes = False, 10
+
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def forward(self, x, t, y):
+            self.sizes.append(len(x))
+            if len(x) > 8:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            return x * 2 + t.view(-1, 1)
+
+    fast = {"precision": "fp32", "compile": False, "compile_mode": "default", "attention": "auto"}
+    module = FitsEight()
+    forward = InferenceForward(module, fast, torch.device("cpu"))
+    x, t = torch.randn(20, 3), torch.arange(20)
+    assert torch.equal(forward(x, t, t), x * 2 + t.view(-1, 1))
+    assert forward.chunk == 5 and module.sizes[:2] == [20, 10]
+    module.sizes.clear()
+    forward(x, t, t)
+    assert module.sizes == [5, 5, 5, 5]
+    fixed = InferenceForward(module, fast, torch.device("cpu"), max_batch=10)
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # a fixed size is the user's word: no silent halving
+        fixed(x, t, t)
 
 
 def _gather_worker(rank, world_size, port, cfg_yaml, state, out):

@@ -143,9 +143,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     ("model.patch_size=3", "patch"),
     ("model.num_heads=5", "num_heads"),
     ("trainer.precision=fp16", "trainer.precision='fp16' is not one of auto, fp32, bf16"),
+    ("trainer.attention=xformers", "trainer.attention='xformers' is not one of auto, flash, efficient, cudnn, math"),
+    ("trainer.attention=efficient", "trainer.attention=efficient needs CUDA; on CPU use auto, flash or math"),
+    ("trainer.compile_mode=fast", "trainer.compile_mode='fast' is not one of auto, default, reduce-overhead"),
+    ("trainer.ddp_bucket_mb=0", "trainer.ddp_bucket_mb must be a positive number"),
+    ("eval.every=100 eval.precision=fp16", "eval.precision='fp16' is not one of auto, fp32, bf16"),
+    ("eval.every=100 eval.max_forward_batch=0", "eval.max_forward_batch must be auto or a positive integer"),
 ])
 def test_bad_train_config_is_one_line_exit_2(tmp_path, override, message):
-    result = run_harness(["train", *TINY, override, f"hydra.run.dir={tmp_path}"])
+    result = run_harness(["train", *TINY, *override.split(), f"hydra.run.dir={tmp_path}"])
     assert result.returncode == 2
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
