@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # The GPU benchmarks of the performance issue, end to end, on a bare GPU machine with PyTorch:
-# DiT-XL/2 and DiT-B/2 training at per-GPU batch 32 (bf16 + SDPA + compile, MFU vs the dense bf16 peak),
-# XL/2 250-step guided sampling throughput, XL/2 peak memory with and without gradient checkpointing.
+# DiT-XL/2 and DiT-B/2 training at per-GPU batch 32 and 128 on the CUDA defaults (bf16 + SDPA + compile with
+# CUDA graphs; MFU vs the dense bf16 peak), XL/2 250-step guided sampling throughput, and XL/2 peak memory
+# with and without gradient checkpointing.
 # Budget: under 8 minutes; each benchmark has its own time limit and a failed one does not stop the rest.
 # Results: one JSON line per benchmark in bench/gpu_check.jsonl ($OUT/gpu_check.jsonl through the device tool).
 #
 # Python packages the harness needs beyond torch may travel as wheels in .whl/ (see the device notes);
-# they are installed into /tmp/site first when present.
+# they are installed into /tmp/site first when present. Made with (pure-Python wheels, any platform):
+#   .venv/bin/pip wheel --no-deps -w .whl hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 \
+#     fvcore==0.1.5.post20221221 iopath==0.1.10 yacs==0.1.8 termcolor==3.3.0 submitit==1.5.4 \
+#     hydra-submitit-launcher==1.2.0 torch-fidelity==0.4.0
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -38,6 +42,7 @@ bench 120 model=DiT-B/2 trainer.global_batch_size=32 --what train
 bench 150 model=DiT-XL/2 eval.batch_size=64 --what sample
 bench 60 model=DiT-XL/2 trainer.global_batch_size=32 trainer.compile=false --what train
 bench 60 model=DiT-XL/2 trainer.global_batch_size=32 trainer.compile=false trainer.grad_checkpointing=true --what train
-bench 120 model=DiT-XL/2 trainer.global_batch_size=64 --what train
+bench 120 model=DiT-XL/2 trainer.global_batch_size=128 --what train
+bench 100 model=DiT-B/2 trainer.global_batch_size=128 --what train
 echo "[$SECONDS s] results: $log"
 exit $failed

@@ -5,7 +5,10 @@
 # Results: one JSON line per benchmark in bench/gpu_variants.jsonl ($OUT/gpu_variants.jsonl via the device tool).
 #
 # Python packages the harness needs beyond torch may travel as wheels in .whl/ (see the device notes);
-# they are installed into /tmp/site first when present.
+# they are installed into /tmp/site first when present. Made with (pure-Python wheels, any platform):
+#   .venv/bin/pip wheel --no-deps -w .whl hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 \
+#     fvcore==0.1.5.post20221221 iopath==0.1.10 yacs==0.1.8 termcolor==3.3.0 submitit==1.5.4 \
+#     hydra-submitit-launcher==1.2.0 torch-fidelity==0.4.0
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -31,10 +34,10 @@ bench() {  # bench LIMIT_S OVERRIDES... [--what ...]
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-bench 100 model=DiT-B/2 trainer.global_batch_size=32 --what train --profile
+bench 100 model=DiT-B/2 trainer.global_batch_size=32 trainer.compile_mode=default --what train --profile
 bench 100 model=DiT-B/2 trainer.global_batch_size=32 trainer.compile_mode=reduce-overhead --what train
 bench 140 model=DiT-XL/2 trainer.global_batch_size=32 trainer.compile_mode=reduce-overhead --what train --profile
-bench 100 model=DiT-B/2 trainer.global_batch_size=32 trainer.attention=cudnn --what train
-bench 120 model=DiT-XL/2 trainer.global_batch_size=128 --what train
+bench 100 model=DiT-B/2 trainer.global_batch_size=32 trainer.compile_mode=default trainer.attention=cudnn --what train
+bench 120 model=DiT-XL/2 trainer.global_batch_size=128 trainer.compile_mode=default --what train
 echo "[$SECONDS s] results: $log"
 exit $failed
