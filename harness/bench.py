@@ -48,10 +48,28 @@ def _reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def profile_calls(fn, device: torch.device, calls: int = 5, rows: int = 12) -> dict:
-    """Where the time of `fn` goes: torch.profiler over `calls` calls. The top ops by self time on the device
-    (CPU ops on a CPU) per call, and the share of wall time the GPU spent in kernels: well below 1, the host
-    (Python, kernel launches, syncs) keeps the GPU waiting."""
+def profile_summary(events, calls: int, wall_ms: float, cuda: bool, rows: int = 12) -> dict:
+    """Per call: the host-side ops that cost most (by the time of the kernels each launched itself on a GPU,
+    by their own CPU time on a CPU) and the share of wall time the GPU spent in kernels. Kernel events are
+    counted once: an op's device time is its kernels' time, and GPU-side annotations span other kernels."""
+    from torch.autograd import DeviceType
+
+    ops = [e for e in events if e.device_type == DeviceType.CPU]
+    kernels = [e for e in events if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)]
+
+    def self_ms(event):
+        return (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e3 / calls
+
+    top = sorted(ops, key=self_ms, reverse=True)[:rows]
+    busy_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / calls
+    return {"wall_ms_per_call": wall_ms, "gpu_busy_fraction": busy_ms / wall_ms if cuda else None,
+            "top": [{"name": e.key[:80], "self_ms_per_call": self_ms(e), "calls_per_call": e.count / calls}
+                    for e in top]}
+
+
+def profile_calls(fn, device: torch.device, calls: int = 5) -> dict:
+    """Where the time of `fn` goes: torch.profiler over `calls` calls, summarised by `profile_summary`. A GPU
+    busy share well below 1 means the host (Python, kernel launches, syncs) keeps the GPU waiting."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -61,16 +79,7 @@ def profile_calls(fn, device: torch.device, calls: int = 5, rows: int = 12) -> d
             fn()
         _sync(device)
         wall_ms = (time.perf_counter() - start) * 1e3 / calls
-    events = prof.key_averages()
-
-    def self_ms(event):
-        return (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e3 / calls
-
-    top = sorted(events, key=self_ms, reverse=True)[:rows]
-    return {"wall_ms_per_call": wall_ms,
-            "gpu_busy_fraction": sum(e.self_device_time_total for e in events) / 1e3 / calls / wall_ms if cuda else None,
-            "top": [{"name": e.key[:80], "self_ms_per_call": self_ms(e), "calls_per_call": e.count / calls}
-                    for e in top]}
+    return profile_summary(prof.key_averages(), calls, wall_ms, cuda)
 
 
 def measured_peak_tflops(device: torch.device, precision: str, size: int | None = None) -> float:

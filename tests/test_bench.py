@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import TINY
-from harness.bench import format_bench, mfu, run_bench
+from harness.bench import format_bench, mfu, profile_summary, run_bench
 from harness.config import compose, latent_geometry
 from harness.diffusion import create_diffusion
 from harness.model import build_model
@@ -45,6 +45,28 @@ def test_bench_profile_says_where_a_step_goes():
     assert len(profile["top"]) == 12 and any("mm" in op["name"] for op in profile["top"])
     assert all(op["self_ms_per_call"] >= 0 and op["calls_per_call"] > 0 for op in profile["top"])
     assert "train step profile" in format_bench(result)
+
+
+def test_gpu_busy_share_counts_each_kernel_once():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(key, device_type, self_device_us, annotation=False):
+        return SimpleNamespace(key=key, device_type=device_type, self_device_time_total=self_device_us,
+                               self_cpu_time_total=10, count=2, is_user_annotation=annotation)
+
+    events = [
+        event("aten::mm", DeviceType.CPU, 3000),  # the time of the gemm kernel below, seen from its op
+        event("sm90_gemm", DeviceType.CUDA, 3000),
+        event("aten::_fused_adamw_", DeviceType.CPU, 1000),
+        event("multi_tensor_apply_kernel", DeviceType.CUDA, 1000),
+        event("Optimizer.step#AdamW.step", DeviceType.CUDA, 1000, annotation=True),  # spans the kernel above
+    ]
+    summary = profile_summary(events, calls=2, wall_ms=4.0, cuda=True)
+    assert summary["gpu_busy_fraction"] == pytest.approx((3.0 + 1.0) / 2 / 4.0)
+    assert [op["name"] for op in summary["top"]] == ["aten::mm", "aten::_fused_adamw_"]
+    assert summary["top"][0]["self_ms_per_call"] == pytest.approx(1.5)
 
 
 def test_mfu_arithmetic_by_hand():
