@@ -269,10 +269,10 @@ def format_bench(result: dict) -> str:
             r = result["sample"][name]
             rows.append((f"sample step {name}", result["sample"]["batch"], r["images_per_s"], r["tflops"],
                          r["mfu_measured"], r["mfu_datasheet"], None))
-    lines.append(f"{'what':<24}{'batch':>6}{'img/s':>12}{'TFLOP/s':>10}{'MFU(meas)':>11}{'MFU(sheet)':>11}{'mem GB':>8}")
+    lines.append(f"{'what':<24}{'batch':>6}{'img/s':>12}{'TFLOP/s':>10}{'MFU(meas)':>11}{'MFU(sheet)':>11}{'mem GiB':>9}")
     for what, batch, ips, tf, m1, m2, mem in rows:
         lines.append(f"{what:<24}{batch:>6}{ips:>12.1f}{tf:>10.3f}{pct(m1):>11}{pct(m2):>11}"
-                     f"{'-' if mem is None else f'{mem:.2f}':>8}")
+                     f"{'-' if mem is None else f'{mem:.2f}':>9}")
     if "profile" in result.get("train", {}):
         r = result["train"]["profile"]
         busy = "" if r["gpu_busy_fraction"] is None else f", GPU busy {r['gpu_busy_fraction']:.0%}"
