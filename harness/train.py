@@ -540,15 +540,20 @@ def inference_forward(model: torch.nn.Module, cfg: DictConfig, device: torch.dev
 def train_step(forward, diffusion, model, ema, opt, x, y, t, noise, drop, tc: DictConfig) -> dict:
     """One optimizer step: loss (labels where `drop` is set replaced by the null label), backward, clip, AdamW, EMA.
 
-    A non-finite loss raises before any weight changes, so the last good checkpoint stays the truth.
+    A non-finite loss on any rank raises on every rank before any weight changes, so the last good
+    checkpoint stays the truth (DDP has already spread that rank's gradients to all of them).
     """
     torch.compiler.cudagraph_mark_step_begin()  # with CUDA graphs: a new step, the last one's buffers are free
     losses = diffusion.training_losses(forward, x, t, {"y": y, "force_drop_ids": drop.long()}, noise=noise)
     loss = losses["loss"].mean()
     loss.backward()
     # Checked once backward is queued, so the GPU never idles waiting for this host sync.
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss ({loss.item()}); stopping with the last good checkpoint untouched")
+    finite = torch.isfinite(loss.detach()).to(torch.int32)
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.all_reduce(finite, op=torch_dist.ReduceOp.MIN)
+    if not finite.item():
+        raise FloatingPointError(f"non-finite loss ({loss.item()} here) on a rank; stopping with the last good "
+                                 "checkpoint untouched")
     if tc.grad_clip and tc.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
     opt.step()

@@ -136,6 +136,54 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     assert json.loads((tmp_path / "run_state.json").read_text())["state"] == "failed"
 
 
+def _nan_on_one_rank_worker(rank, port, out_dir):
+    import copy
+
+    from harness.config import latent_geometry
+    from harness.diffusion import create_diffusion
+    from harness.model import build_model
+    from harness.train import autocast_forward, build_optimizer, fast_path_settings, train_step
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        cfg = compose(TINY)
+        torch.manual_seed(0)
+        model = build_model(cfg.model, latent_geometry(cfg))
+        ema = copy.deepcopy(model).requires_grad_(False)
+        before = copy.deepcopy(model.state_dict())
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        cpu = torch.device("cpu")
+        forward = autocast_forward(ddp, model, fast_path_settings(cfg.trainer, cpu), cpu)
+        opt = build_optimizer(model, cfg.trainer, cpu)
+        x = torch.randn(8, 1, 8, 8)
+        if rank == 1:
+            x[0, 0, 0, 0] = float("nan")  # one bad sample on one rank
+        raised = False
+        try:
+            train_step(forward, create_diffusion(cfg.diffusion), model, ema, opt, x, torch.zeros(8, dtype=torch.long),
+                       torch.full((8,), 10), torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.bool), cfg.trainer)
+        except FloatingPointError:
+            raised = True
+        unchanged = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"raised": raised, "unchanged": unchanged}))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_before_any_weight_changes(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_nan_on_one_rank_worker, args=(port, str(tmp_path)), nprocs=2, start_method="fork")
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"raised": True, "unchanged": True}
+
+
 @pytest.mark.parametrize("override, message", [
     ("trainer.global_batch_size=0", "trainer.global_batch_size must be a positive integer"),
     ("trainer.max_steps=-1", "trainer.max_steps must be a positive integer"),
