@@ -504,13 +504,12 @@ class InferenceForward(torch.nn.Module):
         self.fast, self.device = fast, device
         self.adaptive = max_batch == "auto"
         self.chunk = None if self.adaptive else int(max_batch)
-        object.__setattr__(self, "_call", compiled(module, fast))  # not a submodule: no second copy of the weights
+        # A plain attribute, not a submodule: the compiled wrapper must not register the weights twice.
+        object.__setattr__(self, "_call", autocast_forward(compiled(module, fast), module, fast, device))
 
     def _run(self, x, t, y):
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.fast["precision"] == "bf16")
         torch.compiler.cudagraph_mark_step_begin()  # with CUDA graphs: the last call's outputs are consumed
-        with autocast, attention_kernel(self.fast["attention"]):
-            return self._call(x, t, y).float()
+        return self._call(x, t, y)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
