@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from harness.errors import HarnessError, require
+from harness.errors import HarnessError, first_line, require
 
 VAE_NAMES = ("sd-vae-ft-ema", "sd-vae-ft-mse")
 
@@ -143,6 +143,6 @@ def load_vae(path: str) -> torch.nn.Module:
                                                  local_files_only=offline or looks_local,
                                                  low_cpu_mem_usage=is_accelerate_available())
     except Exception as err:  # diffusers/huggingface_hub raise OSError, ValueError, HTTP and JSON errors
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        reason = first_line(err)[:200]
         where = "offline (HF_HUB_OFFLINE) and not in the hub cache" if offline and not looks_local else reason
         raise HarnessError(f"autoencoder.path={path!r}: cannot load the AutoencoderKL weights ({where}); {hint}") from None

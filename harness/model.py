@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from harness.config import CONDITIONINGS, Geometry
-from harness.errors import HarnessError, require
+from harness.errors import HarnessError, first_line, require
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -345,7 +345,7 @@ class DiT(nn.Module):
 
     def reset_pos_embed(self) -> None:
         """(Re)write the fixed sin-cos positional embedding."""
-        grid = int(self.num_patches**0.5)
+        grid = self.input_size // self.patch_size
         with torch.no_grad():
             self.pos_embed.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], grid).unsqueeze(0))
 
@@ -494,8 +494,7 @@ def _read_checkpoint(path: str) -> object:
             # refuses; the user named this file, so it is trusted like any code they run.
             return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - any failure to read is one line for the user
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise HarnessError(f"checkpoint {path}: cannot be read ({type(err).__name__}: {first})") from None
+        raise HarnessError(f"checkpoint {path}: cannot be read ({type(err).__name__}: {first_line(err)})") from None
 
 
 def _strip_prefixes(state: Mapping[str, object]) -> dict:

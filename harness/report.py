@@ -54,7 +54,6 @@ NUMERIC_COLUMNS = (
     "images_seen", "train_compute_flops", "fid", "num_samples", "cfg_scale", "seed", "image_size",
     "eval_wall_s", "timestamp", "isc", "precision", "recall", "fid_floor", "state_step", "max_steps",
 )
-RUN_STATES = ("done", "running", "preempted", "failed", "unknown")
 BOOTSTRAP_RESAMPLES = 2000
 PREDICTION_INTERVAL = (
     "regression prediction interval in log-log space (Student t, n - 2 degrees of freedom): "
@@ -189,6 +188,11 @@ def evaluated(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["fid"].notna() & df["step"].notna()]
 
 
+def fid_names(df: pd.DataFrame) -> list[str]:
+    """The FID kinds (fid_name) among the evaluated rows of `df`, sorted."""
+    return sorted(evaluated(df)["fid_name"].dropna().astype(str).unique())
+
+
 def _steps_text(steps: Iterable[float]) -> str:
     return ", ".join(f"{int(s):,}" for s in sorted(set(steps)))
 
@@ -228,7 +232,7 @@ def pick_step(df: pd.DataFrame, step: int | None = None) -> tuple[int, str]:
 def check_extractors(df: pd.DataFrame, mix_extractors: bool = False) -> list[str]:
     """The FID kinds (fid_name) in `df`; HarnessError if there are several and mixing was not asked for."""
     ev = evaluated(df)
-    names = sorted(ev["fid_name"].dropna().astype(str).unique())
+    names = fid_names(df)
     if len(names) > 1 and not mix_extractors:
         found = ", ".join(
             f"{name} ({', '.join(sorted(ev.loc[ev['fid_name'] == name, 'feature_extractor'].dropna().astype(str).unique())) or '?'})"
@@ -261,7 +265,7 @@ def fid_description(df: pd.DataFrame) -> str:
 
 def _fid_axis_label(df: pd.DataFrame) -> str:
     ev = evaluated(df)
-    names = sorted(ev["fid_name"].dropna().astype(str).unique())
+    names = fid_names(df)
     if len(names) > 1:
         return f"FID (mixed extractors: {', '.join(names)})"
     samples = ev["num_samples"].dropna().unique()
@@ -368,13 +372,6 @@ def predict_fid(fit: PowerLawFit, gflops):
     return fid, lo, hi
 
 
-def fit_at_step(df: pd.DataFrame, step: int, n_boot: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> PowerLawFit:
-    """The power-law fit of FID against Gflops over the runs evaluated at `step` (one FID kind)."""
-    at = rows_at_step(df, step)
-    check_extractors(at)
-    return fit_power_law(at["gflops"], at["fid"], n_boot=n_boot, seed=seed)
-
-
 def compute_frontier(df: pd.DataFrame) -> pd.DataFrame:
     """The compute frontier: each training-compute budget at which a new best FID was reached.
 
@@ -412,7 +409,7 @@ class _Style:
         if paper is not None:
             frame = pd.concat([df, paper.assign(params=paper["params_m"] * 1e6)], ignore_index=True)
         patches = sorted({int(p) for p in frame["patch"].dropna()}, reverse=True)  # large patch = few Gflops first
-        names = sorted(evaluated(df)["fid_name"].dropna().astype(str).unique())
+        names = fid_names(df)
         return cls(_size_order(frame), patches, names)
 
     def marker(self, size) -> str:
@@ -522,7 +519,7 @@ def _new_figure(width: float, height: float, ncols: int = 1):
 
 
 def _check_overlay(df: pd.DataFrame) -> None:
-    names = sorted(evaluated(df)["fid_name"].dropna().astype(str).unique())
+    names = fid_names(df)
     require(
         names == ["fid_inception"],
         f"overlay_paper: the paper's points are Inception FID-50K on ImageNet 256x256 at 400K steps; this sweep "
@@ -800,9 +797,7 @@ def _fmt(v, kind: str = "g") -> str:
 
 def _display(table: pd.DataFrame, kinds: dict[str, str], names: dict[str, str]) -> pd.DataFrame:
     """Numbers as strings for Markdown and HTML, with readable column names."""
-    out = pd.DataFrame({names.get(c, c): [_fmt(v, kinds.get(c, "g")) if not isinstance(v, str) else v
-                                          for v in table[c]] for c in table.columns})
-    return out
+    return pd.DataFrame({names.get(c, c): [_fmt(v, kinds.get(c, "g")) for v in table[c]] for c in table.columns})
 
 
 def _markdown_table(table: pd.DataFrame) -> str:
@@ -950,7 +945,7 @@ def write_report(sweep_dirs, out_dir, step: int | None = None, overlay_paper: bo
         "config not in the grid": p["where"] + (f" [{p['fid_name']}]" if len(names) > 1 else ""),
         "Gflops": f"{p['gflops']:.3g}", "predicted FID": f"{p['fid']:.2f}",
         "95% interval": f"[{p['lo']:.2f}, {p['hi']:.2f}]"} for p in predictions])
-    fit_disps = {n: _display(_fit_table(f), {}, {}) for n, f in fits.items()}
+    fit_disps = {n: _fit_table(f) for n, f in fits.items()}
     sweeps = ", ".join(str(Path(d)) for d in sweep_dirs)
     title = "DiT scaling report: FID vs Gflops"
 

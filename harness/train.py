@@ -406,7 +406,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
                 evaluate(step)
             if step % tc.ckpt_every == 0 or step in milestones or step == max_steps:
                 save(step)
-            if _any_rank(preemption.raised, dist):
+            if any_rank(preemption.raised, device):
                 if step % tc.ckpt_every and step not in milestones and step != max_steps:
                     save(step)
                 if dist.is_main:
@@ -547,10 +547,7 @@ def train_step(forward, diffusion, model, ema, opt, x, y, t, noise, drop, tc: Di
     loss = losses["loss"].mean()
     loss.backward()
     # Checked once backward is queued, so the GPU never idles waiting for this host sync.
-    finite = torch.isfinite(loss.detach()).to(torch.int32)
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        torch_dist.all_reduce(finite, op=torch_dist.ReduceOp.MIN)
-    if not finite.item():
+    if any_rank(~torch.isfinite(loss.detach()), loss.device):
         raise FloatingPointError(f"non-finite loss ({loss.item()} here) on a rank; stopping with the last good "
                                  "checkpoint untouched")
     if tc.grad_clip and tc.grad_clip > 0:
@@ -568,11 +565,11 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - decay)
 
 
-def _any_rank(flag: bool, dist: Dist) -> bool:
-    """True on every rank if any rank saw the flag, so all ranks stop at the same step."""
-    if dist.world_size == 1:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=dist.device)
+def any_rank(flag: bool | torch.Tensor, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on any rank, so all ranks take the same branch at the same step."""
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return bool(flag)
+    value = torch.as_tensor(flag, device=device).reshape(1).to(torch.int32)
     torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
     return bool(value.item())
 

@@ -51,7 +51,3 @@ def _one_thread():
     yield
     torch.set_num_threads(threads)
 
-
-@pytest.fixture
-def tiny_overrides() -> list[str]:
-    return list(TINY)

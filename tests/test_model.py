@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from harness.config import Geometry, compose, latent_geometry, validate
+from harness.config import CONDITIONINGS, Geometry, compose, latent_geometry, validate
 from harness.errors import HarnessError
 from harness.model import (
     DiT,
@@ -24,7 +24,6 @@ from harness.model import (
 )
 
 DATA = Path(__file__).resolve().parent / "data"
-CONDITIONINGS = ["adaln_zero", "adaln", "cross_attention", "in_context"]
 
 
 def tiny(conditioning: str = "adaln_zero", learn_sigma: bool = True, **kw) -> DiT:

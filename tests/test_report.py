@@ -206,6 +206,8 @@ def test_report_without_samples_skips_the_grid(sweep, tmp_path):
     assert report.last_samples(df) == {}
     with pytest.raises(HarnessError, match="samples"):
         report.plot_sample_grid(df)
+    written = report.write_report(copy, tmp_path / "out")
+    assert "samples.png" not in written and "fid_vs_gflops.png" in written
 
 
 def test_overlay_of_the_paper_points_on_an_inception_sweep(inception_sweep):
