@@ -31,6 +31,9 @@ DEFAULT_NUM_TIMESTEPS = 1000
 DEFAULT_BETA_START = 1e-4
 DEFAULT_BETA_END = 0.02
 SAMPLER_KINDS = ("ddpm", "ddim")
+# The coefficients of one reverse step p(x_{t-1} | x_t), as `_reverse_gaussian` reads them.
+REVERSE_COEFS = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
+                 "posterior_mean_coef2", "log_betas", "posterior_log_variance_clipped", "fixed_log_variance")
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,7 +201,6 @@ class GaussianDiffusion:
         )
         self.base_num_timesteps = len(self.base_betas)
         self.learn_sigma = learn_sigma
-        self.timestep_respacing = timestep_respacing
         base_alphas_cumprod = np.cumprod(1.0 - self.base_betas)
         if timestep_respacing in (None, ""):
             kept = list(range(self.base_num_timesteps))
@@ -245,17 +247,12 @@ class GaussianDiffusion:
         return values.view(-1, *([1] * (like.ndim - 1)))
 
     def _coefs(self, t: torch.Tensor, like: torch.Tensor) -> dict:
-        names = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
-                 "posterior_mean_coef2", "log_betas", "posterior_log_variance_clipped", "fixed_log_variance")
-        return {name: self._extract(name, t, like) for name in names}
+        return {name: self._extract(name, t, like) for name in REVERSE_COEFS}
 
     def _step_coefs(self, i: int) -> dict:
-        # The same coefficients as _coefs for one step of the sampling loop, as Python floats: a
-        # scalar broadcast costs no gather kernel and no host-device traffic.
-        names = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
-                 "posterior_mean_coef2", "log_betas", "posterior_log_variance_clipped", "fixed_log_variance",
-                 "alphas_cumprod", "alphas_cumprod_prev")
-        return {name: float(getattr(self, name)[i]) for name in names}
+        # The same coefficients as _coefs (and DDIM's two) for one step of the sampling loop, as Python
+        # floats: a scalar broadcast costs no gather kernel and no host-device traffic.
+        return {name: float(getattr(self, name)[i]) for name in (*REVERSE_COEFS, "alphas_cumprod", "alphas_cumprod_prev")}
 
     # ---- forward process ---------------------------------------------------------------------
 
@@ -271,10 +268,6 @@ class GaussianDiffusion:
         variance = self._extract("posterior_variance", t, x_t).expand_as(x_t)
         log_variance = self._extract("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
         return mean, variance, log_variance
-
-    def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
-        return self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
 
     # ---- reverse process ---------------------------------------------------------------------
 
@@ -328,19 +321,15 @@ class GaussianDiffusion:
 
     # ---- training ----------------------------------------------------------------------------
 
-    def sample_timesteps(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-        """n timesteps drawn uniformly from 0 .. num_timesteps - 1."""
-        source = generator.device if generator is not None else device
-        t = torch.randint(0, self.num_timesteps, (n,), generator=generator, device=source)
-        return t.to(device) if device is not None else t
-
-    def vb_terms_bpd(self, model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Per-sample variational-bound term in bits/dim: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for
-        t > 0, the discretized Gaussian decoder NLL of x_0 at t = 0."""
-        true_mean, _, true_log_variance = self.q_posterior_mean_variance(x0, x_t, t)
-        out = self.p_mean_variance(model_output, x_t, t, clip_denoised=False)
-        kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / math.log(2.0)
-        nll = -discretized_gaussian_log_likelihood(x0, means=out["mean"], log_scales=0.5 * out["log_variance"])
+    def vb_terms_bpd(self, eps: torch.Tensor, v: torch.Tensor | None, x0: torch.Tensor, x_t: torch.Tensor,
+                     t: torch.Tensor) -> torch.Tensor:
+        """Per-sample variational-bound term in bits/dim of the model's (eps, v) at x_t:
+        KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0, the discretized Gaussian decoder NLL of x_0 at t = 0."""
+        c = self._coefs(t, x_t)
+        mean, log_variance, _ = self._reverse_gaussian(eps, v, x_t, c, clip_denoised=False)
+        true_mean = c["posterior_mean_coef1"] * x0 + c["posterior_mean_coef2"] * x_t
+        kl = mean_flat(normal_kl(true_mean, c["posterior_log_variance_clipped"], mean, log_variance)) / math.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(x0, means=mean, log_scales=0.5 * log_variance)
         nll = mean_flat(nll) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
@@ -362,7 +351,7 @@ class GaussianDiffusion:
         if v is None:
             vb = torch.zeros_like(mse)
         else:
-            vb = self.vb_terms_bpd(torch.cat([eps.detach(), v], dim=1), x0, x_t, t)
+            vb = self.vb_terms_bpd(eps.detach(), v, x0, x_t, t)
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
     # ---- sampling ----------------------------------------------------------------------------
@@ -482,12 +471,3 @@ def create_diffusion(diffusion_cfg: Mapping | None = None, respacing: str | int 
     )
     return GaussianDiffusion(betas, timestep_respacing=respacing, learn_sigma=learn_sigma)
 
-
-def sample(model, shape, y, sampler: str = "ddpm250", cfg_scale: float = 1.0, cfg_channels: int | None = None,
-           null_label: int | None = None, eta: float = 0.0, generator: torch.Generator | None = None, device=None,
-           progress: bool = False, diffusion_cfg: Mapping | None = None) -> torch.Tensor:
-    """`create_diffusion(diffusion_cfg).sample(...)`: samples from the linear schedule of `diffusion_cfg`."""
-    return create_diffusion(diffusion_cfg).sample(
-        model, shape, y, sampler=sampler, cfg_scale=cfg_scale, cfg_channels=cfg_channels, null_label=null_label,
-        eta=eta, generator=generator, device=device, progress=progress,
-    )
