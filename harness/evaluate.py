@@ -40,7 +40,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from harness.config import Geometry, slug
 from harness.errors import HarnessError, require
-from harness.io import append_jsonl, atomic_torch_save, atomic_write_bytes, sha256_file
+from harness.io import append_jsonl, atomic_torch_save, atomic_write_bytes, cache_root, sha256_file
 from harness.tracking import run_id
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -114,8 +114,8 @@ def train_digits_extractor(out_path: str | os.PathLike, seed: int = 0, data_cfg:
     require(epochs > 0, f"epochs must be positive, got {epochs}")
     size = int(data_cfg.image_size)
     x_train = real_images_uint8(data_cfg, "train")
-    y_train = _labels(build_dataset(data_cfg, "train"))
-    x_held, y_held = real_images_uint8(data_cfg, "held_out"), _labels(build_dataset(data_cfg, "held_out"))
+    y_train = build_dataset(data_cfg, "train").labels
+    x_held, y_held = real_images_uint8(data_cfg, "held_out"), build_dataset(data_cfg, "held_out").labels
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -164,10 +164,6 @@ def train_digits_extractor(out_path: str | os.PathLike, seed: int = 0, data_cfg:
     atomic_torch_save({"state_dict": model.state_dict(), "meta": meta}, out_path)
     os.chmod(out_path, 0o644)  # shipped package data: readable by everyone (temp files are created 0600)
     return {**meta, "train_seconds": round(train_s, 1)}
-
-
-def _labels(dataset: Dataset) -> torch.Tensor:
-    return torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
 
 
 def _random_shift(x: torch.Tensor, gen: torch.Generator, max_shift: int = 1) -> torch.Tensor:
@@ -273,6 +269,10 @@ class Extractor:
     def fingerprint(self) -> str:
         return _file_fingerprint(self.weights)
 
+    def stats_file(self, cache_root: Path, input_name: str) -> Path:
+        """Where torch-fidelity caches the FID statistics (mu, sigma) of the input it knows as `input_name`."""
+        return cache_root / f"{input_name}-{self.name}-stat-fid-{self.feature_layer}.pt"
+
 
 def resolve_extractor(eval_cfg: DictConfig, data_cfg: DictConfig) -> Extractor:
     """The feature extractor of `eval.feature_extractor`, its weights checked to exist (never downloaded)."""
@@ -319,7 +319,7 @@ def _file_fingerprint(path: Path) -> str:
 
 def default_cache_dir() -> Path:
     """Where reference statistics are cached when `eval.cache_dir` is null (next to harness.flops' cache)."""
-    return Path(os.environ.get("HARNESS_CACHE_DIR") or Path.home() / ".cache" / "dit-harness") / "fid"
+    return cache_root() / "fid"
 
 
 def _cache_dir(eval_cfg: DictConfig, cache_dir: str | os.PathLike | None) -> Path:
@@ -395,7 +395,7 @@ def _npz_reference(path: Path, extractor: Extractor, cache_root: Path, need_imag
     stat = path.stat()
     digest = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
     name = f"npz-{slug(path.stem)}-{digest}-w{extractor.fingerprint}"
-    target = cache_root / f"{name}-{extractor.name}-stat-fid-{extractor.feature_layer}.pt"
+    target = extractor.stats_file(cache_root, name)
     if not target.exists():
         mu, sigma = np.asarray(npz["mu"]), np.asarray(npz["sigma"])
         dims = extractor.feature_dims
@@ -467,7 +467,7 @@ def _reference(eval_cfg: DictConfig, data_cfg: DictConfig, extractor: Extractor,
     limit = int(limit) if limit is not None else None
     require(limit is None or limit >= 2, f"eval.reference_limit must be >= 2 or null, got {limit}")
     name = _data_key(data_cfg, "train", extractor, limit)
-    stats = cache_root / f"{name}-{extractor.name}-stat-fid-{extractor.feature_layer}.pt"
+    stats = extractor.stats_file(cache_root, name)
     if stats.exists() and not need_images:
         return None, name  # torch-fidelity reads the cached statistics and never touches the images
     return UInt8Images(_real_images(data_cfg, "train", limit), extractor.channels), name
@@ -525,7 +525,7 @@ def reference_floor(eval_cfg: DictConfig, data_cfg: DictConfig, cache_dir: str |
     cache_root = _cache_dir(eval_cfg, cache_dir)
     reference, ref_name = _reference(eval_cfg, data_cfg, extractor, cache_root, need_images=False)
     held_name = _data_key(data_cfg, "held_out", extractor)
-    held_stats = cache_root / f"{held_name}-{extractor.name}-stat-fid-{extractor.feature_layer}.pt"
+    held_stats = extractor.stats_file(cache_root, held_name)
     held = _CachedOnly(held_name) if held_stats.exists() else UInt8Images(_real_images(data_cfg, "held_out"),
                                                                           extractor.channels)
     metrics = _metrics(held, reference or _CachedOnly(ref_name), extractor, eval_cfg, cache_root, _device(device),
@@ -659,8 +659,9 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, max_images: int = 6
 _AUTOENCODERS: dict[tuple[str, str], nn.Module] = {}
 
 
-def _autoencoder(cfg: DictConfig, device: torch.device) -> nn.Module:
-    """The run's autoencoder, built once per (config, device): a VAE costs seconds to load."""
+def run_autoencoder(cfg: DictConfig, device: torch.device) -> nn.Module:
+    """The run's autoencoder, built once per (config, device) and shared by training's encoder and
+    evaluation's decoder: a VAE costs seconds and hundreds of MB to load."""
     from harness.autoencoders import build_autoencoder
 
     key = (OmegaConf.to_yaml(cfg.autoencoder, resolve=True) + OmegaConf.to_yaml(cfg.data, resolve=True), str(device))
@@ -713,7 +714,7 @@ def evaluate_model(model: nn.Module, cfg: DictConfig, step: int, run_dir: str | 
     device = dist.device if dist is not None else _device(cfg.trainer.get("device"))
     check_eval_config(cfg.eval, cfg.data, int(cfg.diffusion.num_timesteps))  # fail before sampling, not after
     geometry = latent_geometry(cfg)
-    images = generate_samples(inference_forward(model, cfg, device), cfg.diffusion, _autoencoder(cfg, device),
+    images = generate_samples(inference_forward(model, cfg, device), cfg.diffusion, run_autoencoder(cfg, device),
                               cfg.eval, geometry, device, rank=rank, world_size=world_size)
     if rank != 0:
         return None

@@ -13,17 +13,17 @@ back `harness flops`; the paper's numbers for comparison live in harness/referen
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
 import math
-import os
 import warnings
 from pathlib import Path
 
 from harness.config import CONF_DIR, Geometry, compose, config_groups, latent_geometry, with_paper_setting
 from harness.errors import require
-from harness.io import atomic_write_json, read_json
+from harness.io import atomic_write_json, cache_root, read_json
 
 # torch, fvcore and harness.model are imported where a count is traced: a fully cached
 # `harness flops` never imports torch (seconds on a small CPU) and never composes a config.
@@ -136,8 +136,7 @@ def _trace_flops(model_cfg, geometry: Geometry, device: str = "meta") -> dict:
 
 def cache_path() -> Path:
     """The JSON cache of counts: $HARNESS_CACHE_DIR/flops.json, default ~/.cache/dit-harness/flops.json."""
-    root = os.environ.get("HARNESS_CACHE_DIR") or Path.home() / ".cache" / "dit-harness"
-    return Path(root) / "flops.json"
+    return cache_root() / "flops.json"
 
 
 def _load_cache() -> dict:
@@ -218,9 +217,11 @@ def _conf_fingerprint() -> str:
 #################################################################################
 
 
-def _read_reference(name: str) -> list[dict]:
+@functools.lru_cache(maxsize=None)
+def _read_reference(name: str) -> tuple[dict, ...]:
+    """The rows of a shipped reference CSV, read once per process (a table asks for them per row)."""
     with open(REFERENCE_DIR / name, newline="") as f:
-        return list(csv.DictReader(f))
+        return tuple(csv.DictReader(f))
 
 
 def paper_models() -> list[str]:

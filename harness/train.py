@@ -275,7 +275,6 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
     """Train `cfg` in `run_dir` (default: Hydra's output dir, else the cwd), resuming if it holds checkpoints."""
-    from harness.autoencoders import build_autoencoder
     from harness.data import BatchStream, build_dataset
     from harness.diffusion import create_diffusion
     from harness.flops import count_flops
@@ -318,7 +317,9 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
     # Pixel data through a VAE is encoded on the fly; a latent cache and pixel-space models need nothing.
     encoder = None
     if cfg.data.name != "latents" and cfg.autoencoder.name != "identity":
-        encoder = build_autoencoder(cfg.autoencoder, cfg.data, device=device)
+        from harness.evaluate import run_autoencoder
+
+        encoder = run_autoencoder(cfg, device)
 
     tracker = Tracker(cfg, run_dir, enabled=dist.is_main)
     step = 0

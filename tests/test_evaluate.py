@@ -74,8 +74,7 @@ def with_eval(cfg, **changes):
 def test_shipped_extractor_accuracy_and_metadata(cfg):
     assert DIGITS_WEIGHTS.stat().st_size < 1_000_000
     model, meta = load_digits_cnn()
-    held = build_dataset(cfg.data, "held_out")
-    labels = torch.tensor([int(held[i][1]) for i in range(len(held))])
+    labels = build_dataset(cfg.data, "held_out").labels
     accuracy = classifier_accuracy(model, real_images_uint8(cfg.data, "held_out"), labels)
     assert accuracy >= 0.97
     assert abs(accuracy - meta["held_out_accuracy"]) < 1e-6
@@ -103,8 +102,7 @@ def test_extractor_serves_every_digits_size(digits):
     # Digits at 8x8 (native) are resized to the CNN's 16x16 as the data pipeline would: still classified.
     cfg8 = compose([*TINY_EVAL, "data.image_size=8"])
     check_eval_config(cfg8.eval, cfg8.data)
-    held = build_dataset(cfg8.data, "held_out")
-    labels8 = torch.as_tensor([int(held[i][1]) for i in range(len(held))])
+    labels8 = build_dataset(cfg8.data, "held_out").labels
     _, logits = extractor(real_images_uint8(cfg8.data, "held_out"))
     assert (logits.argmax(1) == labels8).float().mean() >= 0.95
     with pytest.raises(HarnessError, match="square uint8"):
