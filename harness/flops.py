@@ -23,7 +23,7 @@ from pathlib import Path
 
 from harness.config import CONF_DIR, Geometry, compose, config_groups, latent_geometry, with_paper_setting
 from harness.errors import require
-from harness.io import atomic_write_json, cache_root, read_json
+from harness.io import atomic_write_json, cache_root, read_json, text_table
 
 # torch, fvcore and harness.model are imported where a count is traced: a fully cached
 # `harness flops` never imports torch (seconds on a small CPU) and never composes a config.
@@ -326,9 +326,6 @@ def format_table(rows: list[dict], fmt: str = "text") -> str:
         "" if r["paper_gflops"] is None else f"{r['paper_gflops']:.2f}",
         "" if r["diff_pct"] is None else f"{r['diff_pct']:+.2f}",
     ] for r in rows]
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
-             for line in [header, *body]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = text_table(header, body, left={0, 1})
     lines.append("Gflops: fvcore, one forward pass of one image, 1 fused multiply-add = 1 flop.")
     return "\n".join(lines)

@@ -13,7 +13,18 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
+
+
+def text_table(header: list[str], rows: list[list[str]], left: Collection[int] = ()) -> list[str]:
+    """Rows of strings as aligned terminal lines: the header, a dashed rule, then the rows. Columns whose
+    index is in `left` are left-aligned, the others right-aligned."""
+    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
+
+    def fmt(line: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
+
+    return [fmt(header), "  ".join("-" * w for w in widths), *map(fmt, rows)]
 
 
 def cache_root() -> Path:

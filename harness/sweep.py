@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.config import CONF_DIR, validate
 from harness.errors import HarnessError, first_line, require
-from harness.io import append_jsonl, atomic_write_text, read_json, read_jsonl
+from harness.io import append_jsonl, atomic_write_text, read_json, read_jsonl, text_table
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEPS_DIR = REPO / "sweeps"
@@ -538,7 +538,9 @@ def load_throughput(path: Path = THROUGHPUT_FILE) -> dict:
 
 def _bench_rate(table: dict, device: str, model: str, kind: str, guided: bool) -> float | None:
     """images/s of `kind` (train, or one sampling step) from the newest `harness bench` row of this model and device."""
-    path = Path(table.get("bench_log") or "")
+    if not table.get("bench_log"):
+        return None
+    path = Path(table["bench_log"])
     rate = None
     for row in read_jsonl(path if path.is_absolute() else Path.cwd() / path):
         if device.lower() not in str(row.get("device", "")).lower() or row.get("model") != model:
@@ -614,8 +616,8 @@ def _fmt_hours(value) -> str:
 
 
 def format_plan(name: str, sweep_dir: Path, rows: list[dict], executor: str, script: str | None,
-                max_num_timeout: int | None) -> str:
-    """The dry run's table, totals, the source of the estimate and one sbatch script."""
+                max_num_timeout: int | None, device: str) -> str:
+    """The dry run's table, totals, the source of the estimate (throughput on `device`) and one sbatch script."""
     header = ["run", "model", "patch", "tokens", "params (M)", "Gflops", "paper", "train compute", "FID samples",
               "GPUs", "GPU-h", "wall h", "action"]
     body = [[r["run"], r["model"] if r["conditioning"] == "adaln_zero" else f"{r['model']} {r['conditioning']}",
@@ -627,20 +629,13 @@ def format_plan(name: str, sweep_dir: Path, rows: list[dict], executor: str, scr
     total = ["total", "", "", "", "", "", "", f"{sum(r['train_compute_flops'] for r in rows):.3g}",
              f"{sum(r['fid_samples'] for r in rows):,}", str(sum(r["gpus"] for r in rows)),
              _fmt_hours(sum(r["gpu_hours"] for r in on_gpu)) if on_gpu else "-", "", ""]
-    table = [header, *body, total]
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    left = {0, 1, 12}
-
-    def fmt(line):
-        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
-
     lines = [f"sweep {name}: {len(rows)} runs in {sweep_dir} (launcher: {executor}; dry run, nothing submitted)",
-             fmt(header), "  ".join("-" * w for w in widths), *map(fmt, body), fmt(total), "",
+             *text_table(header, [*body, total], left={0, 1, 12}), "",
              "Gflops: fvcore, one forward pass of one image (1 multiply-add = 1 flop); paper: Table 4 / Sec. 3.2.",
              "train compute = Gflops x batch x steps x 3 (paper Fig. 9); FID samples = evaluations x eval.num_samples."]
     sources = sorted({s for r in rows for s in r["sources"]})
     if sources:
-        lines.append(f"GPU-hours (training + FID sampling) on {load_throughput()['device']}: " + "; ".join(sources)
+        lines.append(f"GPU-hours (training + FID sampling) on {device}: " + "; ".join(sources)
                      + f" -- edit {THROUGHPUT_FILE.relative_to(REPO)} or measure with `harness bench`.")
         lines.append("wall h = GPU-hours / GPUs of the run (perfect scaling assumed).")
     if len(on_gpu) < len(rows):
@@ -683,7 +678,7 @@ def launch_sweep(name: str, overrides: list[str] | tuple[str, ...] = (), dry_run
             first = next((d.spec for d in decisions if d.submit), specs[0])
             script = sbatch_script(first.cfg, sweep_dir / SUBMITIT_DIR / "%j") if executor == "slurm" else None
             timeouts = int(base.hydra.launcher.max_num_timeout) if executor == "slurm" else None
-            print(format_plan(name, sweep_dir, rows, executor, script, timeouts))
+            print(format_plan(name, sweep_dir, rows, executor, script, timeouts, table["device"]))
             return 0
         if executor == "slurm":
             require_slurm_commands()
@@ -742,8 +737,9 @@ def _run_status(sweep_dir: Path, name: str, submission: dict | None, queue: dict
     state = read_json(run_dir / "run_state.json", {}) or {}
     results = read_jsonl(run_dir / "results.jsonl")
     last = results[-1] if results else {}
-    executor = (submission or {}).get("executor")
-    job_id = str((submission or {}).get("job_id") or state.get("slurm_job_id") or "") or None
+    submission = submission or {}
+    executor = submission.get("executor")
+    job_id = str(submission.get("job_id") or state.get("slurm_job_id") or "") or None
     queued = None
     if executor == "local":
         queued = "RUNNING" if local_job_alive(submission) else ""
@@ -766,7 +762,7 @@ def _run_status(sweep_dir: Path, name: str, submission: dict | None, queue: dict
         status = "interrupted"   # its job is gone without finishing: launching again resumes it
     else:
         status = "not-submitted"
-    log = (submission or {}).get("stdout")
+    log = submission.get("stdout")
     if not log or not Path(log).exists():
         log = str(run_dir / "train.log") if (run_dir / "train.log").exists() else log
     error = []
@@ -775,7 +771,7 @@ def _run_status(sweep_dir: Path, name: str, submission: dict | None, queue: dict
             error += str(state["error"]).strip().splitlines()[-ERROR_TAIL_LINES:]
         elif submission and not saved:
             error.append(f"job {job_id} ended before training started")
-        error += [f"| {line}" for line in _tail((submission or {}).get("stderr"))]
+        error += [f"| {line}" for line in _tail(submission.get("stderr"))]
     return {
         "run": name, "run_dir": str(run_dir), "state": status, "job_id": job_id, "queue_state": queued or None,
         "step": _last_step(run_dir, state), "max_steps": state.get("max_steps"), "requeues": state.get("requeues"),
@@ -795,14 +791,9 @@ def format_status(rows: list[dict]) -> str:
         step = "" if r["step"] is None else f"{r['step']}/{r['max_steps']}"
         fid = "" if r["fid"] is None else f"{r['fid']:.2f} ({r['fid_step']}) {r['fid_name'] or ''}".rstrip()
         body.append([r["run"], r["state"], r["job_id"] or "", step, str(r["requeues"] or 0), fid, r["log"] or ""])
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-
-    def fmt(line):
-        return "  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
-
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    lines = [f"{len(rows)} run{'' if len(rows) == 1 else 's'}: {summary}", fmt(header),
-             "  ".join("-" * w for w in widths), *map(fmt, body)]
+    lines = [f"{len(rows)} run{'' if len(rows) == 1 else 's'}: {summary}",
+             *text_table(header, body, left=range(len(header)))]
     for r in rows:
         if r["error"]:
             lines += ["", f"{r['run']} ({r['state']}):", *(f"  {line}" for line in r["error"])]

@@ -48,7 +48,7 @@ class Tracker:
 
     def log_result(self, row: dict) -> None:
         """An evaluation row (already in results.jsonl) mirrored to wandb."""
-        if self.enabled and self.wandb_run is not None:
+        if self.wandb_run is not None:
             numbers = {f"eval/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
             self.wandb_run.log(numbers, step=row["step"])
 

@@ -25,7 +25,7 @@ import torch
 
 from conftest import REPO, run_harness
 from harness.io import read_jsonl
-from harness.sweep import SUBMISSIONS, sweep_status
+from harness.sweep import SUBMISSIONS, last_submissions, sweep_status
 from harness.train import list_checkpoints
 
 pytestmark = pytest.mark.slurm
@@ -65,8 +65,7 @@ def sweep(sweep_dir: Path, *overrides: str, wait_s: int = 0) -> subprocess.Compl
 
 
 def job_of(sweep_dir: Path, run: str) -> str:
-    rows = [r for r in read_jsonl(sweep_dir / SUBMISSIONS) if r["run_name"] == run]
-    return rows[-1]["job_id"]
+    return last_submissions(sweep_dir)[run]["job_id"]
 
 
 def last_logged_step(run_dir: Path) -> int:

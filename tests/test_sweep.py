@@ -16,6 +16,7 @@ from conftest import REPO
 from fixtures.sweep import expected_runs, make_fixture_sweep
 from harness import sweep
 from harness.errors import HarnessError
+from harness.io import read_json
 
 # Two tiny CPU runs on the demo sweep (patch 8 and 4 on 16x16 digits).
 TINY_GRID = [
@@ -195,6 +196,8 @@ def test_throughput_comes_from_the_table_the_bench_log_or_an_assumed_mfu(tmp_pat
     assert "assumed" in sweep.throughput(table, "DiT-S/2", 10.0, "train")[1]    # no row for that model
     table["measured"] = {"H100": {"DiT-B/2": {"train_images_per_s": 700.0}}}
     assert sweep.throughput(table, "DiT-B/2", 10.0, "train") == (700.0, "training measured (throughput.yaml)")
+    no_log = {**table, "measured": {}, "bench_log": None}  # a throughput.yaml without a bench log
+    assert "assumed" in sweep.throughput(no_log, "DiT-B/2", 10.0, "train")[1]
 
 
 def test_local_launcher_waits_boundedly_and_skips_runs_that_are_running_or_done(tmp_path, capsys):
@@ -208,7 +211,7 @@ def test_local_launcher_waits_boundedly_and_skips_runs_that_are_running_or_done(
     assert sweep.launch_sweep("demo", args) == 0
     assert f"skip (job {pid} is running)" in capsys.readouterr().out
     deadline = time.time() + 120
-    while (json.loads(p.read_text()) if (p := run_dir / "run_state.json").exists() else {}).get("state") != "done":
+    while (read_json(run_dir / "run_state.json", {}) or {}).get("state") != "done":
         assert time.time() < deadline, "the local run did not finish"
         time.sleep(0.5)
     assert sweep.launch_sweep("demo", args) == 0

@@ -64,7 +64,6 @@ class HarnessSubmititLauncher(BaseSubmititLauncher):
         queue = sweep.slurm_queue(strict=True) if self._EXECUTOR == "slurm" else None
         decisions = sweep.plan_runs(specs, self._EXECUTOR, queue)
         sweep_dir = specs[0].sweep_dir
-        sweep_dir.mkdir(parents=True, exist_ok=True)
         task_overrides = [str(o) for o in self.config.hydra.overrides.task]
         sweep.write_sweep_record(name, self.config, specs, task_overrides)
         for d in decisions:
