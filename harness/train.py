@@ -645,9 +645,9 @@ def estimate_training_memory(params: int, depth: int, tokens: int, hidden: int, 
     State: 20 bytes/param (fp32 weights, grads, two Adam moments, EMA). Activations: per block
     20 16-bit words per token and channel per sample, doubled in fp32. Korthikanti et al. (2022) give 16
     (sbh*34 bytes less the two dropout masks DiT lacks; fused SDPA stores no T^2 attention matrix); the
-    H100 peaks of compiled bf16 DiT-XL/2 training at batch 32-128 fit 20 within 5% (eager keeps ~14%
-    more). With gradient checkpointing only each block's input is kept, plus one block's activations
-    for the recomputation (measured within 2%). The CUDA context (~0.5-1 GiB) is not included.
+    H100 peaks of compiled bf16 DiT-XL/2 training at batch 32-128 fit 20 within 5% (eager at batch 32
+    measured ~22). With gradient checkpointing only each block's input is kept, plus one block's
+    activations for the recomputation (measured within 2%). The CUDA context (~0.5-1 GiB) is not included.
     """
     bytes_per_act = 2 if precision == "bf16" else 4
     per_block = ACTIVATION_WORDS_PER_BLOCK * tokens * hidden * bytes_per_act * batch_per_gpu
