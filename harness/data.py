@@ -332,12 +332,18 @@ def build_dataset(data_cfg: DictConfig, split: str = "train", ae_cfg: DictConfig
     if name == "imagefolder":
         return ImageFolderDataset.from_cfg(data_cfg, split)
     if name == "latents":
-        require(split == "train", "data=latents has no held_out split (a latent cache is extracted from training images)")
-        require(data_cfg.get("root") not in (None, "", "???"), "data.root is not set: point it at a latent cache (out= of extract-latents)")
-        dataset = LatentDataset(data_cfg.root, bool(data_cfg.get("verify_checksums", True)))
+        dataset = LatentDataset(_latent_cache_root(data_cfg, split), bool(data_cfg.get("verify_checksums", True)))
         dataset.check_against(data_cfg, ae_cfg)
         return dataset
     raise HarnessError(f"data.name={name!r} is not one of digits, imagefolder, latents")
+
+
+def _latent_cache_root(data_cfg: DictConfig, split: str) -> str:
+    """data.root of data=latents, which has only a train split."""
+    require(split == "train", "data=latents has no held_out split (a latent cache is extracted from training images)")
+    root = data_cfg.get("root")
+    require(root not in (None, "", "???"), "data.root is not set: point it at a latent cache (out= of extract-latents)")
+    return root
 
 
 def _subset(n: int, limit: int | None) -> torch.Tensor:
@@ -356,9 +362,7 @@ def real_images_uint8(data_cfg: DictConfig, split: str = "train", limit: int | N
         _, images, _ = _digits(data_cfg, split)
         return images.index_select(0, _subset(len(images), limit))
     if name == "latents":
-        require(split == "train", "data=latents has no held_out split (a latent cache is extracted from training images)")
-        root = data_cfg.get("root")
-        require(root not in (None, "", "???"), "data.root is not set: point it at a latent cache (out= of extract-latents)")
+        root = _latent_cache_root(data_cfg, split)
         index = read_json(Path(str(root)).expanduser() / INDEX_FILE)
         require(isinstance(index, dict) and index.get("source_root"),
                 f"data.root={root!r}: no latent cache index naming its source images (needed for FID references)")
