@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import platform
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -48,10 +49,24 @@ def _reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+# Kernel names by what they do, first match wins: where a step's GPU time goes, in terms a reader can act on.
+KERNEL_KINDS = (
+    ("attention", re.compile(r"sdpa|flash|fmha|attention", re.I)),
+    ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|cublas", re.I)),
+    ("optimizer+ema", re.compile(r"multi_tensor_apply|fused_adam|foreach", re.I)),
+    ("fused elementwise (triton)", re.compile(r"^triton_", re.I)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    return next((kind for kind, pattern in KERNEL_KINDS if pattern.search(name)), "other")
+
+
 def profile_summary(events, calls: int, wall_ms: float, cuda: bool, rows: int = 12) -> dict:
     """Per call: the host-side ops that cost most (by the time of the kernels each launched itself on a GPU,
-    by their own CPU time on a CPU) and the share of wall time the GPU spent in kernels. Kernel events are
-    counted once: an op's device time is its kernels' time, and GPU-side annotations span other kernels."""
+    by their own CPU time on a CPU), the GPU's kernel time by kind (`KERNEL_KINDS`) and the share of wall time
+    the GPU spent in kernels. Kernel events are counted once: an op's device time is its kernels' time, and
+    GPU-side annotations span other kernels."""
     from torch.autograd import DeviceType
 
     ops = [e for e in events if e.device_type == DeviceType.CPU]
@@ -61,8 +76,13 @@ def profile_summary(events, calls: int, wall_ms: float, cuda: bool, rows: int = 
         return (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e3 / calls
 
     top = sorted(ops, key=self_ms, reverse=True)[:rows]
-    busy_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / calls
+    by_kind = {}
+    for kernel in kernels:
+        kind = kernel_kind(kernel.key)
+        by_kind[kind] = by_kind.get(kind, 0.0) + kernel.self_device_time_total / 1e3 / calls
+    busy_ms = sum(by_kind.values())
     return {"wall_ms_per_call": wall_ms, "gpu_busy_fraction": busy_ms / wall_ms if cuda else None,
+            "kernel_ms_by_kind": dict(sorted(by_kind.items(), key=lambda item: -item[1])) if cuda else None,
             "top": [{"name": e.key[:80], "self_ms_per_call": self_ms(e), "calls_per_call": e.count / calls}
                     for e in top]}
 
@@ -276,7 +296,11 @@ def format_bench(result: dict) -> str:
     if "profile" in result.get("train", {}):
         r = result["train"]["profile"]
         busy = "" if r["gpu_busy_fraction"] is None else f", GPU busy {r['gpu_busy_fraction']:.0%}"
-        lines.append(f"train step profile: {r['wall_ms_per_call']:.2f} ms per step{busy}; top self times (ms per step):")
+        lines.append(f"train step profile: {r['wall_ms_per_call']:.2f} ms per step{busy}")
+        if r["kernel_ms_by_kind"]:
+            lines.append("  GPU time by kind (ms per step): "
+                         + ", ".join(f"{kind} {ms:.2f}" for kind, ms in r["kernel_ms_by_kind"].items()))
+        lines.append("  top self times (ms per step):")
         lines += [f"  {e['self_ms_per_call']:8.3f}  x{e['calls_per_call']:<5g} {e['name']}" for e in r["top"]]
     if "sample" in result:
         r = result["sample"]["cfg_1.5"]

@@ -40,12 +40,14 @@ from harness.io import atomic_torch_save, atomic_write_json, atomic_write_text, 
 
 @dataclass
 class Dist:
-    """This process's place in the job: rank, world size and the device it trains on."""
+    """This process's place in the job: rank, world size, the device it trains on, and a CPU (gloo) group for
+    host-side flags when the default group is NCCL."""
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    host_group: object = None
 
     @property
     def is_main(self) -> bool:
@@ -54,6 +56,15 @@ class Dist:
     def barrier(self) -> None:
         if self.world_size > 1:
             torch_dist.barrier()
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any rank, so all ranks take the same branch at the same step.
+        The flag travels over a CPU group: agreeing on it never waits for the GPU work queued before it."""
+        if self.world_size == 1:
+            return bool(flag)
+        value = torch.tensor([int(bool(flag))])
+        torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX, group=self.host_group)
+        return bool(value.item())
 
 
 def setup_distributed(device_pref: str = "auto") -> Dist:
@@ -70,9 +81,13 @@ def setup_distributed(device_pref: str = "auto") -> Dist:
     device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if world_size > 1 and not torch_dist.is_initialized():
-        torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
-    return Dist(rank, world_size, local_rank, device)
+    host_group = None
+    if world_size > 1:
+        if not torch_dist.is_initialized():
+            torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+        if torch_dist.get_backend() != "gloo":
+            host_group = torch_dist.new_group(backend="gloo")
+    return Dist(rank, world_size, local_rank, device, host_group)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -356,7 +371,10 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
                       f"{geometry.tokens(cfg.model.patch_size)} tokens) on {device} x{dist.world_size}, "
                       f"step {step}/{max_steps}")
 
+    nonfinite = NonFiniteWatch(device)
+
     def save(step: int) -> None:
+        nonfinite.check(dist)
         if dist.is_main:
             atomic_torch_save({
                 "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
@@ -370,6 +388,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
     def evaluate(step: int) -> None:
         from harness.evaluate import evaluate_model
 
+        nonfinite.check(dist)
         evaluate_model(ema, cfg, step, run_dir, dist=dist, flops=flops, params=params, log_fn=tracker.log_result)
 
     try:
@@ -385,11 +404,13 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
                                         diffusion.num_timesteps, float(cfg.model.class_dropout_prob), device)
             losses = train_step(forward, diffusion, model, ema, opt, x, y, t, noise, drop, tc)
             step += 1
+            nonfinite.note(losses["loss"], step)
 
             tracker.progress(step, max_steps)
             window_images += tc.global_batch_size
             window_loss.append(losses["loss"].detach().mean())
             if step % tc.log_every == 0 or step == max_steps:
+                nonfinite.check(dist)
                 elapsed = time.time() - window_start
                 images_per_s = window_images / max(elapsed, 1e-9)
                 tflops = achieved_tflops(flops["gflops"], images_per_s / dist.world_size)
@@ -407,7 +428,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
                 evaluate(step)
             if step % tc.ckpt_every == 0 or step in milestones or step == max_steps:
                 save(step)
-            if any_rank(preemption.raised, device):
+            if dist.any_rank(preemption.raised):
                 if step % tc.ckpt_every and step not in milestones and step != max_steps:
                     save(step)
                 if dist.is_main:
@@ -540,17 +561,12 @@ def inference_forward(model: torch.nn.Module, cfg: DictConfig, device: torch.dev
 def train_step(forward, diffusion, model, ema, opt, x, y, t, noise, drop, tc: DictConfig) -> dict:
     """One optimizer step: loss (labels where `drop` is set replaced by the null label), backward, clip, AdamW, EMA.
 
-    A non-finite loss on any rank raises on every rank before any weight changes, so the last good
-    checkpoint stays the truth (DDP has already spread that rank's gradients to all of them).
+    Nothing here reads a value back to the host, so the CPU queues the next step while the GPU runs this one;
+    a non-finite loss is caught by `NonFiniteWatch` before anything is written.
     """
     torch.compiler.cudagraph_mark_step_begin()  # with CUDA graphs: a new step, the last one's buffers are free
     losses = diffusion.training_losses(forward, x, t, {"y": y, "force_drop_ids": drop.long()}, noise=noise)
-    loss = losses["loss"].mean()
-    loss.backward()
-    # Checked once backward is queued, so the GPU never idles waiting for this host sync.
-    if any_rank(~torch.isfinite(loss.detach()), loss.device):
-        raise FloatingPointError(f"non-finite loss ({loss.item()} here) on a rank; stopping with the last good "
-                                 "checkpoint untouched")
+    losses["loss"].mean().backward()
     if tc.grad_clip and tc.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
     opt.step()
@@ -559,20 +575,37 @@ def train_step(forward, diffusion, model, ema, opt, x, y, t, noise, drop, tc: Di
     return losses
 
 
+class NonFiniteWatch:
+    """The first step whose loss was not finite, noted on the device: a host check after every step would
+    make the GPU idle while the CPU queues the next one (a few percent of an H100 step, more for small models).
+
+    `check` reads it (one sync; the earliest step over all ranks, so every rank stops together) and raises.
+    The train loop checks before it logs, evaluates or saves anything, so nothing a non-finite loss touched
+    reaches the disk; the steps between the bad one and the check are wasted, not written."""
+
+    NEVER = torch.iinfo(torch.int64).max
+
+    def __init__(self, device: torch.device):
+        self.first_step = torch.full((), self.NEVER, dtype=torch.int64, device=device)
+
+    def note(self, loss: torch.Tensor, step: int) -> None:
+        finite = torch.isfinite(loss.detach()).all()
+        self.first_step = torch.where(finite, self.first_step, self.first_step.clamp(max=step))
+
+    def check(self, dist: Dist) -> None:
+        first = self.first_step.clone()
+        if dist.world_size > 1:
+            torch_dist.all_reduce(first, op=torch_dist.ReduceOp.MIN)
+        if int(first) != self.NEVER:
+            raise FloatingPointError(f"non-finite loss at step {int(first)} (on at least one rank); stopping with "
+                                     "the checkpoints before it untouched")
+
+
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, for every parameter."""
     ema_params = list(ema.parameters())
     torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - decay)
-
-
-def any_rank(flag: bool | torch.Tensor, device: torch.device) -> bool:
-    """True on every rank if `flag` is true on any rank, so all ranks take the same branch at the same step."""
-    if not (torch_dist.is_available() and torch_dist.is_initialized()):
-        return bool(flag)
-    value = torch.as_tensor(flag, device=device).reshape(1).to(torch.int32)
-    torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
-    return bool(value.item())
 
 
 def _hydra_output_dir() -> Path:

@@ -128,12 +128,13 @@ def test_run_dir_with_a_different_config_is_refused(tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     train(compose([*TINY, "trainer.max_steps=4", "trainer.ckpt_every=2"]), tmp_path)
     before = {p.name: p.read_bytes() for p in list_checkpoints(tmp_path)}
-    with pytest.raises(FloatingPointError, match="non-finite loss"):
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step [5-8] "):
         train(compose([*TINY, "trainer.max_steps=8", "trainer.ckpt_every=2", "trainer.lr=1e30",
                        "on_config_change=resume"]), tmp_path)
-    after = {p.name: p.read_bytes() for p in list_checkpoints(tmp_path)}
-    assert all(after[name] == data for name, data in before.items())
-    assert json.loads((tmp_path / "run_state.json").read_text())["state"] == "failed"
+    # Nothing from the diverged run reaches the disk: no new checkpoint, the old ones byte for byte.
+    assert {p.name: p.read_bytes() for p in list_checkpoints(tmp_path)} == before
+    state = json.loads((tmp_path / "run_state.json").read_text())
+    assert state["state"] == "failed" and "non-finite loss at step" in state["error"]
 
 
 def _nan_on_one_rank_worker(rank, port, out_dir):
@@ -142,7 +143,7 @@ def _nan_on_one_rank_worker(rank, port, out_dir):
     from harness.config import latent_geometry
     from harness.diffusion import create_diffusion
     from harness.model import build_model
-    from harness.train import autocast_forward, build_optimizer, fast_path_settings, train_step
+    from harness.train import Dist, NonFiniteWatch, autocast_forward, build_optimizer, fast_path_settings, train_step
 
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -151,27 +152,33 @@ def _nan_on_one_rank_worker(rank, port, out_dir):
         torch.manual_seed(0)
         model = build_model(cfg.model, latent_geometry(cfg))
         ema = copy.deepcopy(model).requires_grad_(False)
-        before = copy.deepcopy(model.state_dict())
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         cpu = torch.device("cpu")
         forward = autocast_forward(ddp, model, fast_path_settings(cfg.trainer, cpu), cpu)
         opt = build_optimizer(model, cfg.trainer, cpu)
-        x = torch.randn(8, 1, 8, 8)
-        if rank == 1:
-            x[0, 0, 0, 0] = float("nan")  # one bad sample on one rank
-        raised = False
-        try:
-            train_step(forward, create_diffusion(cfg.diffusion), model, ema, opt, x, torch.zeros(8, dtype=torch.long),
-                       torch.full((8,), 10), torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.bool), cfg.trainer)
-        except FloatingPointError:
-            raised = True
-        unchanged = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"raised": raised, "unchanged": unchanged}))
+        watch = NonFiniteWatch(cpu)
+        diffusion = create_diffusion(cfg.diffusion)
+        messages = []
+        for step in (1, 2):
+            x = torch.randn(8, 1, 8, 8)
+            if rank == 1 and step == 2:
+                x[0, 0, 0, 0] = float("nan")  # one bad sample on one rank, at step 2
+            losses = train_step(forward, diffusion, model, ema, opt, x, torch.zeros(8, dtype=torch.long),
+                                torch.full((8,), 10), torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.bool),
+                                cfg.trainer)
+            watch.note(losses["loss"], step)
+            try:
+                watch.check(Dist(rank, 2, rank, cpu))
+                messages.append(None)
+            except FloatingPointError as err:
+                messages.append(str(err))
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(
+            {"messages": messages, "own_loss_finite": bool(torch.isfinite(losses["loss"]).all())}))
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_a_non_finite_loss_on_one_rank_stops_every_rank_before_any_weight_changes(tmp_path):
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     import socket
 
     import torch.multiprocessing as mp
@@ -180,8 +187,24 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_before_any_weight_change
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.start_processes(_nan_on_one_rank_worker, args=(port, str(tmp_path)), nprocs=2, start_method="fork")
-    for rank in (0, 1):
-        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"raised": True, "unchanged": True}
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert results[0]["own_loss_finite"] and not results[1]["own_loss_finite"]
+    for result in results:  # rank 0 stops on rank 1's word, naming the step
+        assert result["messages"][0] is None
+        assert result["messages"][1].startswith("non-finite loss at step 2 ")
+
+
+def test_non_finite_watch_keeps_the_first_bad_step():
+    from harness.train import Dist, NonFiniteWatch
+
+    watch = NonFiniteWatch(torch.device("cpu"))
+    local = Dist(0, 1, 0, torch.device("cpu"))
+    watch.note(torch.tensor([1.0, 2.0]), 1)
+    watch.check(local)
+    for step, loss in ((2, float("inf")), (3, 0.5), (4, float("nan"))):
+        watch.note(torch.tensor([loss]), step)
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 2 "):
+        watch.check(local)
 
 
 @pytest.mark.parametrize("override, message", [
