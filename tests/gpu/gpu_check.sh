@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmarks of the performance issue, end to end, on a bare GPU machine with PyTorch.
 #   tests/gpu/gpu_check.sh            DiT-XL/2 and DiT-B/2 training at per-GPU batch 32 and at a large batch
-#                                     (XL/2 128, B/2 256) on the CUDA defaults (bf16 + SDPA + compile with
+#                                     (XL/2 128, B/2 512) on the CUDA defaults (bf16 + SDPA + compile with
 #                                     CUDA graphs; MFU vs the dense bf16 peak), XL/2 250-step guided sampling
 #                                     throughput, and XL/2 peak memory with and without gradient checkpointing;
 #   tests/gpu/gpu_check.sh variants   where a step goes and what changes it: profiles with the GPU time by
@@ -66,7 +66,7 @@ if [[ $suite == check ]]; then
   bench 60 model=DiT-XL/2 trainer.global_batch_size=32 trainer.compile=false --what train
   bench 60 model=DiT-XL/2 trainer.global_batch_size=32 trainer.compile=false trainer.grad_checkpointing=true --what train
   bench 120 model=DiT-XL/2 trainer.global_batch_size=128 --what train
-  bench 100 model=DiT-B/2 trainer.global_batch_size=256 --what train
+  bench 100 model=DiT-B/2 trainer.global_batch_size=512 --what train
 else
   bench 90 model=DiT-B/2 trainer.global_batch_size=32 --what train --profile
   bench 150 model=DiT-XL/2 trainer.global_batch_size=32 --what train --profile
