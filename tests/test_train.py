@@ -194,6 +194,37 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_pat
         assert result["messages"][1].startswith("non-finite loss at step 2 ")
 
 
+def test_a_training_step_reads_nothing_back_to_the_host(monkeypatch):
+    """A host read (item, bool, int, ...) in the step would leave a GPU idle while the CPU queues the next one."""
+    import copy
+
+    from harness.config import latent_geometry
+    from harness.diffusion import create_diffusion
+    from harness.model import build_model
+    from harness.train import NonFiniteWatch, autocast_forward, build_optimizer, fast_path_settings, train_step
+
+    cfg = compose([*TINY, "trainer.fused_adamw=true", "trainer.grad_clip=1.0"])  # AdamW as on CUDA, clipping on
+    cpu = torch.device("cpu")
+    model = build_model(cfg.model, latent_geometry(cfg))
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = build_optimizer(model, cfg.trainer, cpu)
+    forward = autocast_forward(model, model, fast_path_settings(cfg.trainer, cpu), cpu)
+    diffusion = create_diffusion(cfg.diffusion)
+    watch = NonFiniteWatch(cpu)
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        def spy(self, *args, _name=name, _original=getattr(torch.Tensor, name), **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    for step in (1, 2):
+        losses = train_step(forward, diffusion, model, ema, opt, torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.long),
+                            torch.full((8,), 10), torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.bool), cfg.trainer)
+        watch.note(losses["loss"], step)
+    monkeypatch.undo()
+    assert reads == []
+
+
 def test_non_finite_watch_keeps_the_first_bad_step():
     from harness.train import Dist, NonFiniteWatch
 
