@@ -459,17 +459,17 @@ def build_optimizer(model: torch.nn.Module, tc: DictConfig, device: torch.device
                              fused=fused or None)
 
 
-def fast_path_settings(tc: DictConfig, device: torch.device, world_size: int = 1) -> dict:
+def fast_path_settings(tc: DictConfig, device: torch.device, world_size: int = 1, sampling: bool = False) -> dict:
     """Resolve `auto` fast paths per device: bf16 autocast and torch.compile on CUDA; fp32 eager on CPU,
-    where `harness bench` shows neither pays for a small DiT. CUDA graphs (compile mode reduce-overhead) for a
-    one-process CUDA run, where the H100 benchmark shows them paying (README); under DDP they are unmeasured.
-    The SDPA kernel stays PyTorch's choice unless pinned."""
+    where `harness bench` shows neither pays for a small DiT. CUDA graphs (compile mode reduce-overhead) for
+    one-process CUDA training, where the H100 benchmark shows them paying (README); under DDP and for
+    `sampling` they are unmeasured. The SDPA kernel stays PyTorch's choice unless pinned."""
     on_gpu = device.type == "cuda"
     precision = ("bf16" if on_gpu else "fp32") if tc.precision == "auto" else str(tc.precision)
     compile_ = on_gpu if tc.compile == "auto" else bool(tc.compile)
     mode = str(tc.compile_mode)
     if mode == "auto":
-        mode = "reduce-overhead" if on_gpu and world_size == 1 else "default"
+        mode = "reduce-overhead" if on_gpu and world_size == 1 and not sampling else "default"
     require(on_gpu or tc.attention in ("auto", "flash", "math"),
             f"trainer.attention={tc.attention} needs CUDA; on CPU use auto, flash or math")
     return {"precision": precision, "compile": compile_, "compile_mode": mode, "attention": str(tc.attention)}
@@ -550,9 +550,7 @@ class InferenceForward(torch.nn.Module):
 def inference_forward(model: torch.nn.Module, cfg: DictConfig, device: torch.device) -> InferenceForward:
     """The sampling forward of `model` for a full config: the trainer's fast paths, `eval.precision` and
     `eval.max_forward_batch`."""
-    fast = fast_path_settings(cfg.trainer, device)
-    if cfg.trainer.compile_mode == "auto":  # the benchmark measured sampling without CUDA graphs
-        fast["compile_mode"] = "default"
+    fast = fast_path_settings(cfg.trainer, device, sampling=True)
     if cfg.eval.precision != "auto":
         fast["precision"] = str(cfg.eval.precision)
     return InferenceForward(model, fast, device, cfg.eval.max_forward_batch)
@@ -596,8 +594,9 @@ class NonFiniteWatch:
         first = self.first_step.clone()
         if dist.world_size > 1:
             torch_dist.all_reduce(first, op=torch_dist.ReduceOp.MIN)
-        if int(first) != self.NEVER:
-            raise FloatingPointError(f"non-finite loss at step {int(first)} (on at least one rank); stopping with "
+        first = int(first)
+        if first != self.NEVER:
+            raise FloatingPointError(f"non-finite loss at step {first} (on at least one rank); stopping with "
                                      "the checkpoints before it untouched")
 
 

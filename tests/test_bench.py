@@ -132,3 +132,4 @@ def test_cpu_defaults_are_the_plain_path():
                                                                      "compile_mode": "reduce-overhead",
                                                                      "attention": "auto"}
     assert fast_path_settings(cfg.trainer, torch.device("cuda"), world_size=2)["compile_mode"] == "default"
+    assert fast_path_settings(cfg.trainer, torch.device("cuda"), sampling=True)["compile_mode"] == "default"
