@@ -52,7 +52,8 @@ def _reset_peak_memory(device: torch.device) -> None:
 # Kernel names by what they do, first match wins: where a step's GPU time goes, in terms a reader can act on.
 KERNEL_KINDS = (
     ("attention", re.compile(r"sdpa|flash|fmha|attention", re.I)),
-    ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|cublas", re.I)),
+    # Inductor's GEMM templates (max-autotune) are Triton kernels too: `triton_tem_*`, epilogue fused in.
+    ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|^triton_tem_", re.I)),
     ("optimizer+ema", re.compile(r"multi_tensor_apply|fused_adam|foreach", re.I)),
     ("fused elementwise (triton)", re.compile(r"^triton_", re.I)),
 )

@@ -65,11 +65,12 @@ def test_gpu_busy_share_counts_each_kernel_once():
         event("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", DeviceType.CUDA, 400),
         event("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN", DeviceType.CUDA, 600),
         event("triton_per_fused_native_layer_norm_0", DeviceType.CUDA, 200),
+        event("triton_tem_fused_addmm_gelu_3", DeviceType.CUDA, 400),  # max-autotune: a GEMM, GELU in its epilogue
     ]
     summary = profile_summary(events, calls=2, wall_ms=4.0, cuda=True)
-    assert summary["gpu_busy_fraction"] == pytest.approx((3.0 + 1.0 + 0.4 + 0.6 + 0.2) / 2 / 4.0)
+    assert summary["gpu_busy_fraction"] == pytest.approx((3.0 + 1.0 + 0.4 + 0.6 + 0.2 + 0.4) / 2 / 4.0)
     assert summary["kernel_ms_by_kind"] == pytest.approx(
-        {"gemm": 1.8, "optimizer+ema": 0.5, "attention": 0.2, "fused elementwise (triton)": 0.1})
+        {"gemm": 2.0, "optimizer+ema": 0.5, "attention": 0.2, "fused elementwise (triton)": 0.1})
     assert list(summary["kernel_ms_by_kind"])[0] == "gemm"
     assert [op["name"] for op in summary["top"]] == ["aten::mm", "aten::_fused_adamw_"]
     assert summary["top"][0]["self_ms_per_call"] == pytest.approx(1.5)

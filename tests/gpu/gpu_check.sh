@@ -6,7 +6,10 @@
 #                                     throughput, and XL/2 peak memory with and without gradient checkpointing;
 #   tests/gpu/gpu_check.sh variants   where a step goes and what changes it: profiles with the GPU time by
 #                                     kernel kind, the batch, the SDPA kernel, and the real train loop
-#                                     (`harness train` on a synthetic latent cache) against `harness bench`.
+#                                     (`harness train` on a synthetic latent cache) against `harness bench`;
+#   tests/gpu/gpu_check.sh autotune   DiT-XL/2 under compile mode max-autotune (Inductor's Triton GEMM templates,
+#                                     GELU, bias and gated residuals fused into GEMM epilogues) at batch 128 and,
+#                                     profiled, at 32; then the default mode at 128 on the same machine.
 # Budget: under 8 minutes; each benchmark has its own time limit and a failed one does not stop the rest.
 # Results: one JSON line per benchmark in bench/gpu_<suite>.jsonl ($OUT/... through the device tool).
 #
@@ -17,7 +20,7 @@
 #     hydra-submitit-launcher==1.2.0 torch-fidelity==0.4.0
 set -uo pipefail
 suite=${1:-check}
-[[ $suite == check || $suite == variants ]] || { echo "gpu_check.sh: suite '$suite' is not one of check, variants" >&2; exit 2; }
+[[ $suite =~ ^(check|variants|autotune)$ ]] || { echo "gpu_check.sh: suite '$suite' is not one of check, variants, autotune" >&2; exit 2; }
 cd "$(dirname "$0")/../.."
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -67,6 +70,10 @@ if [[ $suite == check ]]; then
   bench 60 model=DiT-XL/2 trainer.global_batch_size=32 trainer.compile=false trainer.grad_checkpointing=true --what train
   bench 120 model=DiT-XL/2 trainer.global_batch_size=128 --what train
   bench 100 model=DiT-B/2 trainer.global_batch_size=512 --what train
+elif [[ $suite == autotune ]]; then  # GEMM autotuning compiles for minutes: the limits allow for it
+  bench 260 model=DiT-XL/2 trainer.global_batch_size=128 trainer.compile_mode=max-autotune --what train
+  bench 200 model=DiT-XL/2 trainer.global_batch_size=32 trainer.compile_mode=max-autotune --what train --profile
+  bench 120 model=DiT-XL/2 trainer.global_batch_size=128 --what train
 else
   bench 90 model=DiT-B/2 trainer.global_batch_size=32 --what train --profile
   bench 150 model=DiT-XL/2 trainer.global_batch_size=32 --what train --profile
