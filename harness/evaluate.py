@@ -697,14 +697,16 @@ def results_row(cfg: DictConfig, step: int, run_dir: str | os.PathLike, fid: dic
 
 def evaluate_model(model: nn.Module, cfg: DictConfig, step: int, run_dir: str | os.PathLike, dist=None,
                    flops: dict | None = None, params: int | None = None, cache_dir: str | os.PathLike | None = None,
-                   log_fn: Callable[[dict], None] | None = None) -> dict | None:
+                   log_fn: Callable[[dict], None] | None = None, forward: nn.Module | None = None) -> dict | None:
     """Evaluate the in-memory EMA `model` of a run at `step`: sample, FID, append the row to results.jsonl.
 
     Called by every rank of a job (`dist`: an object with rank, world_size, device, e.g. harness.train.Dist;
     None: one process on `trainer.device`). All ranks sample their share; rank 0 computes FID and the
     reference floor, saves the grid/.npz (`eval.save_grid`, `eval.save_npz`) under `samples/`, appends the
     row atomically, calls `log_fn(row)` (e.g. a wandb hook) and returns it; other ranks return None.
-    `flops`/`params` avoid recounting (harness.flops.count_flops / harness.model.count_params).
+    `flops`/`params` avoid recounting (harness.flops.count_flops / harness.model.count_params); `forward`,
+    `model`'s sampling forward (harness.train.inference_forward), is kept by a caller that evaluates repeatedly,
+    so its compiled graph and learned call size carry over.
     """
     from harness.config import latent_geometry
     from harness.train import inference_forward
@@ -714,7 +716,7 @@ def evaluate_model(model: nn.Module, cfg: DictConfig, step: int, run_dir: str | 
     device = dist.device if dist is not None else _device(cfg.trainer.get("device"))
     check_eval_config(cfg.eval, cfg.data, int(cfg.diffusion.num_timesteps))  # fail before sampling, not after
     geometry = latent_geometry(cfg)
-    images = generate_samples(inference_forward(model, cfg, device), cfg.diffusion, run_autoencoder(cfg, device),
+    images = generate_samples(forward or inference_forward(model, cfg, device), cfg.diffusion, run_autoencoder(cfg, device),
                               cfg.eval, geometry, device, rank=rank, world_size=world_size)
     if rank != 0:
         return None

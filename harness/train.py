@@ -385,11 +385,14 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
             prune_checkpoints(run_dir, int(tc.keep_last), milestones)
         dist.barrier()
 
+    sample_forward = inference_forward(ema, cfg, device) if eval_every is not None else None
+
     def evaluate(step: int) -> None:
         from harness.evaluate import evaluate_model
 
         nonfinite.check(dist)
-        evaluate_model(ema, cfg, step, run_dir, dist=dist, flops=flops, params=params, log_fn=tracker.log_result)
+        evaluate_model(ema, cfg, step, run_dir, dist=dist, flops=flops, params=params, log_fn=tracker.log_result,
+                       forward=sample_forward)
 
     try:
         model.train()

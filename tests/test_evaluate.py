@@ -342,6 +342,26 @@ def test_evaluate_model_appends_a_complete_row(cfg, tmp_path, fid_cache, monkeyp
     assert again["fid"] == row["fid"]
 
 
+def test_training_evaluates_every_n_steps_through_one_sampling_forward(tmp_path, fid_cache, monkeypatch):
+    import harness.train as train_module
+
+    built = []
+
+    def counting_inference_forward(*args, **kwargs):
+        built.append(args)
+        return inference_forward(*args, **kwargs)
+
+    inference_forward = train_module.inference_forward
+    monkeypatch.setattr(train_module, "inference_forward", counting_inference_forward)
+    cfg = compose([*TINY_EVAL, "trainer.max_steps=4", "trainer.ckpt_every=4", "trainer.log_every=2",
+                   "trainer.global_batch_size=8", "trainer.device=cpu", "eval.every=2", f"eval.cache_dir={fid_cache}"])
+    train_module.train(cfg, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [2, 4]
+    assert rows[0]["fid"] != rows[1]["fid"]  # the EMA weights moved between the evaluations
+    assert len(built) == 1  # the compiled graph and the learned call size carry over between evaluations
+
+
 def _write_checkpoint(cfg, path, model):
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": model.state_dict(), "ema": model.state_dict(), "step": 30, "config": to_yaml(cfg)}, path)
