@@ -123,26 +123,50 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
 
 
+VAE_HINT = "point autoencoder.path at a local directory holding the VAE's config.json and weights"
+
+
+def local_vae_dir(path: str) -> Path | None:
+    """The local directory `autoencoder.path` names, or None for a hub id (e.g. stabilityai/sd-vae-ft-ema)."""
+    local = Path(path).expanduser()
+    if not (local.is_absolute() or path.startswith((".", "~")) or local.exists()):
+        return None
+    require(local.is_dir(), f"autoencoder.path={path!r} is not a directory; {VAE_HINT}")
+    return local
+
+
+def check_autoencoder_source(ae_cfg: DictConfig) -> None:
+    """The VAE `build_autoencoder` will load can be found, without loading it: a local directory with its
+    config.json, or a hub id that is in the hub cache when the hub is offline. Nothing to find for identity."""
+    if str(ae_cfg.name) == "identity":
+        return
+    path = str(ae_cfg.path)
+    local = local_vae_dir(path)
+    if local is not None:
+        require((local / "config.json").is_file(), f"autoencoder.path={path!r} has no config.json; {VAE_HINT}")
+    elif hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        require(isinstance(try_to_load_from_cache(path, "config.json"), str),
+                f"autoencoder.path={path!r} is not in the hub cache and the hub is offline (HF_HUB_OFFLINE); {VAE_HINT}")
+
+
 def load_vae(path: str) -> torch.nn.Module:
     """`AutoencoderKL.from_pretrained(path)` from a local directory, the hub cache, or (online) the hub."""
     from diffusers import AutoencoderKL
     from diffusers.utils import is_accelerate_available
 
-    hint = "point autoencoder.path at a local directory holding the VAE's config.json and weights"
-    local = Path(path).expanduser()
-    looks_local = local.is_absolute() or path.startswith((".", "~")) or local.exists()
-    if looks_local and not local.is_dir():
-        raise HarnessError(f"autoencoder.path={path!r} is not a directory; {hint}")
+    local = local_vae_dir(path)
     # Offline, only the local directory or the hub cache may be read: never wait on a connection.
     offline = hub_offline()
     try:
         with warnings.catch_warnings():  # deprecation notices between diffusers and huggingface_hub versions
             warnings.simplefilter("ignore")
             # The low-memory loader needs `accelerate`; without it diffusers falls back anyway, only noisily.
-            return AutoencoderKL.from_pretrained(str(local) if looks_local else path,
-                                                 local_files_only=offline or looks_local,
+            return AutoencoderKL.from_pretrained(str(local) if local is not None else path,
+                                                 local_files_only=offline or local is not None,
                                                  low_cpu_mem_usage=is_accelerate_available())
     except Exception as err:  # diffusers/huggingface_hub raise OSError, ValueError, HTTP and JSON errors
         reason = first_line(err)[:200]
-        where = "offline (HF_HUB_OFFLINE) and not in the hub cache" if offline and not looks_local else reason
-        raise HarnessError(f"autoencoder.path={path!r}: cannot load the AutoencoderKL weights ({where}); {hint}") from None
+        where = "offline (HF_HUB_OFFLINE) and not in the hub cache" if offline and local is None else reason
+        raise HarnessError(f"autoencoder.path={path!r}: cannot load the AutoencoderKL weights ({where}); {VAE_HINT}") from None

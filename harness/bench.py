@@ -22,7 +22,8 @@ import torch
 from omegaconf import DictConfig
 
 from harness.config import compose, latent_geometry, validate
-from harness.io import append_jsonl
+from harness.errors import require
+from harness.io import append_jsonl, check_output_path
 
 WHAT = ("train", "sample", "features", "latents")
 
@@ -247,6 +248,10 @@ def run_bench(overrides: list[str], what=WHAT, log: str | None = None, warmup: i
 
     cfg = compose(overrides)
     validate(cfg)
+    unknown = [w for w in what if w not in WHAT]
+    require(not unknown, f"--what {' '.join(unknown)}: not one of {', '.join(WHAT)}")
+    if log:
+        check_output_path(log, "--log")
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.device != "cpu" else "cpu")
     geometry = latent_geometry(cfg)
     flops = count_flops(cfg.model, geometry)

@@ -49,11 +49,14 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _train_digits_cnn(args: argparse.Namespace) -> int:
-    from harness.config import compose
+    from harness.config import compose, latent_geometry
     from harness.evaluate import DIGITS_WEIGHTS, train_digits_extractor
+    from harness.io import check_output_path
 
-    out = args.out or DIGITS_WEIGHTS
-    meta = train_digits_extractor(out, seed=args.seed, data_cfg=compose(args.overrides).data, verbose=True)
+    out = check_output_path(args.out or DIGITS_WEIGHTS, "--out")
+    cfg = compose(args.overrides)
+    latent_geometry(cfg)  # the data sizes, checked before a minute of training
+    meta = train_digits_extractor(out, seed=args.seed, data_cfg=cfg.data, verbose=True)
     print(f"digits CNN: held-out accuracy {meta['held_out_accuracy']:.4f} ({meta['held_out_images']} images, "
           f"{meta['train_seconds']} s) -> {out}")
     return 0
@@ -84,12 +87,24 @@ def _report(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from harness.bench import format_bench, run_bench
 
-    print(format_bench(run_bench(args.overrides, what=args.what, log=args.log, profile=args.profile)))
+    # `--what train key=value`: argparse hands trailing overrides to --what; sort them back out.
+    items = [*args.what, *args.overrides]
+    what = [item for item in items if "=" not in item]
+    overrides = [item for item in items if "=" in item]
+    print(format_bench(run_bench(overrides, what=what, log=args.log, profile=args.profile)))
     return 0
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse, except that a usage error is one line like every other bad input (argparse prints its usage)."""
+
+    def error(self, message: str):
+        print(f"harness: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="harness", description=__doc__.splitlines()[0])
+    parser = OneLineErrors(prog="harness", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, func, help: str) -> argparse.ArgumentParser:
@@ -140,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mix-extractors", action="store_true", help="allow FIDs of different feature extractors on one axis")
 
     p = command("bench", _bench, "Time training, sampling, feature extraction and latent loading; MFU and memory.")
-    p.add_argument("--what", nargs="+", default=["train", "sample", "features", "latents"],
-                   choices=("train", "sample", "features", "latents"))
+    p.add_argument("--what", nargs="+", default=["train", "sample", "features", "latents"], metavar="WHAT",
+                   help="any of train, sample, features, latents (default: all)")
     p.add_argument("--log", default="bench/bench_log.jsonl", help="benchmark log to append to")
     p.add_argument("--profile", action="store_true", help="also profile the training step: top ops, GPU busy share")
     p.add_argument("overrides", **overrides)

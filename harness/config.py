@@ -30,6 +30,9 @@ def slug(text: str) -> str:
 
 if not OmegaConf.has_resolver("slug"):
     OmegaConf.register_new_resolver("slug", slug)
+# `${default:${key},fallback}`: oc.select falls back only for a missing key, not for one set to null.
+if not OmegaConf.has_resolver("default"):
+    OmegaConf.register_new_resolver("default", lambda value, fallback: fallback if value is None else value)
 
 
 def config_groups(group: str) -> list[str]:
@@ -62,8 +65,53 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "tra
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as err:
-        raise HarnessError(first_line(err)) from None
+        raise HarnessError(composition_error(err)) from None
     return cfg
+
+
+def composition_error(err: Exception) -> str:
+    """One line for a Hydra composition error that names the key and what is allowed (Hydra's own message
+    spreads that over many lines, or leaves it out)."""
+    text = str(err)
+    missing = re.search(r"Could not find '([^'/]+)/([^']+)'", text)
+    if missing and config_groups(missing.group(1)):
+        group, option = missing.groups()
+        return f"{group}={option} is not one of {', '.join(config_groups(group))}"
+    unknown = re.search(r"Could not override '([^']+)'\.\s*To append to your config use (\S+)", text)
+    if unknown:
+        return f"{unknown.group(1)} is not a config key (check its spelling; a new key is added as {unknown.group(2)})"
+    return first_line(err)
+
+
+def integer(node: DictConfig, key: str, low: int = 1, optional: bool = False) -> int | None:
+    """`node[key]` as an integer >= `low` (None allowed when `optional`), else one error line naming the key."""
+    value = node.get(key)
+    if optional and value is None:
+        return None
+    kind = "a positive integer" if low == 1 else f"an integer >= {low}"
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= low,
+            f"{_full_key(node, key)} must be {kind}{' or null' if optional else ''}, got {value!r}")
+    return value
+
+
+def number(node: DictConfig, key: str, allowed: str, test=lambda v: True, optional: bool = False) -> float | None:
+    """`node[key]` as a number passing `test` (described by `allowed`, e.g. "in [0, 1)"), else one error line."""
+    value = node.get(key)
+    if optional and value is None:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and test(value)
+    require(ok, f"{_full_key(node, key)} must be a number {allowed}{' or null' if optional else ''}, got {value!r}")
+    return float(value)
+
+
+def one_of(node: DictConfig, key: str, allowed: tuple) -> None:
+    value = node.get(key)
+    require(value in allowed, f"{_full_key(node, key)}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _full_key(node: DictConfig, key: str) -> str:
+    parent = node._get_full_key(None) if isinstance(node, DictConfig) else ""
+    return f"{parent}.{key}" if parent else key
 
 
 @dataclass(frozen=True)
@@ -81,48 +129,50 @@ class Geometry:
 def latent_geometry(cfg: DictConfig) -> Geometry:
     """The DiT input geometry implied by `data` and `autoencoder` (e.g. 256px through the SD VAE -> 32x32x4)."""
     data, ae = cfg.data, cfg.autoencoder
-    require(int(data.image_size) > 0, f"data.image_size must be a positive integer, got {data.image_size}")
-    require(int(ae.downsample) > 0, f"autoencoder.downsample must be a positive integer, got {ae.downsample}")
-    require(
-        data.image_size % ae.downsample == 0,
-        f"data.image_size={data.image_size} is not divisible by autoencoder.downsample={ae.downsample}",
-    )
-    channels = ae.latent_channels if ae.latent_channels is not None else data.channels
-    return Geometry(int(data.image_size) // int(ae.downsample), int(channels), int(data.num_classes))
+    image_size, downsample = integer(data, "image_size"), integer(ae, "downsample")
+    require(image_size % downsample == 0,
+            f"data.image_size={image_size} is not divisible by autoencoder.downsample={downsample}")
+    channels = integer(ae, "latent_channels", optional=True) or integer(data, "channels")
+    return Geometry(image_size // downsample, channels, integer(data, "num_classes"))
 
 
 def validate(cfg: DictConfig) -> None:
     """Check every value that would otherwise fail deep inside a job; raise one HarnessError line."""
     from harness.model import check_model_config
 
-    geometry = latent_geometry(cfg)
-    require(geometry.in_channels > 0, f"data.channels / autoencoder.latent_channels must be positive, got {geometry.in_channels}")
-    require(geometry.num_classes > 0, f"data.num_classes must be positive, got {geometry.num_classes}")
-    check_model_config(cfg.model, geometry)
+    check_model_config(cfg.model, latent_geometry(cfg))
     trainer = cfg.trainer
-    for key in ("max_steps", "global_batch_size", "ckpt_every", "log_every"):
-        value = trainer[key]
-        require(isinstance(value, int) and value > 0, f"trainer.{key} must be a positive integer, got {value!r}")
-    require(float(trainer.lr) > 0, f"trainer.lr must be positive, got {trainer.lr}")
-    require(0.0 <= float(trainer.ema_decay) < 1.0, f"trainer.ema_decay must be in [0, 1), got {trainer.ema_decay}")
-    require(trainer.precision in PRECISIONS, f"trainer.precision={trainer.precision!r} is not one of {', '.join(PRECISIONS)}")
-    require(trainer.compile in ("auto", True, False), f"trainer.compile must be auto, true or false, got {trainer.compile!r}")
-    require(trainer.compile_mode in COMPILE_MODES,
-            f"trainer.compile_mode={trainer.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
-    require(trainer.attention in ATTENTION_KERNELS,
-            f"trainer.attention={trainer.attention!r} is not one of {', '.join(ATTENTION_KERNELS)}")
-    require(isinstance(trainer.ddp_bucket_mb, (int, float)) and trainer.ddp_bucket_mb > 0,
-            f"trainer.ddp_bucket_mb must be a positive number, got {trainer.ddp_bucket_mb!r}")
-    require(trainer.keep_last >= 1, f"trainer.keep_last must be >= 1, got {trainer.keep_last}")
-    require(
-        cfg.on_config_change in ("refuse", "resume", "overwrite"),
-        f"on_config_change={cfg.on_config_change!r} is not one of refuse, resume, overwrite",
-    )
-    diffusion = cfg.diffusion
-    require(int(diffusion.num_timesteps) > 0, f"diffusion.num_timesteps must be positive, got {diffusion.num_timesteps}")
-    if cfg.eval.every is not None:
-        require(int(cfg.eval.every) >= 0, f"eval.every must be >= 0 or null, got {cfg.eval.every}")
-        check_eval_values(cfg.eval, int(diffusion.num_timesteps))
+    for key in ("max_steps", "global_batch_size", "ckpt_every", "log_every", "keep_last", "gpus"):
+        integer(trainer, key)
+    number(trainer, "lr", "> 0", lambda v: v > 0)
+    number(trainer, "weight_decay", ">= 0", lambda v: v >= 0)
+    number(trainer, "ema_decay", "in [0, 1)", lambda v: 0 <= v < 1)
+    number(trainer, "grad_clip", ">= 0 (0: no clipping)", lambda v: v >= 0)
+    number(trainer, "ddp_bucket_mb", "> 0", lambda v: v > 0)
+    number(trainer, "peak_tflops", "> 0", lambda v: v > 0, optional=True)
+    betas = trainer.betas
+    require(OmegaConf.is_list(betas) and len(betas) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas),
+            f"trainer.betas must be two numbers in [0, 1), got {betas!r}")
+    milestones = trainer.ckpt_milestones
+    require(OmegaConf.is_list(milestones) and all(isinstance(m, int) and not isinstance(m, bool) and m > 0
+                                                  for m in milestones),
+            f"trainer.ckpt_milestones must be a list of positive integers, got {milestones!r}")
+    one_of(trainer, "device", ("auto", "cpu", "cuda"))
+    one_of(trainer, "precision", PRECISIONS)
+    one_of(trainer, "compile", ("auto", True, False))
+    one_of(trainer, "fused_adamw", ("auto", True, False))
+    one_of(trainer, "tf32", (True, False))
+    one_of(trainer, "grad_checkpointing", (True, False))
+    one_of(trainer, "compile_mode", COMPILE_MODES)
+    one_of(trainer, "attention", ATTENTION_KERNELS)
+    one_of(cfg, "on_config_change", ("refuse", "resume", "overwrite"))
+    integer(cfg, "seed", low=0)
+    num_timesteps = integer(cfg.diffusion, "num_timesteps")
+    for key in ("beta_start", "beta_end"):
+        number(cfg.diffusion, key, "in (0, 1)", lambda v: 0 < v < 1)
+    if integer(cfg.eval, "every", low=0, optional=True) is not None:
+        check_eval_values(cfg.eval, num_timesteps)
 
 
 def check_eval_values(ev: DictConfig, num_timesteps: int) -> None:
@@ -130,11 +180,16 @@ def check_eval_values(ev: DictConfig, num_timesteps: int) -> None:
     weights are checked by `harness.evaluate.check_eval_config`, which calls this too."""
     from harness.diffusion import parse_sampler
 
-    require(int(ev.num_samples) >= 2, f"eval.num_samples must be >= 2 for FID, got {ev.num_samples}")
-    require(int(ev.batch_size) > 0, f"eval.batch_size must be positive, got {ev.batch_size}")
-    require(ev.labels in ("balanced", "uniform"), f"eval.labels={ev.labels!r} is not one of balanced, uniform")
-    require(float(ev.cfg_scale) >= 1.0, f"eval.cfg_scale must be >= 1 (1 = no guidance), got {ev.cfg_scale}")
-    require(ev.precision in PRECISIONS, f"eval.precision={ev.precision!r} is not one of {', '.join(PRECISIONS)}")
+    require(isinstance(ev.num_samples, int) and not isinstance(ev.num_samples, bool) and ev.num_samples >= 2,
+            f"eval.num_samples must be an integer >= 2 for FID, got {ev.num_samples!r}")
+    integer(ev, "batch_size")
+    integer(ev, "seed", low=0)
+    integer(ev, "reference_limit", low=2, optional=True)
+    integer(ev, "cfg_channels", optional=True)
+    one_of(ev, "labels", ("balanced", "uniform"))
+    number(ev, "cfg_scale", ">= 1 (1 = no guidance)", lambda v: v >= 1)
+    number(ev, "ddim_eta", ">= 0", lambda v: v >= 0)
+    one_of(ev, "precision", PRECISIONS)
     require(ev.max_forward_batch == "auto" or (isinstance(ev.max_forward_batch, int) and ev.max_forward_batch > 0),
             f"eval.max_forward_batch must be auto or a positive integer, got {ev.max_forward_batch!r}")
     parse_sampler(str(ev.sampler), num_timesteps)

@@ -18,6 +18,7 @@ import hashlib
 import io
 import math
 import os
+import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +29,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 from harness.errors import HarnessError, require
-from harness.io import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from harness.io import atomic_write_bytes, atomic_write_json, check_output_path, read_json, sha256_file
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "held_out")
@@ -150,16 +151,11 @@ class ImageFolderDataset(Dataset):
         require(on_bad_image in ("skip", "fail"), f"data.on_bad_image={on_bad_image!r} is not one of skip, fail")
         require(channels in (1, 3), f"data.channels={channels}: image folders are read as 1 (L) or 3 (RGB) channels")
         require(int(image_size) > 0, f"data.image_size must be a positive integer, got {image_size}")
-        require(root.is_dir(), f"{root_key}={str(root)!r} is not a directory (expected {root_key}/<class>/<image>)")
         self.root, self.image_size, self.channels, self.on_bad_image = root, int(image_size), channels, on_bad_image
-        self.classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        require(self.classes, f"{root_key}={str(root)!r} has no class folders (expected {root_key}/<class>/<image>)")
+        self.classes = class_folders(root, num_classes, root_key)
         files = {c: _image_files(root / c) for c in self.classes}
         empty = [c for c in self.classes if not files[c]]
         require(not empty, f"{root_key}={str(root)!r}: empty class folder(s) with no images: {', '.join(empty[:10])}")
-        if num_classes is not None:
-            require(int(num_classes) == len(self.classes),
-                    f"data.num_classes={num_classes} but {root_key}={str(root)!r} has {len(self.classes)} class folders")
         candidates = [(path, label) for label, c in enumerate(self.classes) for path in files[c]]
         with ThreadPoolExecutor(max(1, scan_threads)) as pool:
             ok = list(pool.map(_header_ok, (path for path, _ in candidates), chunksize=64))
@@ -217,6 +213,17 @@ class ImageFolderDataset(Dataset):
         return self.item(i)
 
 
+def class_folders(root: Path, num_classes: int | None = None, root_key: str = "data.root") -> list[str]:
+    """The sorted class folders of an image folder (class index = position), checked against `num_classes`."""
+    require(root.is_dir(), f"{root_key}={str(root)!r} is not a directory (expected {root_key}/<class>/<image>)")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    require(classes, f"{root_key}={str(root)!r} has no class folders (expected {root_key}/<class>/<image>)")
+    if num_classes is not None:
+        require(int(num_classes) == len(classes),
+                f"data.num_classes={num_classes} but {root_key}={str(root)!r} has {len(classes)} class folders")
+    return classes
+
+
 def _image_files(folder: Path) -> list[str]:
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -231,6 +238,38 @@ def _image_files(folder: Path) -> list[str]:
 # ----------------------------------------------------------------------------------------------------
 
 
+def read_latent_index(root: Path, root_key: str = "data.root") -> dict:
+    """The index of a finished latent cache, every shard it lists present at its recorded size (no shard is read)."""
+    require(root.is_dir(), f"{root_key}={str(root)!r} is not a directory (a cache written by harness extract-latents)")
+    index_path = root / INDEX_FILE
+    require(index_path.is_file(), f"{index_path} not found: {root_key} is not a finished latent cache "
+                                  f"(run or resume `harness extract-latents ... out={root}`)")
+    index = read_json(index_path)
+    require(isinstance(index, dict) and index.get("format") == CACHE_FORMAT,
+            f"{index_path} is not a {CACHE_FORMAT} latent cache index")
+    for shard in index["shards"]:
+        path = root / shard["file"]
+        require(path.is_file(), f"missing latent shard {path} (listed in {index_path}); re-run extract-latents to rewrite it")
+        require(path.stat().st_size == int(shard["bytes"]),
+                f"corrupt latent shard {path}: {path.stat().st_size} bytes, index says {shard['bytes']}; re-run extract-latents")
+    return index
+
+
+def check_cache_fits(index: dict, where: Path, data_cfg: DictConfig, ae_cfg: DictConfig | None = None) -> None:
+    """A latent cache's index must describe the images and autoencoder the config declares."""
+    for key in ("image_size", "channels", "num_classes"):
+        require(int(data_cfg[key]) == int(index[key]), f"data.{key}={data_cfg[key]} but {where} was extracted with {index[key]}")
+    if ae_cfg is not None:
+        require(abs(float(ae_cfg.scale_factor) - float(index["scale_factor"])) < 1e-9,
+                f"autoencoder.scale_factor={ae_cfg.scale_factor} but {where} was extracted with {index['scale_factor']}")
+        channels, size = int(index["latent_shape"][0]), int(index["latent_shape"][1])
+        if ae_cfg.latent_channels is not None:
+            require(int(ae_cfg.latent_channels) == channels,
+                    f"autoencoder.latent_channels={ae_cfg.latent_channels} but {where} holds {channels}-channel latents")
+        require(int(index["image_size"]) // int(ae_cfg.downsample) == size,
+                f"autoencoder.downsample={ae_cfg.downsample} but {where} holds {size}x{size} latents of {index['image_size']}px images")
+
+
 class LatentDataset(Dataset):
     """A latent cache: items are (latent float32 CxHxW, int64 label); `flip` picks the flipped image's latent.
 
@@ -239,22 +278,13 @@ class LatentDataset(Dataset):
 
     def __init__(self, root: str | os.PathLike, verify_checksums: bool = True, root_key: str = "data.root"):
         self.root = Path(str(root)).expanduser()
-        require(self.root.is_dir(), f"{root_key}={str(self.root)!r} is not a directory (a cache written by harness extract-latents)")
         index_path = self.root / INDEX_FILE
-        require(index_path.is_file(), f"{index_path} not found: {root_key} is not a finished latent cache "
-                                      f"(run or resume `harness extract-latents ... out={self.root}`)")
-        index = read_json(index_path)
-        require(isinstance(index, dict) and index.get("format") == CACHE_FORMAT,
-                f"{index_path} is not a {CACHE_FORMAT} latent cache index")
-        self.index = index
+        self.index = index = read_latent_index(self.root, root_key)
         self.num_classes = int(index["num_classes"])
         self.latent_shape = tuple(index["latent_shape"])
         latents, labels, ends = [], [], []
         for shard in index["shards"]:
             path = self.root / shard["file"]
-            require(path.is_file(), f"missing latent shard {path} (listed in {index_path}); re-run extract-latents to rewrite it")
-            require(path.stat().st_size == int(shard["bytes"]),
-                    f"corrupt latent shard {path}: {path.stat().st_size} bytes, index says {shard['bytes']}; re-run extract-latents")
             if verify_checksums:
                 require(sha256_file(path) == shard["sha256"],
                         f"corrupt latent shard {path}: sha256 does not match {index_path}; re-run extract-latents to rewrite it")
@@ -276,18 +306,7 @@ class LatentDataset(Dataset):
 
     def check_against(self, data_cfg: DictConfig, ae_cfg: DictConfig | None = None) -> None:
         """The cache must describe the images and autoencoder the config declares."""
-        index, where = self.index, self.root / INDEX_FILE
-        for key in ("image_size", "channels", "num_classes"):
-            require(int(data_cfg[key]) == int(index[key]), f"data.{key}={data_cfg[key]} but {where} was extracted with {index[key]}")
-        if ae_cfg is not None:
-            require(abs(float(ae_cfg.scale_factor) - float(index["scale_factor"])) < 1e-9,
-                    f"autoencoder.scale_factor={ae_cfg.scale_factor} but {where} was extracted with {index['scale_factor']}")
-            channels, size = self.latent_shape[0], self.latent_shape[1]
-            if ae_cfg.latent_channels is not None:
-                require(int(ae_cfg.latent_channels) == channels,
-                        f"autoencoder.latent_channels={ae_cfg.latent_channels} but {where} holds {channels}-channel latents")
-            require(int(index["image_size"]) // int(ae_cfg.downsample) == size,
-                    f"autoencoder.downsample={ae_cfg.downsample} but {where} holds {size}x{size} latents of {index['image_size']}px images")
+        check_cache_fits(self.index, self.root / INDEX_FILE, data_cfg, ae_cfg)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -336,6 +355,22 @@ def build_dataset(data_cfg: DictConfig, split: str = "train", ae_cfg: DictConfig
         dataset.check_against(data_cfg, ae_cfg)
         return dataset
     raise HarnessError(f"data.name={name!r} is not one of digits, imagefolder, latents")
+
+
+def check_data_source(data_cfg: DictConfig, ae_cfg: DictConfig | None = None) -> None:
+    """What `build_dataset(data_cfg, "train", ae_cfg)` will read exists and fits the config, judged from directory
+    listings and the cache index alone (no image decoded, no shard read): cheap enough to run for every point
+    of a sweep before anything is submitted."""
+    name = str(data_cfg.name)
+    if name == "latents":
+        root = Path(str(_latent_cache_root(data_cfg, "train"))).expanduser()
+        check_cache_fits(read_latent_index(root), root / INDEX_FILE, data_cfg, ae_cfg)
+    elif name == "imagefolder":
+        root = data_cfg.get("root")
+        require(root not in (None, "", "???"), "data.root is not set: point it at a folder of <class>/<image> files")
+        class_folders(Path(str(root)).expanduser(), int(data_cfg.num_classes))
+    else:
+        require(name == "digits", f"data.name={name!r} is not one of digits, imagefolder, latents")
 
 
 def _latent_cache_root(data_cfg: DictConfig, split: str) -> str:
@@ -527,6 +562,8 @@ def _extract_device(spec: str) -> torch.device:
             local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
             return torch.device("cuda", local % torch.cuda.device_count())
         return torch.device("cpu")
+    require(re.fullmatch(r"cpu|cuda(:\d+)?", spec) is not None, f"extract.device={spec!r} is not one of auto, cpu, cuda, cuda:N")
+    require(spec == "cpu" or torch.cuda.is_available(), f"extract.device={spec} but no CUDA device is visible")
     return torch.device(spec)
 
 
@@ -596,7 +633,7 @@ def extract_latents(cfg: DictConfig, out_dir: str | os.PathLike, rank: int = 0, 
     complete (record present, checksum matching) are skipped, so a killed extraction resumes where it
     stopped. Whoever finds every shard complete writes `index.json`. Returns a summary dict.
     """
-    from harness.autoencoders import build_autoencoder
+    from harness.autoencoders import build_autoencoder, check_autoencoder_source
 
     require(str(cfg.data.name) == "imagefolder", f"extract-latents reads data=imagefolder, got data={cfg.data.name}")
     require(world_size > 0 and 0 <= rank < world_size, f"rank {rank} is not in a world of {world_size}")
@@ -606,7 +643,7 @@ def extract_latents(cfg: DictConfig, out_dir: str | os.PathLike, rank: int = 0, 
     require(str(ex.dtype) in LATENT_DTYPES, f"extract.dtype={ex.dtype!r} is not one of {', '.join(LATENT_DTYPES)}")
     require(int(cfg.data.image_size) % int(cfg.autoencoder.downsample) == 0,
             f"data.image_size={cfg.data.image_size} is not divisible by autoencoder.downsample={cfg.autoencoder.downsample}")
-    out = Path(str(out_dir)).expanduser()
+    out = check_output_path(str(out_dir), "out", kind="dir")
     dataset = ImageFolderDataset.from_cfg(cfg.data, "train")
     num_shards = math.ceil(len(dataset) / int(ex.shard_size))
     size = int(cfg.data.image_size) // int(cfg.autoencoder.downsample)
@@ -621,6 +658,8 @@ def extract_latents(cfg: DictConfig, out_dir: str | os.PathLike, rank: int = 0, 
         "num_source_images": len(dataset), "unreadable_at_scan": len(dataset.skipped),
         "shard_size": int(ex.shard_size), "num_shards": num_shards,
     }
+    device = _extract_device(str(ex.device))
+    check_autoencoder_source(cfg.autoencoder)
     previous = read_json(out / META_FILE)
     if previous is not None:
         changed = [k for k in meta if previous.get(k) != meta[k]]
@@ -631,7 +670,6 @@ def extract_latents(cfg: DictConfig, out_dir: str | os.PathLike, rank: int = 0, 
     mine = range(rank, num_shards, world_size)
     todo = [s for s in mine if not _shard_done(out, s)]
     if todo:
-        device = _extract_device(str(ex.device))
         autoencoder = build_autoencoder(cfg.autoencoder, cfg.data, device)
         for shard in todo:
             indices = range(shard * int(ex.shard_size), min((shard + 1) * int(ex.shard_size), len(dataset)))

@@ -40,7 +40,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from harness.config import Geometry, slug
 from harness.errors import HarnessError, require
-from harness.io import append_jsonl, atomic_torch_save, atomic_write_bytes, cache_root, sha256_file
+from harness.io import append_jsonl, atomic_torch_save, atomic_write_bytes, cache_root, check_output_path, sha256_file
 from harness.tracking import run_id
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -830,6 +830,8 @@ def evaluate_cli(overrides: list[str]) -> int:
     require("ckpt" in args, "harness eval needs ckpt=PATH (one of our checkpoints or a released DiT .pt)")
     if "step" in args:
         require(args["step"].isdigit(), f"step={args['step']!r} must be a non-negative integer")
+    if "out" in args:
+        check_output_path(args["out"], "out", kind="dir")
     row = evaluate_checkpoint(args["ckpt"], rest, run_dir=args.get("out"),
                               step=int(args["step"]) if "step" in args else None)
     if row is not None:

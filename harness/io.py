@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Collection, Iterator
 
+from harness.errors import require
+
 
 def text_table(header: list[str], rows: list[list[str]], left: Collection[int] = ()) -> list[str]:
     """Rows of strings as aligned terminal lines: the header, a dashed rule, then the rows. Columns whose
@@ -100,18 +102,24 @@ def append_jsonl(path: str | os.PathLike, row: dict) -> None:
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
-    """Rows of a JSONL file, skipping lines torn by a kill."""
+    """Rows of a JSONL file, skipping a last line torn by a kill; any other line that is not a JSON object is
+    skipped with a warning naming the file and line."""
+    import warnings
+
     path = Path(path)
     if not path.exists():
         return
     with open(path, "rb") as f:
-        for raw in f:
-            try:
-                row = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue
-            if isinstance(row, dict):
-                yield row
+        lines = f.read().split(b"\n")
+    for number, raw in enumerate(lines, 1):
+        try:
+            row = json.loads(raw) if raw.strip() else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            row = "torn"
+        if isinstance(row, dict):
+            yield row
+        elif row is not None and number < len(lines) - (lines[-1] == b""):
+            warnings.warn(f"{path}:{number} is not a JSON object row; skipped", stacklevel=2)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -127,6 +135,18 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_output_path(path: str | os.PathLike, key: str, kind: str = "file") -> Path:
+    """`path` can be written as a `kind` ("file" or "dir"): it is not the other kind and its nearest existing
+    parent is a directory. Checked before any work whose result would go there."""
+    path = Path(path).expanduser()
+    wrong = path.is_dir() if kind == "file" else path.exists() and not path.is_dir()
+    require(not wrong, f"{key}={path} is a {'directory' if kind == 'file' else 'file'}; "
+                       f"give {'a file' if kind == 'file' else 'a directory'} path")
+    parent = next(p for p in path.parents if p.exists())
+    require(parent.is_dir(), f"{key}={path}: {parent} is a file, not a directory")
+    return path
 
 
 def read_json(path: str | os.PathLike, default: Any = None) -> Any:

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from harness.config import CONDITIONINGS, Geometry
+from harness.config import CONDITIONINGS, Geometry, integer
 from harness.errors import HarnessError, first_line, require
 
 
@@ -414,19 +414,12 @@ class DiT(nn.Module):
 #################################################################################
 
 
-def _positive_int(model_cfg, key: str) -> int:
-    value = model_cfg.get(key)
-    require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-            f"model.{key} must be a positive integer, got {value!r}")
-    return value
-
-
 def check_model_config(model_cfg, geometry: Geometry) -> None:
     """Raise HarnessError (one line naming the key) for a model config that cannot be built on `geometry`."""
     conditioning = model_cfg.get("conditioning", "adaln_zero")
     require(conditioning in CONDITIONINGS,
             f"model.conditioning={conditioning!r} is not one of {', '.join(CONDITIONINGS)}")
-    depth, hidden, heads, patch = (_positive_int(model_cfg, k) for k in ("depth", "hidden_size", "num_heads", "patch_size"))
+    depth, hidden, heads, patch = (integer(model_cfg, k) for k in ("depth", "hidden_size", "num_heads", "patch_size"))
     mlp_ratio = model_cfg.get("mlp_ratio", 4.0)
     require(isinstance(mlp_ratio, (int, float)) and mlp_ratio > 0 and int(hidden * mlp_ratio) > 0,
             f"model.mlp_ratio must be positive, got {mlp_ratio!r}")

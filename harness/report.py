@@ -35,7 +35,7 @@ from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation, LogLocator
 
 from harness.errors import HarnessError, require
 from harness.flops import REFERENCE_DIR, training_compute_flops
-from harness.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, read_jsonl
+from harness.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_output_path, read_json, read_jsonl
 
 PAPER_TABLE4 = REFERENCE_DIR / "paper_table4.csv"  # shared with harness.flops
 
@@ -858,7 +858,7 @@ def write_report(sweep_dirs, out_dir, step: int | None = None, overlay_paper: bo
     """
     started = time.time()
     sweep_dirs = [sweep_dirs] if isinstance(sweep_dirs, (str, Path)) else list(sweep_dirs)
-    out = Path(out_dir)
+    out = check_output_path(out_dir, "-o", kind="dir")
     fig_dir = out / "figures"
     df = collect_results(sweep_dirs)
     names = check_extractors(df, mix_extractors)

@@ -6,8 +6,8 @@ basic sweeper takes the cartesian product). Each grid point is one run in
 `hydra.sweep.dir/hydra.sweep.subdir` (default `sweeps_out/<sweep_name>/<run_name>`).
 
 `harness sweep NAME [overrides]` (`launch_sweep`):
-1. composes every grid point and validates it; all errors are reported at once, before anything is
-   written or submitted;
+1. composes every grid point and validates it, and checks the files it will read (data, VAE, FID
+   extractor and reference); all errors are reported at once, before anything is written or submitted;
 2. checks that the sweep dir holds this sweep (`sweep.yaml`) and that no run's config changed;
 3. with `--dry-run` prints the grid, its compute, a GPU-hour estimate and one job's sbatch script;
 4. otherwise runs Hydra multirun with the harness launcher (`hydra_plugins/harness_launcher`). It
@@ -37,7 +37,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config import CONF_DIR, validate
+from harness.config import CONF_DIR, composition_error, validate
 from harness.errors import HarnessError, first_line, require
 from harness.io import append_jsonl, atomic_write_text, read_json, read_jsonl, text_table
 
@@ -90,12 +90,13 @@ def _searchpath_override() -> str:
 
 
 @contextmanager
-def hydra_context():
-    """Hydra initialised on sweeps/ (conf/ on the search path), as `harness sweep` runs it."""
+def hydra_context(config_dir: Path = SWEEPS_DIR):
+    """Hydra initialised on sweeps/ (conf/ on the search path), as `harness sweep` runs it; on conf/ for the
+    train app's own multirun."""
     import harness.config  # noqa: F401  (registers the `slug` resolver the configs use)
     from hydra import initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(SWEEPS_DIR), job_name="train", version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir), job_name="train", version_base="1.3"):
         yield
 
 
@@ -107,7 +108,7 @@ def _compose(name: str, overrides: list[str]) -> DictConfig:
     try:
         return compose(config_name=name, overrides=[*overrides, _searchpath_override()], return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as err:
-        raise HarnessError(first_line(err)) from None
+        raise HarnessError(composition_error(err)) from None
 
 
 def _set_hydra_config(cfg: DictConfig) -> None:
@@ -123,7 +124,8 @@ def _is_hydra_override(text: str) -> bool:
 
 
 def expand_grid(name: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[DictConfig, list[RunSpec]]:
-    """The sweep's base config and one RunSpec per grid point, as Hydra's basic sweeper forms them.
+    """The sweep's base config and one RunSpec per grid point, as Hydra's basic sweeper forms them
+    (`name="train"`: the grid of `harness train -m`).
 
     Command-line sweeps (`model=a,b`) replace the sweep file's values for that key. Points that do
     not compose carry their error instead of a config. Must run inside `hydra_context()`.
@@ -132,7 +134,8 @@ def expand_grid(name: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    require(name in available_sweeps(), f"unknown sweep {name!r}; available in {SWEEPS_DIR}: {', '.join(available_sweeps())}")
+    require(name in available_sweeps() or name == "train",
+            f"unknown sweep {name!r}; available in {SWEEPS_DIR}: {', '.join(available_sweeps())}")
     overrides = list(overrides)
     parser = OverridesParser.create()
     try:
@@ -225,8 +228,9 @@ def job_layout(cfg: DictConfig, executor: str) -> Layout:
     return Layout(nodes, tasks, per_node, int(cpus) if cpus is not None else None, int(p.timeout_min))
 
 
-def check_grid(name: str, specs: list[RunSpec], executor: str) -> None:
-    """Validate every point (config, job layout, unique run dirs); raise one error listing every problem."""
+def check_grid(name: str, specs: list[RunSpec], executor: str | None, inputs: bool = True) -> None:
+    """Validate every point (config, job layout unless `executor` is None, unique run dirs and, with `inputs`,
+    the files it will read); raise one error listing every problem."""
     from omegaconf.errors import OmegaConfBaseException
 
     errors = []
@@ -236,10 +240,11 @@ def check_grid(name: str, specs: list[RunSpec], executor: str) -> None:
             continue
         try:
             validate(spec.cfg)
-            layout = job_layout(spec.cfg, executor)
-            batch = int(spec.cfg.trainer.global_batch_size)
-            require(batch % layout.world_size == 0, f"trainer.global_batch_size={batch} is not divisible by the "
-                                                    f"job's {layout.world_size} processes (nodes x tasks_per_node)")
+            if executor is not None:
+                layout = job_layout(spec.cfg, executor)
+                batch = int(spec.cfg.trainer.global_batch_size)
+                require(batch % layout.world_size == 0, f"trainer.global_batch_size={batch} is not divisible by the "
+                                                        f"job's {layout.world_size} processes (nodes x tasks_per_node)")
         except HarnessError as err:
             errors.append(f"{spec.label}: {err}")
         except OmegaConfBaseException as err:
@@ -251,10 +256,33 @@ def check_grid(name: str, specs: list[RunSpec], executor: str) -> None:
     for run_dir, labels in by_dir.items():
         if len(labels) > 1:
             errors.append(f"{' | '.join(labels)}: share the run dir {run_dir}; put the swept key into run_name")
+    if inputs and not errors:
+        errors = input_problems(specs)
     if errors:
         bad = len(errors)
         raise HarnessError(f"sweep {name}: {bad} problem(s) in a grid of {len(specs)} runs; nothing was submitted:\n"
                            + "\n".join(f"  - {e}" for e in errors))
+
+
+def input_problems(specs: list[RunSpec]) -> list[str]:
+    """The files the points will read (data, VAE, FID extractor and reference: harness.train.check_run_inputs),
+    checked once per distinct setting; one line per problem, naming the points it stops."""
+    from harness.train import check_run_inputs
+
+    found: dict[str, str | None] = {}
+    stopped: dict[str, list[str]] = {}
+    for spec in specs:
+        key = OmegaConf.to_yaml(OmegaConf.masked_copy(spec.cfg, ["data", "autoencoder", "eval", "diffusion"]), resolve=True)
+        if key not in found:
+            try:
+                check_run_inputs(spec.cfg)
+                found[key] = None
+            except HarnessError as err:
+                found[key] = str(err)
+        if found[key] is not None:
+            stopped.setdefault(found[key], []).append(spec.label)
+    return [f"{'every run' if len(labels) == len(specs) > 1 else ' | '.join(labels)}: {problem}"
+            for problem, labels in stopped.items()]
 
 
 def task_config(cfg: DictConfig) -> DictConfig:
@@ -655,20 +683,30 @@ def format_plan(name: str, sweep_dir: Path, rows: list[dict], executor: str, scr
 #################################################################################
 
 
-def prepare_sweep(name: str, overrides: list[str]) -> tuple[DictConfig, list[RunSpec], str]:
+def prepare_sweep(name: str, overrides: list[str], inputs: bool = True) -> tuple[DictConfig, list[RunSpec], str]:
     """Compose, validate and check a sweep (inside `hydra_context()`); nothing is written."""
     base, specs = expand_grid(name, overrides)
     executor = executor_kind(base)
-    check_grid(name, specs, executor)
+    check_grid(name, specs, executor, inputs)
     check_sweep_dir(name, specs)
     return base, specs, executor
+
+
+def check_multirun(overrides: list[str]) -> None:
+    """`harness train -m overrides`: every point checked like a sweep's, before Hydra writes or launches anything."""
+    with hydra_context(CONF_DIR):
+        base, specs = expand_grid("train", overrides)
+        # Without launcher=slurm|local, Hydra's basic launcher runs the points one after another in this process.
+        ours = "harness_launcher" in str(base.hydra.launcher.get("_target_", ""))
+        check_grid("train -m", specs, executor_kind(base) if ours else None)
 
 
 def launch_sweep(name: str, overrides: list[str] | tuple[str, ...] = (), dry_run: bool = False) -> int:
     """`harness sweep NAME [overrides] [--dry-run]`: 0 when nothing failed, 1 when a run of the sweep failed."""
     overrides = list(overrides)
     with hydra_context():
-        base, specs, executor = prepare_sweep(name, overrides)
+        # A dry run plans a grid whose files may live elsewhere (data on the cluster): it lists them, a launch refuses.
+        base, specs, executor = prepare_sweep(name, overrides, inputs=not dry_run)
         sweep_dir = specs[0].sweep_dir
         if dry_run:
             queue = slurm_queue(strict=False) if executor == "slurm" else None
@@ -679,6 +717,10 @@ def launch_sweep(name: str, overrides: list[str] | tuple[str, ...] = (), dry_run
             script = sbatch_script(first.cfg, sweep_dir / SUBMITIT_DIR / "%j") if executor == "slurm" else None
             timeouts = int(base.hydra.launcher.max_num_timeout) if executor == "slurm" else None
             print(format_plan(name, sweep_dir, rows, executor, script, timeouts, table["device"]))
+            problems = input_problems(specs)
+            if problems:
+                print(f"\nnot ready to launch here: {len(problems)} input problem(s)\n"
+                      + "\n".join(f"  - {p}" for p in problems))
             return 0
         if executor == "slurm":
             require_slurm_commands()

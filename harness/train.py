@@ -32,7 +32,7 @@ import torch.distributed as torch_dist
 from omegaconf import DictConfig, OmegaConf
 
 from harness.config import compose, latent_geometry, to_yaml, validate, with_paper_setting
-from harness.errors import HarnessError, require
+from harness.errors import HarnessError, first_line, require
 from harness.io import atomic_torch_save, atomic_write_json, atomic_write_text, read_json
 
 # ----------------------------------------------------------------------------- distributed
@@ -288,6 +288,23 @@ def peak_memory_gb(device: torch.device) -> float:
 # ----------------------------------------------------------------------------- the loop
 
 
+def check_run_inputs(cfg: DictConfig) -> None:
+    """The files a run will read, checked before it starts or is submitted (a missing FID extractor or VAE must
+    not surface after hours of training): its data (the latent cache's index, the image folder's classes), the
+    VAE it encodes or decodes with, and with eval.every set the FID extractor's weights and reference."""
+    from harness.autoencoders import check_autoencoder_source
+    from harness.data import check_data_source
+
+    check_data_source(cfg.data, cfg.autoencoder)
+    evaluates = cfg.eval.every is not None
+    if evaluates or cfg.data.name != "latents":
+        check_autoencoder_source(cfg.autoencoder)
+    if evaluates:
+        from harness.evaluate import check_eval_config
+
+        check_eval_config(cfg.eval, cfg.data, int(cfg.diffusion.num_timesteps))
+
+
 def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
     """Train `cfg` in `run_dir` (default: Hydra's output dir, else the cwd), resuming if it holds checkpoints."""
     from harness.data import BatchStream, build_dataset
@@ -297,10 +314,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
     from harness.tracking import Tracker
 
     validate(cfg)
-    if cfg.eval.every is not None:  # a missing extractor or reference must not surface after hours of training
-        from harness.evaluate import check_eval_config
-
-        check_eval_config(cfg.eval, cfg.data, int(cfg.diffusion.num_timesteps))
+    check_run_inputs(cfg)
     run_dir = Path(run_dir) if run_dir is not None else _hydra_output_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.trainer
@@ -337,12 +351,19 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
         encoder = run_autoencoder(cfg, device)
 
     tracker = Tracker(cfg, run_dir, enabled=dist.is_main)
+    if device.type == "cuda" and int(tc.gpus) > dist.world_size:
+        tracker.print(f"note: trainer.gpus={tc.gpus} but this job has {dist.world_size} process(es); trainer.gpus only "
+                      f"plans (sweeps, dry runs): start it with torchrun --nproc_per_node={tc.gpus} to use {tc.gpus} GPUs")
     step = 0
     state = load_latest_checkpoint(run_dir, say=tracker.print)
     if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
+        try:
+            model.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+            opt.load_state_dict(state["opt"])
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise HarnessError(f"{checkpoint_path(run_dir, int(state['step']))} does not fit this run's model "
+                               f"({first_line(err)[:200]}); use another run dir or on_config_change=overwrite") from None
         for group in opt.param_groups:  # the optimizer's settings come from the config, not the file
             group.update(lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas))
         stream.load_state_dict(state["data_state"])
@@ -376,12 +397,15 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
     def save(step: int) -> None:
         nonfinite.check(dist)
         if dist.is_main:
+            path = checkpoint_path(run_dir, step)
+            if path.exists():  # an unreadable checkpoint this run resumed from before: kept aside, never overwritten
+                path.rename(path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"))
             atomic_torch_save({
                 "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
                 "rng": rng_state(), "data_state": stream.state_dict(), "config": to_yaml(cfg),
                 "meta": {"model": cfg.model.name, "params": params, "gflops": flops["gflops"],
                          "geometry": vars(geometry)},
-            }, checkpoint_path(run_dir, step))
+            }, path)
             prune_checkpoints(run_dir, int(tc.keep_last), milestones)
         dist.barrier()
 
@@ -622,10 +646,17 @@ def _hydra_output_dir() -> Path:
 
 
 def hydra_train(argv: list[str]) -> int:
-    """`harness train [overrides]`: check the config first (one line on bad input), then run the Hydra app."""
+    """`harness train [overrides]`: check the config and its files first (one line on bad input; with -m every
+    point of the grid, as `harness sweep` does), then run the Hydra app."""
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    if not any(a in ("-m", "--multirun", "--help", "-h", "--cfg", "-c", "--info") for a in argv):
-        validate(compose(overrides))
+    if any(a in ("-m", "--multirun") for a in argv):
+        from harness.sweep import check_multirun
+
+        check_multirun(overrides)
+    elif not any(a in ("--help", "-h", "--cfg", "-c", "--info") for a in argv):
+        cfg = compose(overrides)
+        validate(cfg)
+        check_run_inputs(cfg)
     sys.argv = ["harness train", *argv]
     _hydra_main()
     return 0

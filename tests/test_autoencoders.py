@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.autoencoders import build_autoencoder
+from harness.autoencoders import build_autoencoder, check_autoencoder_source
 from harness.config import compose, latent_geometry
 from harness.errors import HarnessError
 from helpers import make_image_folder, make_tiny_vae, tiny_vae_overrides
@@ -82,6 +82,19 @@ def test_missing_weights_name_the_key(tmp_path, monkeypatch):
     with pytest.raises(HarnessError, match=r"autoencoder.path='harness-tests/no-such-vae'.*offline"):
         build_autoencoder(cfg.autoencoder, cfg.data)
     assert time.time() - start < 10
+
+
+def test_the_vae_source_is_checked_without_loading_it(tiny_vae, tmp_path, monkeypatch):
+    check_autoencoder_source(vae_cfg(tiny_vae).autoencoder)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(HarnessError, match=r"autoencoder.path=.*empty.* has no config.json"):
+        check_autoencoder_source(vae_cfg(tmp_path / "empty").autoencoder)
+    with pytest.raises(HarnessError, match=r"autoencoder.path=.*no_such_dir.* is not a directory"):
+        check_autoencoder_source(vae_cfg(tmp_path / "no_such_dir").autoencoder)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HarnessError, match=r"autoencoder.path='harness-tests/no-such-vae' is not in the hub cache"):
+        check_autoencoder_source(vae_cfg("harness-tests/no-such-vae").autoencoder)
+    check_autoencoder_source(compose([]).autoencoder)  # identity: nothing to find
 
 
 def test_offline_cli_error_is_one_line_without_traceback(tmp_path):

@@ -21,6 +21,7 @@ from harness.data import (
     BatchStream,
     build_dataset,
     center_crop_arr,
+    check_data_source,
     extract_latents,
     extract_latents_cli,
     real_images_uint8,
@@ -400,6 +401,34 @@ def test_corrupt_or_missing_shard_is_named(extraction, tmp_path):
     (out / "shard_00002.pt").unlink()
     with pytest.raises(HarnessError, match=r"missing latent shard .*shard_00002\.pt"):
         load_cache(extraction, out)
+
+
+def test_data_source_check_reads_no_image_and_no_shard(tmp_path):
+    """The sweep-time check names what a run would fail on, from listings and the index alone."""
+    root = tmp_path / "cache"
+    write_synthetic_latent_cache(root, 64, latent_shape=(4, 4, 4), num_classes=10, shard_size=32)
+    cache = ["data=latents", f"data.root={root}", "data.image_size=32", "data.num_classes=10", "autoencoder=sd-vae-ft-ema"]
+    cfg = compose(cache)
+    check_data_source(cfg.data, cfg.autoencoder)
+    with pytest.raises(HarnessError, match=r"data.root='.*nowhere' is not a directory"):
+        check_data_source(data_cfg("data=latents", f"data.root={tmp_path / 'nowhere'}"))
+    with pytest.raises(HarnessError, match=r"data.num_classes=1000 but .*index.json was extracted with 10"):
+        cfg_1000 = compose([*cache, "data.num_classes=1000"])
+        check_data_source(cfg_1000.data, cfg_1000.autoencoder)
+    # Same size, garbage content: only opening the shard could tell, which this check leaves to the run.
+    shard = next(root.glob("shard_*.pt"))
+    shard.write_bytes(b"\0" * shard.stat().st_size)
+    check_data_source(cfg.data, cfg.autoencoder)
+    shard.unlink()
+    with pytest.raises(HarnessError, match=r"missing latent shard .*shard_"):
+        check_data_source(cfg.data, cfg.autoencoder)
+    folder = make_image_folder(tmp_path / "img", classes=2, per_class=1, size=16)
+    check_data_source(folder_cfg(folder))
+    with pytest.raises(HarnessError, match=r"data.num_classes=3 .* 2 class folders"):
+        check_data_source(folder_cfg(folder, "data.num_classes=3"))
+    with pytest.raises(HarnessError, match="data.root is not set"):
+        check_data_source(data_cfg("data=imagefolder"))
+    check_data_source(data_cfg("data=digits"))
 
 
 def test_latent_cache_loading_rate(tmp_path):

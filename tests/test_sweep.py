@@ -117,6 +117,23 @@ def test_invalid_points_are_all_listed_before_anything_is_written(tmp_path):
     assert "  - model=mini-S/4: model.hidden_size=30 is not divisible" in str(err.value)
 
 
+def test_a_grid_whose_data_is_missing_is_refused_before_anything_is_submitted(tmp_path, capsys):
+    out_dir = tmp_path / "nodata"
+    overrides = [*TINY_GRID, "data=latents", f"data.root={tmp_path / 'no_cache'}", "eval.every=null",
+                 "launcher=local", f"hydra.sweep.dir={out_dir}"]
+    with pytest.raises(HarnessError) as err:
+        sweep.launch_sweep("demo", overrides)
+    assert str(err.value).splitlines() == [
+        "sweep demo: 1 problem(s) in a grid of 2 runs; nothing was submitted:",
+        f"  - every run: data.root='{tmp_path / 'no_cache'}' is not a directory (a cache written by harness extract-latents)"]
+    assert not out_dir.exists()
+    # A dry run plans it all the same (the data may live on the cluster) and says a launch here would refuse.
+    assert sweep.launch_sweep("demo", overrides, dry_run=True) == 0
+    text = capsys.readouterr().out
+    assert "not ready to launch here: 1 input problem(s)" in text and "is not a directory" in text
+    assert not out_dir.exists()
+
+
 def test_no_sbatch_on_path_with_the_slurm_launcher(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))   # nothing on PATH
     with pytest.raises(HarnessError, match="launcher=slurm needs the SLURM commands sbatch"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -72,9 +73,21 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
     assert any(str(newest) in m and "unreadable" in m for m in messages)
     assert newest.exists(), "a corrupt checkpoint is reported, never deleted"
 
+    truncated = newest.read_bytes()
     cfg = compose([*TINY, "trainer.max_steps=20", "trainer.ckpt_every=10", "trainer.keep_last=3"])
     result = train(cfg, tmp_path)
     assert result["step"] == 20
+    assert load_latest_checkpoint(tmp_path)["step"] == 20
+    (kept,) = newest.parent.glob(f"{newest.name}.unreadable-*")  # retraining step 20 did not overwrite it
+    assert kept.read_bytes() == truncated
+
+
+def test_a_checkpoint_of_another_model_is_one_line(tmp_path):
+    train(compose([*TINY, "trainer.max_steps=2", "trainer.ckpt_every=2"]), tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoints", tmp_path / "b" / "checkpoints")
+    with pytest.raises(HarnessError, match=r"step_0000002.pt does not fit this run's model \(Error\(s\) in loading"):
+        train(compose([*TINY, "trainer.max_steps=4", "model.hidden_size=64"]), tmp_path / "b")
 
 
 def test_two_gloo_ranks_match_one_process(tmp_path):
@@ -248,16 +261,23 @@ def test_non_finite_watch_keeps_the_first_bad_step():
     ("trainer.attention=xformers", "trainer.attention='xformers' is not one of auto, flash, efficient, cudnn, math"),
     ("trainer.attention=efficient", "trainer.attention=efficient needs CUDA; on CPU use auto, flash or math"),
     ("trainer.compile_mode=fast", "trainer.compile_mode='fast' is not one of auto, default, reduce-overhead"),
-    ("trainer.ddp_bucket_mb=0", "trainer.ddp_bucket_mb must be a positive number"),
+    ("trainer.ddp_bucket_mb=0", "trainer.ddp_bucket_mb must be a number > 0, got 0"),
     ("eval.every=100 eval.precision=fp16", "eval.precision='fp16' is not one of auto, fp32, bf16"),
     ("eval.every=100 eval.max_forward_batch=0", "eval.max_forward_batch must be auto or a positive integer"),
+    ("trainer.lr=abc", "trainer.lr must be a number > 0, got 'abc'"),
+    ("trainer.log_every=true", "trainer.log_every must be a positive integer, got True"),
+    ("trainr.max_steps=2", "trainr.max_steps is not a config key (check its spelling; a new key is added as +trainr"),
+    ("model=DiT-X/2", "model=DiT-X/2 is not one of DiT-B/2, DiT-B/4,"),
+    ("data=latents data.root=/nonexistent", "data.root='/nonexistent' is not a directory"),
 ])
 def test_bad_train_config_is_one_line_exit_2(tmp_path, override, message):
-    result = run_harness(["train", *TINY, *override.split(), f"hydra.run.dir={tmp_path}"])
+    result = run_harness(["train", *TINY, *override.split(), f"hydra.run.dir={tmp_path / 'run'}"])
     assert result.returncode == 2
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr
+    # Found before Hydra starts the run, except a kernel that needs the device the job lands on.
+    assert not (tmp_path / "run").exists() or "needs CUDA" in message
 
 
 def test_batch_not_divisible_by_world_size(tmp_path):
