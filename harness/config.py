@@ -83,14 +83,15 @@ def composition_error(err: Exception) -> str:
     return first_line(err)
 
 
-def integer(node: DictConfig, key: str, low: int = 1, optional: bool = False) -> int | None:
-    """`node[key]` as an integer >= `low` (None allowed when `optional`), else one error line naming the key."""
+def integer(node: DictConfig, key: str, low: int = 1, optional: bool = False, section: str | None = None) -> int | None:
+    """`node[key]` as an integer >= `low` (None allowed when `optional`), else one error line naming the key
+    (`section.key` when the node is not part of a full config, e.g. a model config on its own)."""
     value = node.get(key)
     if optional and value is None:
         return None
     kind = "a positive integer" if low == 1 else f"an integer >= {low}"
     require(isinstance(value, int) and not isinstance(value, bool) and value >= low,
-            f"{_full_key(node, key)} must be {kind}{' or null' if optional else ''}, got {value!r}")
+            f"{_full_key(node, key, section)} must be {kind}{' or null' if optional else ''}, got {value!r}")
     return value
 
 
@@ -109,8 +110,8 @@ def one_of(node: DictConfig, key: str, allowed: tuple) -> None:
     require(value in allowed, f"{_full_key(node, key)}={value!r} is not one of {', '.join(map(str, allowed))}")
 
 
-def _full_key(node: DictConfig, key: str) -> str:
-    parent = node._get_full_key(None) if isinstance(node, DictConfig) else ""
+def _full_key(node: DictConfig, key: str, section: str | None = None) -> str:
+    parent = section or (node._get_full_key(None) if isinstance(node, DictConfig) else "")
     return f"{parent}.{key}" if parent else key
 
 

@@ -39,7 +39,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from harness.config import Geometry, slug
-from harness.errors import HarnessError, require
+from harness.errors import HarnessError, first_line, require
 from harness.io import append_jsonl, atomic_torch_save, atomic_write_bytes, cache_root, check_output_path, sha256_file
 from harness.tracking import run_id
 
@@ -195,8 +195,9 @@ def load_digits_cnn(path: str | os.PathLike | None = None) -> tuple[DigitsCNN, d
         blob = torch.load(path, map_location="cpu", weights_only=True)
         model = DigitsCNN(**blob["meta"]["arch"])
         model.load_state_dict(blob["state_dict"])
-    except (KeyError, TypeError, RuntimeError, OSError) as err:
-        raise HarnessError(f"{path} is not a digits CNN weights file ({type(err).__name__})") from None
+    except Exception as err:  # noqa: BLE001 - whatever the file holds, it is not our weights: one line
+        raise HarnessError(f"{path} is not a digits CNN weights file ({type(err).__name__}); "
+                           "retrain one with `harness train-digits-cnn --out PATH`") from None
     return model.eval().requires_grad_(False), blob["meta"]
 
 
@@ -297,12 +298,31 @@ def inception_weights(eval_cfg: DictConfig) -> Path:
     if eval_cfg.get("inception_weights"):
         path = Path(str(eval_cfg.inception_weights)).expanduser()
         require(path.is_file(), f"eval.inception_weights={path} does not exist (torch-fidelity's {INCEPTION_FILE})")
-        return path
+        return _readable_weights(path, "eval.inception_weights")
     cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
     require(cached.is_file(),
             f"eval.inception_weights is not set and {cached} does not exist: fetch {INCEPTION_URL} where there is "
             f"a connection and set eval.inception_weights=/path/to/{INCEPTION_FILE}")
-    return cached
+    return _readable_weights(cached, "eval.inception_weights")
+
+
+_READABLE: set[tuple] = set()
+
+
+def _readable_weights(path: Path, key: str) -> Path:
+    """`path` holds a tensor state dict (read once per file version): a wrong file is reported before sampling,
+    not by torch-fidelity after it."""
+    stat = path.stat()
+    version = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if version not in _READABLE:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            require(isinstance(state, dict) and state, "no state dict")
+        except Exception as err:  # noqa: BLE001 - any unreadable file is one line for the user
+            raise HarnessError(f"{key}={path} is not a weights file ({first_line(err)[:120]}); expected "
+                               f"torch-fidelity's {INCEPTION_FILE}") from None
+        _READABLE.add(version)
+    return path
 
 
 _FINGERPRINTS: dict[tuple, str] = {}

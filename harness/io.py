@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Collection, Iterator
 
-from harness.errors import require
+from harness.errors import HarnessError, require
 
 
 def text_table(header: list[str], rows: list[list[str]], left: Collection[int] = ()) -> list[str]:
@@ -147,6 +147,19 @@ def check_output_path(path: str | os.PathLike, key: str, kind: str = "file") -> 
     parent = next(p for p in path.parents if p.exists())
     require(parent.is_dir(), f"{key}={path}: {parent} is a file, not a directory")
     return path
+
+
+def read_yaml(path: str | os.PathLike):
+    """A YAML file the harness wrote (a run's config.yaml, a sweep's sweep.yaml) as a DictConfig; one error line
+    naming the file when it is not readable YAML."""
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.load(path)
+    except Exception as err:  # noqa: BLE001 - yaml and OmegaConf raise many types
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        raise HarnessError(f"{path} is not readable YAML ({lines[0] if lines else type(err).__name__}); "
+                           "restore it or move it aside") from None
 
 
 def read_json(path: str | os.PathLike, default: Any = None) -> Any:

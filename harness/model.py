@@ -419,7 +419,7 @@ def check_model_config(model_cfg, geometry: Geometry) -> None:
     conditioning = model_cfg.get("conditioning", "adaln_zero")
     require(conditioning in CONDITIONINGS,
             f"model.conditioning={conditioning!r} is not one of {', '.join(CONDITIONINGS)}")
-    depth, hidden, heads, patch = (integer(model_cfg, k) for k in ("depth", "hidden_size", "num_heads", "patch_size"))
+    depth, hidden, heads, patch = (integer(model_cfg, k, section="model") for k in ("depth", "hidden_size", "num_heads", "patch_size"))
     mlp_ratio = model_cfg.get("mlp_ratio", 4.0)
     require(isinstance(mlp_ratio, (int, float)) and mlp_ratio > 0 and int(hidden * mlp_ratio) > 0,
             f"model.mlp_ratio must be positive, got {mlp_ratio!r}")

@@ -35,7 +35,7 @@ from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation, LogLocator
 
 from harness.errors import HarnessError, require
 from harness.flops import REFERENCE_DIR, training_compute_flops
-from harness.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_output_path, read_json, read_jsonl
+from harness.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_output_path, read_json, read_jsonl, read_yaml
 
 PAPER_TABLE4 = REFERENCE_DIR / "paper_table4.csv"  # shared with harness.flops
 
@@ -83,7 +83,7 @@ def _config_row(run: Path) -> dict:
     from omegaconf import OmegaConf
 
     try:
-        cfg = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=False)
+        cfg = OmegaConf.to_container(read_yaml(run / "config.yaml"), resolve=False)
     except Exception:  # no config, or one we cannot parse: the row keeps the run dir and its state
         cfg = {}
     model, data, trainer = (cfg.get(k) or {} for k in ("model", "data", "trainer"))

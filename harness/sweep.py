@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.config import CONF_DIR, composition_error, validate
 from harness.errors import HarnessError, first_line, require
-from harness.io import append_jsonl, atomic_write_text, read_json, read_jsonl, text_table
+from harness.io import append_jsonl, atomic_write_text, read_json, read_jsonl, read_yaml, text_table
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEPS_DIR = REPO / "sweeps"
@@ -297,7 +297,7 @@ def check_sweep_dir(name: str, specs: list[RunSpec]) -> None:
     sweep_dir = specs[0].sweep_dir
     record = sweep_dir / SWEEP_RECORD
     if record.exists():
-        old = OmegaConf.load(record).get("name")
+        old = read_yaml(record).get("name")
         require(old == name, f"{sweep_dir} holds the sweep {old!r}, not {name!r}; launch into another directory "
                              f"(hydra.sweep.dir=DIR) or remove it")
     changed = []
@@ -306,7 +306,7 @@ def check_sweep_dir(name: str, specs: list[RunSpec]) -> None:
         if saved.exists():
             from harness.train import first_difference, run_identity
 
-            difference = first_difference(run_identity(OmegaConf.load(saved)), run_identity(task_config(spec.cfg)))
+            difference = first_difference(run_identity(read_yaml(saved)), run_identity(task_config(spec.cfg)))
             if difference:
                 changed.append(f"{spec.run_name}: {difference}")
     policy = str(specs[0].cfg.on_config_change)
@@ -724,6 +724,7 @@ def launch_sweep(name: str, overrides: list[str] | tuple[str, ...] = (), dry_run
             return 0
         if executor == "slurm":
             require_slurm_commands()
+            slurm_queue(strict=True)  # a controller that does not answer stops the launch before Hydra writes anything
         from harness.train import train
         from hydra.core.global_hydra import GlobalHydra
 
@@ -764,7 +765,7 @@ def sweep_status(sweep_dir: str | os.PathLike) -> list[dict]:
     """One row per run of a sweep dir: state, job, progress, last FID, log and (if failed) the error."""
     sweep_dir = Path(sweep_dir).absolute()
     require(sweep_dir.is_dir(), f"{sweep_dir} is not a directory")
-    record = OmegaConf.load(sweep_dir / SWEEP_RECORD) if (sweep_dir / SWEEP_RECORD).exists() else {}
+    record = read_yaml(sweep_dir / SWEEP_RECORD) if (sweep_dir / SWEEP_RECORD).exists() else {}
     submissions = last_submissions(sweep_dir)
     names = {p.name for p in sweep_dir.iterdir() if p.is_dir() and any((p / f).exists() for f in RUN_FILES)}
     names |= set((record.get("grid") or {}).keys()) | set(submissions)

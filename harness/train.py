@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.config import compose, latent_geometry, to_yaml, validate, with_paper_setting
 from harness.errors import HarnessError, first_line, require
-from harness.io import atomic_torch_save, atomic_write_json, atomic_write_text, read_json
+from harness.io import atomic_torch_save, atomic_write_json, atomic_write_text, check_output_path, read_json, read_yaml
 
 # ----------------------------------------------------------------------------- distributed
 
@@ -171,7 +171,7 @@ def claim_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     """Refuse a run dir that holds a different run, unless told to resume it or start over."""
     saved = run_dir / "config.yaml"
     if saved.exists():
-        difference = first_difference(run_identity(OmegaConf.load(saved)), run_identity(cfg))
+        difference = first_difference(run_identity(read_yaml(saved)), run_identity(cfg))
         if difference and cfg.on_config_change == "refuse":
             raise HarnessError(
                 f"{run_dir} holds a run with a different config ({difference}); "
@@ -654,6 +654,10 @@ def hydra_train(argv: list[str]) -> int:
 
         check_multirun(overrides)
     elif not any(a in ("--help", "-h", "--cfg", "-c", "--info") for a in argv):
+        for override in overrides:
+            key, _, value = override.partition("=")
+            if key == "hydra.run.dir":
+                check_output_path(value, key, kind="dir")
         cfg = compose(overrides)
         validate(cfg)
         check_run_inputs(cfg)

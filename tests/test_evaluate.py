@@ -384,6 +384,16 @@ def test_eval_cli_on_our_checkpoint_and_refusals(cfg, tmp_path, fid_cache, monke
         evaluate_cli([f"ckpt={released}", *TINY_EVAL, "model.hidden_size=64"])
 
 
+def test_weights_files_that_are_not_weights_are_one_line_before_sampling(cfg, tmp_path):
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"\x80\x02 these are not weights " * 100)
+    with pytest.raises(HarnessError, match=r"junk.pth is not a digits CNN weights file \(\w+\); retrain one"):
+        check_eval_config(compose([*TINY_EVAL, f"eval.digits_weights={junk}"]).eval, cfg.data)
+    inception = compose([*TINY_EVAL, "eval.feature_extractor=inception-v3-compat", f"eval.inception_weights={junk}"])
+    with pytest.raises(HarnessError, match=r"eval.inception_weights=.*junk.pth is not a weights file"):
+        check_eval_config(inception.eval, inception.data)
+
+
 def test_eval_command_reports_missing_inception_weights_in_one_line(cfg, tmp_path):
     run_cfg = compose([*TINY_EVAL, "trainer.device=cpu"])
     ckpt = tmp_path / "run" / "checkpoints" / "step_0000030.pt"

@@ -113,7 +113,7 @@ def test_invalid_points_are_all_listed_before_anything_is_written(tmp_path):
     with pytest.raises(HarnessError) as err:
         sweep.launch_sweep("demo", ["model=mini-S/4,no-such-model", "model.hidden_size=30", f"hydra.sweep.dir={out_dir}"])
     assert "2 problem(s) in a grid of 2 runs" in str(err.value)
-    assert "  - model=no-such-model: " in str(err.value) and "model/no-such-model" in str(err.value)
+    assert "  - model=no-such-model: model=no-such-model is not one of DiT-B/2," in str(err.value)
     assert "  - model=mini-S/4: model.hidden_size=30 is not divisible" in str(err.value)
 
 
@@ -132,6 +132,14 @@ def test_a_grid_whose_data_is_missing_is_refused_before_anything_is_submitted(tm
     text = capsys.readouterr().out
     assert "not ready to launch here: 1 input problem(s)" in text and "is not a directory" in text
     assert not out_dir.exists()
+
+
+def test_status_names_a_sweep_record_that_is_not_yaml(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("model: {}\n")
+    (tmp_path / "sweep.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(HarnessError, match=r"sweep.yaml is not readable YAML \(.*\); restore it or move it aside"):
+        sweep.sweep_status(tmp_path)
 
 
 def test_no_sbatch_on_path_with_the_slurm_launcher(tmp_path, monkeypatch):

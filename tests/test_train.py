@@ -280,6 +280,15 @@ def test_bad_train_config_is_one_line_exit_2(tmp_path, override, message):
     assert not (tmp_path / "run").exists() or "needs CUDA" in message
 
 
+def test_a_run_dir_that_is_a_file_is_one_line(tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("not a directory")
+    result = run_harness(["train", *TINY, f"hydra.run.dir={taken}"])
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"harness: error: hydra.run.dir={taken} is a file; give a directory path")
+    assert taken.read_text() == "not a directory"
+
+
 def test_batch_not_divisible_by_world_size(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
