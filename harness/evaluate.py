@@ -790,7 +790,8 @@ def checkpoint_config(ckpt: str | os.PathLike, overrides: list[str] | tuple[str,
         # mmap: reading the config of a multi-GB checkpoint must not load its tensors.
         blob = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is one line for the user
-        raise HarnessError(f"ckpt={path} cannot be read ({type(err).__name__})") from None
+        raise HarnessError(f"ckpt={path} cannot be read ({type(err).__name__}); expected a checkpoint of "
+                           "harness train or a released DiT .pt") from None
     requested = compose(overrides)
     if not (isinstance(blob, dict) and isinstance(blob.get("config"), str)):
         return requested, {"ours": False, "path": path, "step": None, "run_dir": None}

@@ -777,7 +777,8 @@ def sweep_status(sweep_dir: str | os.PathLike) -> list[dict]:
 
 def _run_status(sweep_dir: Path, name: str, submission: dict | None, queue: dict | None, needs_queue: bool) -> dict:
     run_dir = sweep_dir / name
-    state = read_json(run_dir / "run_state.json", {}) or {}
+    state_file = run_dir / "run_state.json"
+    state = read_json(state_file, {}) or {}
     results = read_jsonl(run_dir / "results.jsonl")
     last = results[-1] if results else {}
     submission = submission or {}
@@ -815,6 +816,8 @@ def _run_status(sweep_dir: Path, name: str, submission: dict | None, queue: dict
         elif submission and not saved:
             error.append(f"job {job_id} ended before training started")
         error += [f"| {line}" for line in _tail(submission.get("stderr"))]
+    if state_file.exists() and not state:
+        error.insert(0, f"{state_file} is not readable JSON: the state shown is a guess")
     return {
         "run": name, "run_dir": str(run_dir), "state": status, "job_id": job_id, "queue_state": queued or None,
         "step": _last_step(run_dir, state), "max_steps": state.get("max_steps"), "requeues": state.get("requeues"),

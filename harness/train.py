@@ -742,7 +742,9 @@ def dry_run(overrides: list[str], take_step: bool = True) -> dict:
     tc, mc = cfg.trainer, cfg.model
     flops = count_flops(mc, geometry)
     tokens = geometry.tokens(mc.patch_size)
-    batch_per_gpu = max(1, tc.global_batch_size // max(1, int(tc.gpus)))
+    require(tc.global_batch_size % tc.gpus == 0,
+            f"trainer.global_batch_size={tc.global_batch_size} is not divisible by trainer.gpus={tc.gpus}")
+    batch_per_gpu = tc.global_batch_size // tc.gpus
     gpu_precision = fast_path_settings(tc, torch.device("cuda"))["precision"]  # the estimate is per GPU
     report = {
         "config": to_yaml(cfg), "model": mc.name, "conditioning": mc.conditioning, "geometry": vars(geometry),

@@ -134,12 +134,27 @@ def test_a_grid_whose_data_is_missing_is_refused_before_anything_is_submitted(tm
     assert not out_dir.exists()
 
 
+def test_multirun_dir_is_named_after_the_sweep_or_multirun():
+    from omegaconf import OmegaConf
+
+    from harness.config import CONF_DIR
+
+    cfg = OmegaConf.load(CONF_DIR / "train.yaml")  # `harness train -m` without a sweep: sweep_name is null
+    assert cfg.hydra.sweep.dir == "sweeps_out/multirun"
+    cfg.sweep_name = "demo"
+    assert cfg.hydra.sweep.dir == "sweeps_out/demo"
+
+
 def test_status_names_a_sweep_record_that_is_not_yaml(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("model: {}\n")
     (tmp_path / "sweep.yaml").write_text("name: [unclosed\n")
     with pytest.raises(HarnessError, match=r"sweep.yaml is not readable YAML \(.*\); restore it or move it aside"):
         sweep.sweep_status(tmp_path)
+    (tmp_path / "sweep.yaml").unlink()
+    (tmp_path / "run" / "run_state.json").write_text("{not json")
+    (row,) = sweep.sweep_status(tmp_path)
+    assert row["error"][0] == f"{tmp_path / 'run' / 'run_state.json'} is not readable JSON: the state shown is a guess"
 
 
 def test_no_sbatch_on_path_with_the_slurm_launcher(tmp_path, monkeypatch):
