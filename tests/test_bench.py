@@ -38,6 +38,15 @@ def test_bench_writes_every_field_positive(tmp_path):
     assert logged[-1]["train"]["images_per_s"] == result["train"]["images_per_s"]
 
 
+def test_bench_cli_takes_overrides_after_what_and_checks_the_log_first(tmp_path, capsys):
+    from harness.cli import main
+
+    assert main(["bench", "--what", "train", *TINY, "--log", str(tmp_path)]) == 2  # a directory, not a log file
+    assert capsys.readouterr().err.strip() == f"harness: error: --log={tmp_path} is a directory; give a file path"
+    assert main(["bench", "--what", "trian", *TINY]) == 2
+    assert "--what trian: not one of train, sample, features, latents" in capsys.readouterr().err
+
+
 def test_bench_profile_says_where_a_step_goes():
     result = run_bench(TINY, what=("train",), warmup=1, iters=1, profile=True)
     profile = result["train"]["profile"]

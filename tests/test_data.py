@@ -385,6 +385,18 @@ def test_extraction_resumes_after_sigkill(extraction, tmp_path):
     assert_same_cache(load_cache(extraction, out), load_cache(extraction, extraction["ref"]))
 
 
+def test_extraction_with_a_bad_out_or_device_writes_nothing(tmp_path):
+    root = make_image_folder(tmp_path / "img", classes=2, per_class=1, size=16)
+    base = [f"data.root={root}", "data.num_classes=2", "data.image_size=16", "data.num_workers=0", "autoencoder=identity"]
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    with pytest.raises(HarnessError, match=r"out=.*taken is a file; give a directory path"):
+        extract_latents(compose(base, config_name="extract_latents"), taken)
+    with pytest.raises(HarnessError, match=r"extract.device='tpu' is not one of auto, cpu, cuda, cuda:N"):
+        extract_latents(compose([*base, "extract.device=tpu"], config_name="extract_latents"), tmp_path / "out")
+    assert not (tmp_path / "out").exists() and taken.read_text() == "a file"
+
+
 def test_corrupt_or_missing_shard_is_named(extraction, tmp_path):
     out = tmp_path / "cache"
     shutil.copytree(extraction["ref"], out)

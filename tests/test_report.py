@@ -263,3 +263,13 @@ def test_cli_report_reports_bad_input_in_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nothing"), "-o", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("harness: error: sweep dir") and "\n" not in err
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    assert main(["report", str(tmp_path / "nothing"), "-o", str(taken)]) == 2
+    assert capsys.readouterr().err.strip() == f"harness: error: -o={taken} is a file; give a directory path"
+    # Usage errors are one line too (argparse would print its usage block).
+    with pytest.raises(SystemExit) as exit_:
+        main(["report", str(tmp_path / "nothing")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "harness: error: the following arguments are required: -o/--out (see harness report --help)")
