@@ -233,10 +233,10 @@ def check_grid(name: str, specs: list[RunSpec], executor: str | None, inputs: bo
     the files it will read); raise one error listing every problem."""
     from omegaconf.errors import OmegaConfBaseException
 
-    errors = []
+    found: dict[str, list[str]] = {}  # problem -> the points it stops
     for spec in specs:
         if spec.error is not None:
-            errors.append(f"{spec.label}: {spec.error}")
+            found.setdefault(spec.error, []).append(spec.label)
             continue
         try:
             validate(spec.cfg)
@@ -246,9 +246,10 @@ def check_grid(name: str, specs: list[RunSpec], executor: str | None, inputs: bo
                 require(batch % layout.world_size == 0, f"trainer.global_batch_size={batch} is not divisible by the "
                                                         f"job's {layout.world_size} processes (nodes x tasks_per_node)")
         except HarnessError as err:
-            errors.append(f"{spec.label}: {err}")
+            found.setdefault(str(err), []).append(spec.label)
         except OmegaConfBaseException as err:
-            errors.append(f"{spec.label}: {first_line(err)}")
+            found.setdefault(first_line(err), []).append(spec.label)
+    errors = _problem_lines(found, len(specs))
     by_dir: dict[Path, list[str]] = {}
     for spec in specs:
         if spec.cfg is not None:
@@ -264,25 +265,30 @@ def check_grid(name: str, specs: list[RunSpec], executor: str | None, inputs: bo
                            + "\n".join(f"  - {e}" for e in errors))
 
 
+def _problem_lines(found: dict[str, list[str]], grid_size: int) -> list[str]:
+    """One line per distinct problem, naming the points it stops ("every run" when it stops them all)."""
+    return [f"{'every run' if len(labels) == grid_size > 1 else ' | '.join(labels)}: {problem}"
+            for problem, labels in found.items()]
+
+
 def input_problems(specs: list[RunSpec]) -> list[str]:
     """The files the points will read (data, VAE, FID extractor and reference: harness.train.check_run_inputs),
     checked once per distinct setting; one line per problem, naming the points it stops."""
     from harness.train import check_run_inputs
 
-    found: dict[str, str | None] = {}
-    stopped: dict[str, list[str]] = {}
+    checked: dict[str, str | None] = {}
+    found: dict[str, list[str]] = {}
     for spec in specs:
         key = OmegaConf.to_yaml(OmegaConf.masked_copy(spec.cfg, ["data", "autoencoder", "eval", "diffusion"]), resolve=True)
-        if key not in found:
+        if key not in checked:
             try:
                 check_run_inputs(spec.cfg)
-                found[key] = None
+                checked[key] = None
             except HarnessError as err:
-                found[key] = str(err)
-        if found[key] is not None:
-            stopped.setdefault(found[key], []).append(spec.label)
-    return [f"{'every run' if len(labels) == len(specs) > 1 else ' | '.join(labels)}: {problem}"
-            for problem, labels in stopped.items()]
+                checked[key] = str(err)
+        if checked[key] is not None:
+            found.setdefault(checked[key], []).append(spec.label)
+    return _problem_lines(found, len(specs))
 
 
 def task_config(cfg: DictConfig) -> DictConfig:

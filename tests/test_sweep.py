@@ -103,12 +103,17 @@ def test_invalid_points_are_all_listed_before_anything_is_written(tmp_path):
     with pytest.raises(HarnessError) as err:
         sweep.launch_sweep("demo", overrides)
     lines = str(err.value).splitlines()
-    assert "3 problem(s) in a grid of 4 runs; nothing was submitted" in lines[0]
+    assert "2 problem(s) in a grid of 4 runs; nothing was submitted" in lines[0]
     errors = lines[1:]
-    assert len(errors) == 3 and all(line.startswith("  - ") for line in errors)
-    assert sum("model.hidden_size=30" in line for line in errors) == 2
-    assert sum("model.patch_size=3" in line for line in errors) == 2
+    assert len(errors) == 2 and all(line.startswith("  - ") for line in errors)
+    # One line per problem, naming every point it stops (both patch-3 points share one line).
+    assert errors[0].startswith("  - model.patch_size=3 model.hidden_size=30 | model.patch_size=3 model.hidden_size=32: "
+                                "model.patch_size=3 does not divide")
+    assert errors[1].startswith("  - model.patch_size=4 model.hidden_size=30: model.hidden_size=30 is not divisible")
     assert not out_dir.exists()
+    with pytest.raises(HarnessError) as err:  # a problem of every point is one line
+        sweep.launch_sweep("demo", [*TINY_GRID, "trainer.max_steps=0", f"hydra.sweep.dir={out_dir}"])
+    assert str(err.value).splitlines()[1:] == ["  - every run: trainer.max_steps must be a positive integer, got 0"]
     # A point that does not even compose is listed with the others.
     with pytest.raises(HarnessError) as err:
         sweep.launch_sweep("demo", ["model=mini-S/4,no-such-model", "model.hidden_size=30", f"hydra.sweep.dir={out_dir}"])
