@@ -645,10 +645,18 @@ def _hydra_output_dir() -> Path:
 # ----------------------------------------------------------------------------- entry points
 
 
+HYDRA_FLAGS = ("-m", "--multirun", "-h", "--help", "--hydra-help", "--version", "-c", "--cfg", "--resolve", "-p",
+               "--package", "-i", "--info", "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
+               "--experimental-rerun", "-sc", "--shell-completion")
+
+
 def hydra_train(argv: list[str]) -> int:
     """`harness train [overrides]`: check the config and its files first (one line on bad input; with -m every
     point of the grid, as `harness sweep` does), then run the Hydra app."""
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    unknown = [a for a in argv if a.startswith("-") and a.split("=", 1)[0] not in HYDRA_FLAGS]
+    if unknown:
+        raise HarnessError(f"harness train: unknown option {unknown[0]}; Hydra's options are {', '.join(HYDRA_FLAGS)}")
     if any(a in ("-m", "--multirun") for a in argv):
         from harness.sweep import check_multirun
 

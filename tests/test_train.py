@@ -280,6 +280,13 @@ def test_bad_train_config_is_one_line_exit_2(tmp_path, override, message):
     assert not (tmp_path / "run").exists() or "needs CUDA" in message
 
 
+def test_an_unknown_train_option_is_one_line(tmp_path):
+    result = run_harness(["train", "--bogus", *TINY, f"hydra.run.dir={tmp_path / 'run'}"])
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("harness: error: harness train: unknown option --bogus; Hydra's options are -m,")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_run_dir_that_is_a_file_is_one_line(tmp_path):
     taken = tmp_path / "taken"
     taken.write_text("not a directory")
