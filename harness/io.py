@@ -149,6 +149,35 @@ def check_output_path(path: str | os.PathLike, key: str, kind: str = "file") -> 
     return path
 
 
+def staging_dir(target: Path) -> Path:
+    """A fresh sibling of `target` to build its new contents in, for `replace_dir`. A previous `replace_dir` killed
+    between its two renames is finished first (its old directory is put back), and its leftovers are removed."""
+    import shutil
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    olds = sorted(target.parent.glob(f".{target.name}.old-*"))
+    if olds and not target.exists():
+        os.rename(olds.pop(), target)
+    for leftover in [*olds, *target.parent.glob(f".{target.name}.staging-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+    staged = target.parent / f".{target.name}.staging-{os.getpid()}"
+    staged.mkdir()
+    return staged
+
+
+def replace_dir(staged: Path, target: Path) -> None:
+    """Put the finished directory `staged` in place of `target` with two renames, so a kill never leaves a mix of
+    old and new files: the old directory stays whole (as .<name>.old-<pid> for an instant) until the new one is in."""
+    import shutil
+
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    if target.exists():
+        os.rename(target, old)
+    os.rename(staged, target)
+    _fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def read_yaml(path: str | os.PathLike):
     """A YAML file the harness wrote (a run's config.yaml, a sweep's sweep.yaml) as a DictConfig; one error line
     naming the file when it is not readable YAML."""

@@ -35,7 +35,8 @@ from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation, LogLocator
 
 from harness.errors import HarnessError, require
 from harness.flops import REFERENCE_DIR, training_compute_flops
-from harness.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_output_path, read_json, read_jsonl, read_yaml
+from harness.io import (atomic_write_bytes, atomic_write_json, atomic_write_text, check_output_path, read_json, read_jsonl,
+                        read_yaml, replace_dir, staging_dir)
 
 PAPER_TABLE4 = REFERENCE_DIR / "paper_table4.csv"  # shared with harness.flops
 
@@ -846,6 +847,9 @@ def _html_page(title: str, blocks: list[str]) -> str:
             f"<style>{css}</style></head><body>\n" + "\n".join(blocks) + "\n</body></html>\n")
 
 
+REPORT_FILES = ("report.md", "report.html", "results.csv", "fits.json", "figures")
+
+
 def write_report(sweep_dirs, out_dir, step: int | None = None, overlay_paper: bool = False,
                  mix_extractors: bool = False) -> dict[str, Path]:
     """Write the sweep report under `out_dir` and return the paths written.
@@ -858,14 +862,20 @@ def write_report(sweep_dirs, out_dir, step: int | None = None, overlay_paper: bo
     """
     started = time.time()
     sweep_dirs = [sweep_dirs] if isinstance(sweep_dirs, (str, Path)) else list(sweep_dirs)
-    out = check_output_path(out_dir, "-o", kind="dir")
-    fig_dir = out / "figures"
+    final = check_output_path(out_dir, "-o", kind="dir")
+    if final.is_dir():  # the directory is replaced whole: it may hold only a previous report
+        foreign = sorted(p.name for p in final.iterdir() if p.name not in REPORT_FILES)
+        require(not foreign, f"-o={final} holds files that are not part of a report ({', '.join(foreign[:5])}); "
+                             "give a new directory, an empty one or a previous report's")
     df = collect_results(sweep_dirs)
     names = check_extractors(df, mix_extractors)
     if overlay_paper:
         _check_overlay(df)
     step, step_note = pick_step(df, step)
     at = rows_at_step(df, step)
+    # Written in a staging directory and swapped in whole: a kill leaves the previous report or the new one.
+    out = staging_dir(final)
+    fig_dir = out / "figures"
 
     paths: dict[str, Path] = {"csv": write_results_csv(df, out / "results.csv"), "figures": fig_dir}
     figures = {
@@ -1017,4 +1027,5 @@ def write_report(sweep_dirs, out_dir, step: int | None = None, overlay_paper: bo
         "paper_fit": asdict(paper_fit) if paper_fit is not None else None,
         "frontier": frontier.to_dict(orient="records"), "notes": notes,
     })
-    return paths
+    replace_dir(out, final)
+    return {key: final / path.relative_to(out) for key, path in paths.items()}

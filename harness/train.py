@@ -116,11 +116,14 @@ def load_latest_checkpoint(run_dir: Path, say=print) -> dict | None:
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int, milestones: set[int]) -> None:
-    """Keep the newest `keep_last` checkpoints and every milestone."""
+    """Keep the newest `keep_last` checkpoints and every milestone; remove the temp files of saves a kill cut short
+    (only the main rank saves, one checkpoint at a time, so none is being written now)."""
     paths = list_checkpoints(run_dir)
     for path in paths[:-keep_last]:
         if int(path.stem.split("_")[1]) not in milestones:
             path.unlink(missing_ok=True)
+    for partial in (Path(run_dir) / "checkpoints").glob(".step_*.pt.*.tmp"):
+        partial.unlink(missing_ok=True)
 
 
 def rng_state() -> dict:

@@ -210,6 +210,43 @@ def test_report_without_samples_skips_the_grid(sweep, tmp_path):
     assert "samples.png" not in written and "fid_vs_gflops.png" in written
 
 
+def test_a_report_is_replaced_whole_or_not_at_all(sweep, tmp_path, monkeypatch):
+    out = tmp_path / "report"
+    report.write_report(sweep, out)
+    files = lambda: {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}  # noqa: E731
+    before = files()
+
+    def killed(*args, **kwargs):  # as a kill would, once results.csv, the figures and report.md are written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "_html_page", killed)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_report(sweep, out, step=STEPS[0])
+    assert files() == before
+    monkeypatch.undo()
+    written = report.write_report(sweep, out, step=STEPS[0])
+    assert f"at step {STEPS[0]:,}" in written["md"].read_text() and written["md"] == out / "report.md"
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]  # the killed run's staging directory is gone
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(HarnessError, match=r"-o=.*report holds files that are not part of a report \(notes.txt\)"):
+        report.write_report(sweep, out)
+
+
+def test_a_directory_swap_killed_between_its_renames_is_finished_next_time(tmp_path):
+    from harness.io import replace_dir, staging_dir
+
+    target = tmp_path / "report"
+    target.mkdir()
+    (target / "report.md").write_text("old")
+    target.rename(tmp_path / ".report.old-123")  # killed after the first rename: no target, the old one aside
+    staged = staging_dir(target)
+    assert (target / "report.md").read_text() == "old"  # put back before anything else happens
+    (staged / "report.md").write_text("new")
+    replace_dir(staged, target)
+    assert (target / "report.md").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+
+
 def test_overlay_of_the_paper_points_on_an_inception_sweep(inception_sweep):
     df = report.collect_results(inception_sweep)
     fig = report.plot_fid_vs_gflops(df, overlay_paper=True)

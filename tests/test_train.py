@@ -74,12 +74,15 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
     assert newest.exists(), "a corrupt checkpoint is reported, never deleted"
 
     truncated = newest.read_bytes()
+    partial = newest.parent / f".{newest.name}.k1ll3d.tmp"  # what a kill during a save leaves
+    partial.write_bytes(b"half a checkpoint")
     cfg = compose([*TINY, "trainer.max_steps=20", "trainer.ckpt_every=10", "trainer.keep_last=3"])
     result = train(cfg, tmp_path)
     assert result["step"] == 20
     assert load_latest_checkpoint(tmp_path)["step"] == 20
     (kept,) = newest.parent.glob(f"{newest.name}.unreadable-*")  # retraining step 20 did not overwrite it
     assert kept.read_bytes() == truncated
+    assert not partial.exists()
 
 
 def test_a_checkpoint_of_another_model_is_one_line(tmp_path):
