@@ -15,6 +15,7 @@ import pytest
 from conftest import REPO
 from fixtures.sweep import expected_runs, make_fixture_sweep
 from harness import sweep
+from harness.config import config_groups
 from harness.errors import HarnessError
 from harness.io import read_json
 
@@ -136,6 +137,17 @@ def test_a_grid_whose_data_is_missing_is_refused_before_anything_is_submitted(tm
     assert sweep.launch_sweep("demo", overrides, dry_run=True) == 0
     text = capsys.readouterr().out
     assert "not ready to launch here: 1 input problem(s)" in text and "is not a directory" in text
+    assert not out_dir.exists()
+
+
+def test_train_multirun_checks_every_point_before_hydra_writes(tmp_path):
+    out_dir = tmp_path / "multirun"
+    with pytest.raises(HarnessError) as err:
+        sweep.check_multirun(["model=mini-S/8,no-such-model", "trainer.max_steps=0", f"hydra.sweep.dir={out_dir}"])
+    assert str(err.value).splitlines()[1:] == [
+        "  - model=mini-S/8: trainer.max_steps must be a positive integer, got 0",
+        "  - model=no-such-model: model=no-such-model is not one of " + ", ".join(config_groups("model"))]
+    sweep.check_multirun(["model=mini-S/8,mini-S/4", f"hydra.sweep.dir={out_dir}"])  # a good grid passes
     assert not out_dir.exists()
 
 
