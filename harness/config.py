@@ -55,15 +55,17 @@ def with_paper_setting(overrides: list[str] | tuple[str, ...]) -> list[str]:
     return overrides
 
 
-def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train") -> DictConfig:
-    """The resolved config for `overrides`, as `harness train` would see it (bad overrides raise HarnessError)."""
+def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train",
+            return_hydra_config: bool = False) -> DictConfig:
+    """The resolved config for `overrides`, as `harness train` would see it (bad overrides raise HarnessError);
+    with `return_hydra_config`, its `hydra` node too (e.g. hydra.run.dir)."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
     except (HydraException, OmegaConfBaseException) as err:
         raise HarnessError(composition_error(err)) from None
     return cfg

@@ -39,7 +39,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from harness.config import Geometry, slug
-from harness.errors import HarnessError, first_line, require
+from harness.errors import HarnessError, require
 from harness.io import append_jsonl, atomic_torch_save, atomic_write_bytes, cache_root, check_output_path, sha256_file
 from harness.tracking import run_id
 
@@ -319,7 +319,7 @@ def _readable_weights(path: Path, key: str) -> Path:
             state = torch.load(path, map_location="cpu", weights_only=True)
             require(isinstance(state, dict) and state, "no state dict")
         except Exception as err:  # noqa: BLE001 - any unreadable file is one line for the user
-            raise HarnessError(f"{key}={path} is not a weights file ({first_line(err)[:120]}); expected "
+            raise HarnessError(f"{key}={path} is not a weights file ({type(err).__name__}); expected "
                                f"torch-fidelity's {INCEPTION_FILE}") from None
         _READABLE.add(version)
     return path

@@ -259,9 +259,10 @@ def check_grid(name: str, specs: list[RunSpec], executor: str | None, inputs: bo
             errors.append(f"{' | '.join(labels)}: share the run dir {run_dir}; put the swept key into run_name")
     if inputs and not errors:
         errors = input_problems(specs)
+    if len(errors) == 1:
+        raise HarnessError(f"sweep {name}: {errors[0]} (nothing was submitted)")
     if errors:
-        bad = len(errors)
-        raise HarnessError(f"sweep {name}: {bad} problem(s) in a grid of {len(specs)} runs; nothing was submitted:\n"
+        raise HarnessError(f"sweep {name}: {len(errors)} problems in a grid of {len(specs)} runs; nothing was submitted:\n"
                            + "\n".join(f"  - {e}" for e in errors))
 
 

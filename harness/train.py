@@ -149,8 +149,8 @@ RUN_CONTROL_KEYS = ("trainer.max_steps", "trainer.ckpt_every", "trainer.ckpt_mil
 
 def run_identity(cfg: DictConfig) -> dict:
     """The part of a config that defines what a run trains (see RUN_CONTROL_KEYS for what it leaves out)."""
-    identity = OmegaConf.to_container(cfg, resolve=True)
-    identity.pop("hydra", None)
+    # Without the hydra node: outside a running Hydra app it holds values that only exist at run time.
+    identity = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]), resolve=True)
     for dotted in RUN_CONTROL_KEYS:
         *parents, leaf = dotted.split(".")
         node = identity
@@ -170,17 +170,37 @@ def first_difference(old, new, prefix="") -> str:
     return "" if old == new else f"{prefix.rstrip('.')}: {old!r} -> {new!r}"
 
 
+def stored_identity(run_dir: Path) -> dict | None:
+    """What the run in `run_dir` trains: its config.yaml, else the config its newest checkpoint carries."""
+    saved = run_dir / "config.yaml"
+    if saved.exists():
+        return run_identity(read_yaml(saved))
+    found = list_checkpoints(run_dir)
+    try:  # mmap: the config of a multi-GB checkpoint without its tensors
+        blob = torch.load(found[-1], map_location="cpu", weights_only=False, mmap=True) if found else None
+    except Exception:  # noqa: BLE001 - an unreadable newest checkpoint is reported (and skipped) when resuming
+        return None
+    if isinstance(blob, dict) and isinstance(blob.get("config"), str):
+        return run_identity(OmegaConf.create(blob["config"]))
+    return None
+
+
+def check_run_dir(cfg: DictConfig, run_dir: Path) -> str:
+    """The first difference between `cfg` and the run `run_dir` holds ("" if none); one error line if that is a
+    different run and on_config_change=refuse. Writes nothing: `harness train` asks before Hydra starts the run."""
+    stored = stored_identity(Path(run_dir))
+    difference = first_difference(stored, run_identity(cfg)) if stored is not None else ""
+    if difference and cfg.on_config_change == "refuse":
+        raise HarnessError(f"{run_dir} holds a run with a different config ({difference}); "
+                           "set on_config_change=resume to continue it or on_config_change=overwrite to start over")
+    return difference
+
+
 def claim_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     """Refuse a run dir that holds a different run, unless told to resume it or start over."""
     saved = run_dir / "config.yaml"
-    if saved.exists():
-        difference = first_difference(run_identity(read_yaml(saved)), run_identity(cfg))
-        if difference and cfg.on_config_change == "refuse":
-            raise HarnessError(
-                f"{run_dir} holds a run with a different config ({difference}); "
-                "set on_config_change=resume to continue it or on_config_change=overwrite to start over"
-            )
-        if difference and cfg.on_config_change == "overwrite":
+    if check_run_dir(cfg, run_dir):
+        if cfg.on_config_change == "overwrite":
             # Starting over never deletes: the old run moves aside.
             aside = run_dir / f"overwritten-{time.strftime('%Y%m%d-%H%M%S')}"
             aside.mkdir()
@@ -669,9 +689,10 @@ def hydra_train(argv: list[str]) -> int:
             key, _, value = override.partition("=")
             if key == "hydra.run.dir":
                 check_output_path(value, key, kind="dir")
-        cfg = compose(overrides)
+        cfg = compose(overrides, return_hydra_config=True)
         validate(cfg)
         check_run_inputs(cfg)
+        check_run_dir(cfg, Path(cfg.hydra.run.dir))  # before Hydra writes the run's .hydra/ records into it
     sys.argv = ["harness train", *argv]
     _hydra_main()
     return 0

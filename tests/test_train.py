@@ -85,12 +85,30 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
     assert not partial.exists()
 
 
-def test_a_checkpoint_of_another_model_is_one_line(tmp_path):
+def test_a_checkpoint_of_another_model_is_refused_before_anything_is_written(tmp_path):
     train(compose([*TINY, "trainer.max_steps=2", "trainer.ckpt_every=2"]), tmp_path / "a")
     (tmp_path / "b").mkdir()
-    shutil.copytree(tmp_path / "a" / "checkpoints", tmp_path / "b" / "checkpoints")
+    shutil.copytree(tmp_path / "a" / "checkpoints", tmp_path / "b" / "checkpoints")  # no config.yaml beside them
+    with pytest.raises(HarnessError, match=r"different config \(model.hidden_size: 32 -> 64\)"):
+        train(compose([*TINY, "trainer.max_steps=4", "model.hidden_size=64"]), tmp_path / "b")
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checkpoints"]
+    # A checkpoint without its config (another tool's, say) is caught when its weights do not load.
+    path = tmp_path / "b" / "checkpoints" / "step_0000002.pt"
+    state = torch.load(path, weights_only=False)
+    del state["config"]
+    torch.save(state, path)
     with pytest.raises(HarnessError, match=r"step_0000002.pt does not fit this run's model \(Error\(s\) in loading"):
         train(compose([*TINY, "trainer.max_steps=4", "model.hidden_size=64"]), tmp_path / "b")
+
+
+def test_a_refused_run_dir_keeps_its_hydra_records(tmp_path):
+    run = tmp_path / "run"
+    assert run_harness(["train", *TINY, "trainer.max_steps=2", "trainer.ckpt_every=2", f"hydra.run.dir={run}"]).returncode == 0
+    records = {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()}
+    result = run_harness(["train", *TINY, "trainer.max_steps=2", "model.depth=3", f"hydra.run.dir={run}"])
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "holds a run with a different config (model.depth: 2 -> 3)" in result.stderr
+    assert {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()} == records  # Hydra never started
 
 
 def test_two_gloo_ranks_match_one_process(tmp_path):
