@@ -108,8 +108,10 @@ def number(node: DictConfig, key: str, allowed: str, test=lambda v: True, option
 
 
 def one_of(node: DictConfig, key: str, allowed: tuple) -> None:
+    """`node[key]` is one of `allowed`, of the same type (1 is not true), else one error line naming the key."""
     value = node.get(key)
-    require(value in allowed, f"{_full_key(node, key)}={value!r} is not one of {', '.join(map(str, allowed))}")
+    require(any(value == a and type(value) is type(a) for a in allowed),
+            f"{_full_key(node, key)}={value!r} is not one of {', '.join(map(str, allowed))}")
 
 
 def _full_key(node: DictConfig, key: str, section: str | None = None) -> str:

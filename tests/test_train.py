@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import HARNESS, REPO, TINY, harness_env, run_harness
-from harness.config import compose
+from harness.config import compose, validate
 from harness.errors import HarnessError
 from harness.train import list_checkpoints, load_latest_checkpoint, train
 
@@ -315,6 +315,22 @@ def test_a_run_dir_that_is_a_file_is_one_line(tmp_path):
     assert result.returncode == 2 and result.stderr.strip() == (
         f"harness: error: hydra.run.dir={taken} is a file; give a directory path")
     assert taken.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.tf32=1", "trainer.tf32=1 is not one of True, False"),
+    ("eval.every=abc", "eval.every must be an integer >= 0 or null, got 'abc'"),
+    ("diffusion.num_timesteps=[1]", "diffusion.num_timesteps must be a positive integer, got [1]"),
+    ("eval.num_samples=2.9", "eval.num_samples must be an integer >= 2 for FID, got 2.9"),
+    ("trainer.gpus=-1", "trainer.gpus must be a positive integer, got -1"),
+    ("trainer.device=tpu", "trainer.device='tpu' is not one of auto, cpu, cuda"),
+    ("trainer.betas=[1,2]", "trainer.betas must be two numbers in [0, 1), got [1, 2]"),
+    ("data.image_size=abc", "data.image_size must be a positive integer, got 'abc'"),
+])
+def test_a_value_of_the_wrong_type_or_range_names_its_key(override, message):
+    with pytest.raises(HarnessError) as err:
+        validate(compose([override]))
+    assert str(err.value) == message
 
 
 def test_batch_not_divisible_by_world_size(tmp_path):
