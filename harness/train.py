@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from harness.config import compose, latent_geometry, to_yaml, validate, with_paper_setting
 from harness.errors import HarnessError, first_line, require
@@ -692,7 +693,12 @@ def hydra_train(argv: list[str]) -> int:
         cfg = compose(overrides, return_hydra_config=True)
         validate(cfg)
         check_run_inputs(cfg)
-        check_run_dir(cfg, Path(cfg.hydra.run.dir))  # before Hydra writes the run's .hydra/ records into it
+        try:
+            run_dir = Path(cfg.hydra.run.dir)
+        except OmegaConfBaseException:  # a run dir made of ${hydra:...} values: train() checks it once Hydra has them
+            run_dir = None
+        if run_dir is not None:
+            check_run_dir(cfg, run_dir)  # before Hydra writes the run's .hydra/ records into it
     sys.argv = ["harness train", *argv]
     _hydra_main()
     return 0

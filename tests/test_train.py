@@ -308,6 +308,14 @@ def test_an_unknown_train_option_is_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_run_dir_made_of_hydra_values_still_trains(tmp_path):
+    # ${hydra:...} resolves only inside the running app: the pre-Hydra run-dir check leaves it to train().
+    run_dir = str(tmp_path) + "/${hydra:job.name}"
+    result = run_harness(["train", *TINY, "trainer.max_steps=2", "trainer.ckpt_every=2", f"hydra.run.dir={run_dir}"])
+    assert result.returncode == 0, result.stderr
+    assert list(tmp_path.glob("*/checkpoints/step_0000002.pt"))
+
+
 def test_a_run_dir_that_is_a_file_is_one_line(tmp_path):
     taken = tmp_path / "taken"
     taken.write_text("not a directory")
