@@ -174,9 +174,7 @@ class ImageFolderDataset(Dataset):
 
     @classmethod
     def from_cfg(cls, data_cfg: DictConfig, split: str = "train") -> "ImageFolderDataset":
-        key = "data.root" if split == "train" else "data.held_out_root"
-        root = data_cfg.get("root") if split == "train" else data_cfg.get("held_out_root")
-        require(root not in (None, "", "???"), f"{key} is not set: point it at a folder of <class>/<image> files")
+        root, key = _image_folder_root(data_cfg, split)
         return cls(root, int(data_cfg.image_size), int(data_cfg.channels), int(data_cfg.num_classes),
                    str(data_cfg.get("on_bad_image", "skip")), scan_threads=2 * max(1, int(data_cfg.get("num_workers", 4))),
                    root_key=key)
@@ -211,6 +209,14 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, i: int):
         return self.item(i)
+
+
+def _image_folder_root(data_cfg: DictConfig, split: str) -> tuple[str, str]:
+    """(root, its config key) of data=imagefolder's `split`: data.root, or data.held_out_root for held_out."""
+    key = "data.root" if split == "train" else "data.held_out_root"
+    root = data_cfg.get("root") if split == "train" else data_cfg.get("held_out_root")
+    require(root not in (None, "", "???"), f"{key} is not set: point it at a folder of <class>/<image> files")
+    return root, key
 
 
 def class_folders(root: Path, num_classes: int | None = None, root_key: str = "data.root") -> list[str]:
@@ -366,9 +372,8 @@ def check_data_source(data_cfg: DictConfig, ae_cfg: DictConfig | None = None) ->
         root = Path(str(_latent_cache_root(data_cfg, "train"))).expanduser()
         check_cache_fits(read_latent_index(root), root / INDEX_FILE, data_cfg, ae_cfg)
     elif name == "imagefolder":
-        root = data_cfg.get("root")
-        require(root not in (None, "", "???"), "data.root is not set: point it at a folder of <class>/<image> files")
-        class_folders(Path(str(root)).expanduser(), int(data_cfg.num_classes))
+        root, key = _image_folder_root(data_cfg, "train")
+        class_folders(Path(str(root)).expanduser(), int(data_cfg.num_classes), key)
     else:
         require(name == "digits", f"data.name={name!r} is not one of digits, imagefolder, latents")
 

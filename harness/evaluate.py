@@ -312,8 +312,7 @@ _READABLE: set[tuple] = set()
 def _readable_weights(path: Path, key: str) -> Path:
     """`path` holds a tensor state dict (read once per file version): a wrong file is reported before sampling,
     not by torch-fidelity after it."""
-    stat = path.stat()
-    version = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    version = _file_version(path)
     if version not in _READABLE:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -328,10 +327,15 @@ def _readable_weights(path: Path, key: str) -> Path:
 _FINGERPRINTS: dict[tuple, str] = {}
 
 
-def _file_fingerprint(path: Path) -> str:
-    """A short content hash of a weights file, memoised on (path, size, mtime)."""
+def _file_version(path: Path) -> tuple:
+    """(path, size, mtime): what memoised facts about a file are keyed on."""
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+def _file_fingerprint(path: Path) -> str:
+    """A short content hash of a weights file, memoised on its version."""
+    key = _file_version(path)
     if key not in _FINGERPRINTS:
         _FINGERPRINTS[key] = sha256_file(path)[:12]
     return _FINGERPRINTS[key]

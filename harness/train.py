@@ -686,10 +686,6 @@ def hydra_train(argv: list[str]) -> int:
 
         check_multirun(overrides)
     elif not any(a in ("--help", "-h", "--cfg", "-c", "--info") for a in argv):
-        for override in overrides:
-            key, _, value = override.partition("=")
-            if key == "hydra.run.dir":
-                check_output_path(value, key, kind="dir")
         cfg = compose(overrides, return_hydra_config=True)
         validate(cfg)
         check_run_inputs(cfg)
@@ -697,8 +693,9 @@ def hydra_train(argv: list[str]) -> int:
             run_dir = Path(cfg.hydra.run.dir)
         except OmegaConfBaseException:  # a run dir made of ${hydra:...} values: train() checks it once Hydra has them
             run_dir = None
-        if run_dir is not None:
-            check_run_dir(cfg, run_dir)  # before Hydra writes the run's .hydra/ records into it
+        if run_dir is not None:  # before Hydra writes the run's .hydra/ records into it
+            check_output_path(run_dir, "hydra.run.dir", kind="dir")
+            check_run_dir(cfg, run_dir)
     sys.argv = ["harness train", *argv]
     _hydra_main()
     return 0
