@@ -227,29 +227,48 @@ def write_run_state(run_dir: Path, state: str, step: int, max_steps: int, error:
 
 
 class PreemptionFlag:
-    """Turns SIGUSR2 (SLURM's warning before preemption or timeout) into a flag read at step boundaries.
+    """Turns SIGUSR2 and SIGTERM into a flag read at step boundaries, where the loop saves a checkpoint and leaves.
 
-    The previous handler (submitit's, which requeues the job) is kept and called once the
-    checkpoint is safely on disk.
+    SIGUSR2 is SLURM's warning before preemption or timeout: once the checkpoint is on disk the previous
+    handler (submitit's, which requeues the job) is called. SIGTERM (`kill`, `scancel`, torchrun stopping
+    its workers) exits with status 143 after the checkpoint. A second SIGTERM stops at once, as it would
+    have without this handler, for a run that is busy in a long evaluation.
     """
 
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGUSR2", "SIGTERM") if hasattr(signal, name))
+
     def __init__(self):
-        self.raised = False
-        self.previous = None
-        if hasattr(signal, "SIGUSR2") and _in_main_thread():
-            self.previous = signal.signal(signal.SIGUSR2, self._handle)
+        self.received: list[int] = []
+        self.previous: dict[int, object] = {}
+        if _in_main_thread():
+            self.previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+
+    @property
+    def raised(self) -> bool:
+        return bool(self.received)
+
+    @property
+    def requeues(self) -> bool:
+        """Whether this stop is a preemption to requeue (SIGUSR2) rather than a stop (SIGTERM, or a peer's)."""
+        return getattr(signal, "SIGUSR2", None) in self.received
 
     def _handle(self, signum, frame):
-        self.raised = True
+        if signum == signal.SIGTERM and signum in self.received:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.received.append(signum)
+        if signum == signal.SIGTERM:  # os.write: print() may be mid-write on the same stream
+            os.write(2, b"SIGTERM: stopping at the end of this step with a checkpoint (again to stop now)\n")
 
     def requeue_or_exit(self) -> None:
-        if callable(self.previous) and self.previous not in (signal.SIG_DFL, signal.SIG_IGN):
-            self.previous(signal.SIGUSR2, None)  # submitit: checkpoint() -> requeue -> exit
-        sys.exit(0)
+        previous = self.previous.get(getattr(signal, "SIGUSR2", None))
+        if self.requeues and callable(previous) and previous not in (signal.SIG_DFL, signal.SIG_IGN):
+            previous(signal.SIGUSR2, None)  # submitit: checkpoint() -> requeue -> exit
+        sys.exit(0 if self.requeues else 128 + signal.SIGTERM)
 
     def restore(self) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGUSR2, self.previous)
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
 
 
 def _in_main_thread() -> bool:
@@ -484,7 +503,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
                     save(step)
                 if dist.is_main:
                     write_run_state(run_dir, "preempted", step, max_steps)
-                    tracker.print(f"preempted at step {step}: checkpoint saved, requeueing")
+                    tracker.print(f"preempted at step {step}: checkpoint saved, requeueing" if preemption.requeues
+                                  else f"stopped at step {step} (SIGTERM): checkpoint saved, launching again resumes")
                 tracker.finish()
                 preemption.requeue_or_exit()
 
@@ -721,7 +741,7 @@ class TrainingJob:
     """A submitit-checkpointable training callable: `executor.submit(TrainingJob(cfg, run_dir))`.
 
     On SIGUSR2 or timeout the loop saves a checkpoint, then submitit calls `checkpoint()` and requeues
-    this same job, which resumes from the run dir.
+    this same job, which resumes from the run dir. On SIGTERM it saves a checkpoint and stops.
     """
 
     def __init__(self, cfg: DictConfig, run_dir: str | os.PathLike):

@@ -37,29 +37,44 @@ def train_args(run_dir: Path, steps: int, *extra: str) -> list[str]:
     return ["train", *TINY, f"trainer.max_steps={steps}", "trainer.ckpt_every=10", f"hydra.run.dir={run_dir}", *extra]
 
 
-def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
+def start_and_signal_after_first_checkpoint(run_dir: Path, steps: int, signum: int) -> tuple[int, str]:
+    """Starts a training run, sends `signum` once its first checkpoint is on disk: (exit status, stderr)."""
+    proc = subprocess.Popen([*HARNESS, *train_args(run_dir, steps)], cwd=REPO, env=harness_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list_checkpoints(run_dir) and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signum)
+    stderr = proc.communicate(timeout=120)[1]
+    return proc.returncode, stderr
+
+
+def test_resume_after_sigkill_or_sigterm_is_bitwise_exact(tmp_path):
     steps = 60
     reference = tmp_path / "uninterrupted"
     done = run_harness(train_args(reference, steps))
     assert done.returncode == 0, done.stderr[-2000:]
 
+    # SIGKILL, as the OOM killer or a lost node: whatever the last checkpoint holds survives.
     killed = tmp_path / "killed"
-    # Slow the run enough to kill it mid-way: a bigger batch, same everything else otherwise would differ,
-    # so instead poll hard for the first checkpoint and kill at once.
-    proc = subprocess.Popen([*HARNESS, *train_args(killed, steps)], cwd=REPO, env=harness_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list_checkpoints(killed) and proc.poll() is None:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    start_and_signal_after_first_checkpoint(killed, steps, signal.SIGKILL)
     saved = [int(p.stem.split("_")[1]) for p in list_checkpoints(killed)]
     assert saved and max(saved) < steps, f"the run was not killed mid-way (checkpoints {saved})"
 
-    resumed = run_harness(train_args(killed, steps))
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed {killed} from step" in resumed.stdout + resumed.stderr
-    assert_bitwise_equal(final_weights(killed), final_weights(reference))
+    # SIGTERM, as `kill` or torchrun stopping its workers: the step it lands in is saved, then exit 143.
+    stopped = tmp_path / "stopped"
+    status, stderr = start_and_signal_after_first_checkpoint(stopped, steps, signal.SIGTERM)
+    state = json.loads((stopped / "run_state.json").read_text())
+    newest = int(list_checkpoints(stopped)[-1].stem.split("_")[1])
+    assert status == 143, stderr[-2000:]
+    assert (state["state"], state["step"]) == ("preempted", newest) and newest < steps
+    assert "SIGTERM: stopping at the end of this step" in stderr
+
+    for run_dir in (killed, stopped):
+        resumed = run_harness(train_args(run_dir, steps))
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert f"resumed {run_dir} from step" in resumed.stdout + resumed.stderr
+        assert_bitwise_equal(final_weights(run_dir), final_weights(reference))
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
