@@ -163,8 +163,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _harness_warnings_in_one_line() -> None:
+    """The harness's own warnings (a skipped row, a value read as missing) as `harness: warning: ...`."""
+    import warnings
+    from pathlib import Path
+
+    package, default = Path(__file__).parent, warnings.formatwarning
+    if getattr(default, "harness_one_line", False):
+        return
+
+    def format_warning(message, category, filename, lineno, line=None):
+        if Path(filename).is_relative_to(package):
+            return f"harness: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    format_warning.harness_one_line = True
+    warnings.formatwarning = format_warning
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    _harness_warnings_in_one_line()
     parser = build_parser()
     if argv[:1] == ["train"]:  # Hydra parses its own flags (-m, --config-dir, --cfg, ...)
         args = argparse.Namespace(func=_train, overrides=argv[1:])

@@ -22,6 +22,7 @@ import html
 import io
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
@@ -144,7 +145,8 @@ def collect_results(sweep_dirs: str | Path | Iterable[str | Path]) -> pd.DataFra
     unknown without one), `state_step`, `max_steps`, `error`, `run_path` (where the run dir was found)
     and `sweep_dir`. Unfinished and failed runs are included; a run with no evaluation yet has one
     row with NaN step and fid. A step evaluated twice keeps its latest row; a torn last line of a
-    results.jsonl (a kill mid-append) is skipped.
+    results.jsonl (a kill mid-append) is skipped; a value that is not a number where one belongs is read as
+    missing, with a warning naming the run and key.
     """
     dirs = [sweep_dirs] if isinstance(sweep_dirs, (str, Path)) else list(sweep_dirs)
     require(len(dirs) > 0, "collect_results: give at least one sweep dir")
@@ -162,7 +164,12 @@ def collect_results(sweep_dirs: str | Path | Iterable[str | Path]) -> pd.DataFra
         if col not in df:
             df[col] = np.nan
     for col in NUMERIC_COLUMNS:
-        df[col] = pd.to_numeric(df[col], errors="coerce")
+        numbers = pd.to_numeric(df[col], errors="coerce")
+        unreadable = {(run_path, repr(value)) for run_path, value in df.loc[numbers.isna() & df[col].notna(),
+                                                                             ["run_path", col]].values}
+        for run_path, value in sorted(unreadable):
+            warnings.warn(f"{run_path}/results.jsonl: {col}={value} is not a number; read as missing", stacklevel=2)
+        df[col] = numbers
     # The latest evaluation of a step wins (a step is re-evaluated after a requeue, say).
     df = df.drop_duplicates(subset=["run_path", "step", "fid_name"], keep="last")
     missing = df["train_compute_flops"].isna()

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import run_harness
 from fixtures.sweep import BATCH, MAX_STEPS, SLOPE, STEPS, expected_runs, make_fixture_sweep
 from harness import report
 from harness.errors import HarnessError
@@ -92,6 +93,25 @@ def test_a_re_evaluated_step_keeps_the_latest_row(sweep, tmp_path):
     rows = df[(df["config"] == "mini-B/2") & (df["step"] == MAX_STEPS)]
     assert list(rows["fid"]) == [1.25]
     assert rows["train_compute_flops"].iloc[0] == pytest.approx(last["gflops"] * 1e9 * BATCH * MAX_STEPS * 3)
+
+
+def test_a_value_that_is_not_a_number_is_missing_with_a_warning(sweep, tmp_path):
+    copy = shutil.copytree(sweep, tmp_path / "sweep")
+    results = copy / "digits-mini-B-2-adaln_zero" / "results.jsonl"
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    rows[0]["fid"], rows[1]["fid"] = "12.5x", [3.0]
+    results.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.warns(UserWarning) as caught:
+        df = report.collect_results(copy)
+    messages = [str(w.message) for w in caught]
+    assert any(f"{results}: fid='12.5x' is not a number" in m for m in messages), messages
+    assert any(f"{results}: fid=[3.0] is not a number" in m for m in messages), messages
+    run = df[df["config"] == "mini-B/2"]
+    assert run["fid"].isna().sum() == 2 and run["fid"].notna().sum() == len(rows) - 2
+    # The CLI says it in one line.
+    done = run_harness(["report", str(copy), "-o", str(tmp_path / "report")])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"harness: warning: {results}: fid='12.5x' is not a number; read as missing\n" in done.stderr
 
 
 def test_default_and_chosen_step(df):
