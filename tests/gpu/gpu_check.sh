@@ -7,9 +7,10 @@
 #   tests/gpu/gpu_check.sh variants   where a step goes and what changes it: profiles with the GPU time by
 #                                     kernel kind, the batch, the SDPA kernel, and the real train loop
 #                                     (`harness train` on a synthetic latent cache) against `harness bench`;
-#   tests/gpu/gpu_check.sh autotune   DiT-XL/2 under compile mode max-autotune (Inductor's Triton GEMM templates,
-#                                     GELU, bias and gated residuals fused into GEMM epilogues) at batch 128 and,
-#                                     profiled, at 32; then the default mode at 128 on the same machine.
+#   tests/gpu/gpu_check.sh autotune   DiT-XL/2 at batch 128 in the default compile mode, then under max-autotune
+#                                     (Inductor's Triton GEMM templates, GELU, bias and gated residuals fused into
+#                                     GEMM epilogues); then on a card with >= 120 GB (H200) the default mode at
+#                                     batch 256, elsewhere max-autotune at batch 32, profiled.
 # Budget: under 8 minutes; each benchmark has its own time limit and a failed one does not stop the rest.
 # Results: one JSON line per benchmark in bench/gpu_<suite>.jsonl ($OUT/... through the device tool).
 #
@@ -60,6 +61,12 @@ for line in open(sys.argv[1]): print(json.dumps({'train_loop': sys.argv[2], 'row
     "$run/metrics.jsonl" "$*" >> "$log"
 }
 
+gpu_memory_mib() {  # the first GPU's memory; 0 without one
+  local mib
+  mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 | tr -dc 0-9)
+  echo "${mib:-0}"
+}
+
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 if [[ $suite == check ]]; then
@@ -71,9 +78,13 @@ if [[ $suite == check ]]; then
   bench 120 model=DiT-XL/2 trainer.global_batch_size=128 --what train
   bench 100 model=DiT-B/2 trainer.global_batch_size=512 --what train
 elif [[ $suite == autotune ]]; then  # GEMM autotuning compiles for minutes: the limits allow for it
-  bench 260 model=DiT-XL/2 trainer.global_batch_size=128 trainer.compile_mode=max-autotune --what train
-  bench 200 model=DiT-XL/2 trainer.global_batch_size=32 trainer.compile_mode=max-autotune --what train --profile
   bench 120 model=DiT-XL/2 trainer.global_batch_size=128 --what train
+  bench 260 model=DiT-XL/2 trainer.global_batch_size=128 trainer.compile_mode=max-autotune --what train
+  if (( $(gpu_memory_mib) >= 120000 )); then  # an H200: XL/2 at batch 256 (about 90 GiB) fits
+    bench 150 model=DiT-XL/2 trainer.global_batch_size=256 --what train
+  else
+    bench 200 model=DiT-XL/2 trainer.global_batch_size=32 trainer.compile_mode=max-autotune --what train --profile
+  fi
 else
   bench 90 model=DiT-B/2 trainer.global_batch_size=32 --what train --profile
   bench 150 model=DiT-XL/2 trainer.global_batch_size=32 --what train --profile
