@@ -10,7 +10,6 @@ device is known. Results print as a table, return as a dict (JSON) and are appen
 
 from __future__ import annotations
 
-import copy
 import json
 import platform
 import re
@@ -130,22 +129,15 @@ def _throughput(images_per_s: float, gflops: float, passes: float, peaks: dict) 
 def bench_train(cfg: DictConfig, device: torch.device, gflops: float, peaks: dict, warmup: int, iters: int,
                 profile: bool = False) -> dict:
     """One training step at `trainer.global_batch_size` on this device, as the train app runs it."""
-    from harness.diffusion import create_diffusion
-    from harness.model import build_model
-    from harness.train import (apply_matmul_settings, autocast_forward, build_optimizer, compiled,
+    from harness.train import (apply_matmul_settings, autocast_forward, build_training, compiled,
                                fast_path_settings, peak_memory_gb, train_step)
 
     tc = cfg.trainer
     fast = fast_path_settings(tc, device)
     apply_matmul_settings(tc, device)
     geometry = latent_geometry(cfg)
-    model = build_model(cfg.model, geometry, device=device)
-    model.grad_checkpointing = bool(tc.grad_checkpointing)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = build_optimizer(model, tc, device)
-    train_model = compiled(model, fast)
-    forward = autocast_forward(train_model, model, fast, device)
-    diffusion = create_diffusion(cfg.diffusion)
+    model, ema, opt, diffusion = build_training(cfg, device)
+    forward = autocast_forward(compiled(model, fast), model, fast, device)
     batch = int(tc.global_batch_size)
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(batch, geometry.in_channels, geometry.input_size, geometry.input_size, device=device, generator=gen)

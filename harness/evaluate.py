@@ -390,7 +390,8 @@ def _real_images(data_cfg: DictConfig, split: str, limit: int | None = None) -> 
 
 
 def _has_held_out(data_cfg: DictConfig) -> bool:
-    return bool(data_cfg.get("held_out_fraction"))
+    """Whether the data has a held_out split: a fraction held out (digits) or a second folder (imagefolder)."""
+    return bool(data_cfg.get("held_out_fraction") or data_cfg.get("held_out_root"))
 
 
 def _open_npz(path: Path, need_images: bool):
@@ -780,7 +781,7 @@ def checkpoint_config(ckpt: str | os.PathLike, overrides: list[str] | tuple[str,
     overrides (e.g. model=DiT-XL/2 experiment=imagenet256), checked by the strict weight loading.
     """
     from harness.config import compose
-    from harness.train import first_difference, run_identity
+    from harness.train import RUN_CONTROL_KEYS, first_difference, run_identity
 
     path = Path(ckpt).expanduser()
     if path.is_dir():  # a run dir: its newest checkpoint
@@ -806,8 +807,8 @@ def checkpoint_config(ckpt: str | os.PathLike, overrides: list[str] | tuple[str,
         value = OmegaConf.select(requested, key, default=None)
         OmegaConf.update(merged, key, value, force_add=True, merge=False)
     difference = first_difference(run_identity(stored), run_identity(merged))
-    require(not difference, f"ckpt={path} was trained with another config ({difference}); only eval.*, logger and "
-                            "trainer.device may be overridden")
+    require(not difference, f"ckpt={path} was trained with another config ({difference}); only "
+                            f"{', '.join(RUN_CONTROL_KEYS)} may be overridden")
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
     return merged, {"ours": True, "path": path, "step": int(blob.get("step", 0)), "run_dir": run_dir}
 

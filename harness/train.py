@@ -1,8 +1,8 @@
 """Training one DiT config: data -> checkpoints, metrics and FID rows.
 
 The loop is meant to be read in one sitting (nanoGPT-style). Sections: distributed setup,
-checkpoints, run state, per-step randomness, the loop, entry points (Hydra app, submitit job),
-and the dry run.
+checkpoints, run state, per-step randomness, throughput, model/optimizer/fast paths, the training step,
+the loop, the entry point (the Hydra app), and the dry run.
 
 Exactness. Every random draw of a training step (timesteps, noise, label dropout) comes from a
 generator seeded by (seed, step) over the GLOBAL batch, of which each rank takes its slice, and the
@@ -125,6 +125,27 @@ def prune_checkpoints(run_dir: Path, keep_last: int, milestones: set[int]) -> No
             path.unlink(missing_ok=True)
     for partial in (Path(run_dir) / "checkpoints").glob(".step_*.pt.*.tmp"):
         partial.unlink(missing_ok=True)
+
+
+def resume_from_checkpoint(run_dir: Path, model, ema, opt, stream, tc: DictConfig, say=print) -> int:
+    """Load the newest readable checkpoint of `run_dir` into the model, EMA, optimizer, data stream and RNGs;
+    the step to go on from (0 without one). The optimizer's settings come from the config, not the file."""
+    state = load_latest_checkpoint(run_dir, say=say)
+    if state is None:
+        return 0
+    try:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise HarnessError(f"{checkpoint_path(run_dir, int(state['step']))} does not fit this run's model "
+                           f"({first_line(err)[:200]}); use another run dir or on_config_change=overwrite") from None
+    for group in opt.param_groups:
+        group.update(lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas))
+    stream.load_state_dict(state["data_state"])
+    set_rng_state(state["rng"])
+    say(f"resumed {run_dir} from step {state['step']}")
+    return int(state["step"])
 
 
 def rng_state() -> dict:
@@ -328,199 +349,20 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- model, optimizer and fast paths
 
 
-def check_run_inputs(cfg: DictConfig) -> None:
-    """The files a run will read, checked before it starts or is submitted (a missing FID extractor or VAE must
-    not surface after hours of training): its data (the latent cache's index, the image folder's classes), the
-    VAE it encodes or decodes with, and with eval.every set the FID extractor's weights and reference."""
-    from harness.autoencoders import check_autoencoder_source
-    from harness.data import check_data_source
-
-    check_data_source(cfg.data, cfg.autoencoder)
-    evaluates = cfg.eval.every is not None
-    if evaluates or cfg.data.name != "latents":
-        check_autoencoder_source(cfg.autoencoder)
-    if evaluates:
-        from harness.evaluate import check_eval_config
-
-        check_eval_config(cfg.eval, cfg.data, int(cfg.diffusion.num_timesteps))
-
-
-def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
-    """Train `cfg` in `run_dir` (default: Hydra's output dir, else the cwd), resuming if it holds checkpoints."""
-    from harness.data import BatchStream, build_dataset
+def build_training(cfg: DictConfig, device: torch.device) -> tuple:
+    """(model, fp32 EMA, optimizer, diffusion) of `cfg` on `device`. The model is initialised on the CPU from
+    `cfg.seed`, so every rank and every device starts from the same weights."""
     from harness.diffusion import create_diffusion
-    from harness.flops import count_flops
-    from harness.model import build_model, count_params
-    from harness.tracking import Tracker
+    from harness.model import build_model
 
-    validate(cfg)
-    check_run_inputs(cfg)
-    run_dir = Path(run_dir) if run_dir is not None else _hydra_output_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tc = cfg.trainer
-    dist = setup_distributed(tc.device)
-    require(tc.global_batch_size % dist.world_size == 0,
-            f"trainer.global_batch_size={tc.global_batch_size} is not divisible by the world size {dist.world_size}")
-    local_batch = tc.global_batch_size // dist.world_size
-    rank_slice = slice(dist.rank * local_batch, (dist.rank + 1) * local_batch)
-    device = dist.device
-    if dist.is_main:
-        claim_run_dir(cfg, run_dir)
-    dist.barrier()
-    apply_matmul_settings(tc, device)
-
-    # Model, EMA, optimizer. The same seed on every rank gives the same initial weights.
-    geometry = latent_geometry(cfg)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, geometry).to(device)
-    model.grad_checkpointing = bool(tc.grad_checkpointing)
+    model = build_model(cfg.model, latent_geometry(cfg)).to(device)
+    model.grad_checkpointing = bool(cfg.trainer.grad_checkpointing)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = build_optimizer(model, tc, device)
-    diffusion = create_diffusion(cfg.diffusion)
-    flops = count_flops(cfg.model, geometry)
-    params = count_params(model)
-
-    dataset = build_dataset(cfg.data, "train", cfg.autoencoder)
-    stream = BatchStream(dataset, local_batch, dist.rank, dist.world_size, cfg.seed, bool(cfg.data.hflip),
-                         num_workers=int(cfg.data.get("num_workers", 0)), pin_memory=device.type == "cuda")
-    # Pixel data through a VAE is encoded on the fly; a latent cache and pixel-space models need nothing.
-    encoder = None
-    if cfg.data.name != "latents" and cfg.autoencoder.name != "identity":
-        from harness.evaluate import run_autoencoder
-
-        encoder = run_autoencoder(cfg, device)
-
-    tracker = Tracker(cfg, run_dir, enabled=dist.is_main)
-    if device.type == "cuda" and int(tc.gpus) > dist.world_size:
-        tracker.print(f"note: trainer.gpus={tc.gpus} but this job has {dist.world_size} process(es); trainer.gpus only "
-                      f"plans (sweeps, dry runs): start it with torchrun --nproc_per_node={tc.gpus} to use {tc.gpus} GPUs")
-    step = 0
-    state = load_latest_checkpoint(run_dir, say=tracker.print)
-    if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-            ema.load_state_dict(state["ema"])
-            opt.load_state_dict(state["opt"])
-        except (RuntimeError, KeyError, ValueError) as err:
-            raise HarnessError(f"{checkpoint_path(run_dir, int(state['step']))} does not fit this run's model "
-                               f"({first_line(err)[:200]}); use another run dir or on_config_change=overwrite") from None
-        for group in opt.param_groups:  # the optimizer's settings come from the config, not the file
-            group.update(lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas))
-        stream.load_state_dict(state["data_state"])
-        set_rng_state(state["rng"])
-        step = int(state["step"])
-        tracker.print(f"resumed {run_dir} from step {step}")
-    del state
-
-    fast = fast_path_settings(tc, device, dist.world_size)
-    train_model = compiled(model, fast)
-    if dist.world_size > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None,
-            bucket_cap_mb=float(tc.ddp_bucket_mb), gradient_as_bucket_view=True)
-    forward = autocast_forward(train_model, model, fast, device)
-
-    max_steps = int(tc.max_steps)
-    milestones = {int(s) for s in tc.ckpt_milestones}
-    eval_every = cfg.eval.every
-    peak = tc.peak_tflops or datasheet_peak_tflops(device, fast["precision"])
-    sample_shape = (geometry.in_channels, geometry.input_size, geometry.input_size)
-    preemption = PreemptionFlag()
-    if dist.is_main:
-        write_run_state(run_dir, "running", step, max_steps)
-        tracker.print(f"training {cfg.model.name} ({params / 1e6:.2f}M params, {flops['gflops']:.4g} Gflops, "
-                      f"{geometry.tokens(cfg.model.patch_size)} tokens) on {device} x{dist.world_size}, "
-                      f"step {step}/{max_steps}")
-
-    nonfinite = NonFiniteWatch(device)
-
-    def save(step: int) -> None:
-        nonfinite.check(dist)
-        if dist.is_main:
-            path = checkpoint_path(run_dir, step)
-            if path.exists():  # an unreadable checkpoint this run resumed from before: kept aside, never overwritten
-                path.rename(path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"))
-            atomic_torch_save({
-                "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                "rng": rng_state(), "data_state": stream.state_dict(), "config": to_yaml(cfg),
-                "meta": {"model": cfg.model.name, "params": params, "gflops": flops["gflops"],
-                         "geometry": vars(geometry)},
-            }, path)
-            prune_checkpoints(run_dir, int(tc.keep_last), milestones)
-        dist.barrier()
-
-    sample_forward = inference_forward(ema, cfg, device) if eval_every is not None else None
-
-    def evaluate(step: int) -> None:
-        from harness.evaluate import evaluate_model
-
-        nonfinite.check(dist)
-        evaluate_model(ema, cfg, step, run_dir, dist=dist, flops=flops, params=params, log_fn=tracker.log_result,
-                       forward=sample_forward)
-
-    try:
-        model.train()
-        window_start, window_images, window_loss = time.time(), 0, []
-        while step < max_steps:
-            x, y = next(stream)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if encoder is not None:  # the posterior sample of this rank's images, reproducible on resume
-                x = encoder.encode(x, generator=step_generator(cfg.seed, step, device, 1, dist.rank))
-            gen = step_generator(cfg.seed, step, device)
-            t, noise, drop = step_draws(gen, tc.global_batch_size, rank_slice, sample_shape,
-                                        diffusion.num_timesteps, float(cfg.model.class_dropout_prob), device)
-            losses = train_step(forward, diffusion, model, ema, opt, x, y, t, noise, drop, tc)
-            step += 1
-            nonfinite.note(losses["loss"], step)
-
-            tracker.progress(step, max_steps)
-            window_images += tc.global_batch_size
-            window_loss.append(losses["loss"].detach().mean())
-            if step % tc.log_every == 0 or step == max_steps:
-                nonfinite.check(dist)
-                elapsed = time.time() - window_start
-                images_per_s = window_images / max(elapsed, 1e-9)
-                tflops = achieved_tflops(flops["gflops"], images_per_s / dist.world_size)
-                row = {"step": step, "loss": torch.stack(window_loss).mean().item(),
-                       "mse": losses["mse"].mean().item(), "vb": losses["vb"].mean().item(),
-                       "lr": opt.param_groups[0]["lr"], "images_per_s": images_per_s,
-                       "tflops_per_device": tflops, "mfu": tflops / peak if peak else None,
-                       "peak_mem_gb": peak_memory_gb(device), "time": time.time()}
-                tracker.log_metrics(row)
-                tracker.print(f"step {step}/{max_steps} loss {row['loss']:.4f} {images_per_s:.1f} img/s "
-                              f"{tflops:.3g} TFLOP/s" + (f" MFU {row['mfu']:.1%}" if peak else ""))
-                window_start, window_images, window_loss = time.time(), 0, []
-
-            if eval_every and step % eval_every == 0 and step < max_steps:
-                evaluate(step)
-            if step % tc.ckpt_every == 0 or step in milestones or step == max_steps:
-                save(step)
-            if dist.any_rank(preemption.raised):
-                if step % tc.ckpt_every and step not in milestones and step != max_steps:
-                    save(step)
-                if dist.is_main:
-                    write_run_state(run_dir, "preempted", step, max_steps)
-                    tracker.print(f"preempted at step {step}: checkpoint saved, requeueing" if preemption.requeues
-                                  else f"stopped at step {step} (SIGTERM): checkpoint saved, launching again resumes")
-                tracker.finish()
-                preemption.requeue_or_exit()
-
-        if eval_every is not None:
-            evaluate(step)
-        if dist.is_main:
-            write_run_state(run_dir, "done", step, max_steps)
-    except BaseException as err:
-        if dist.is_main and not isinstance(err, SystemExit):
-            write_run_state(run_dir, "failed", step, max_steps,
-                            error="".join(traceback.format_exception_only(type(err), err)).strip()[-2000:])
-        raise
-    finally:
-        preemption.restore()
-        tracker.finish()
-    return {"run_dir": str(run_dir), "step": step, "params": params, "gflops": flops["gflops"]}
+    return model, ema, build_optimizer(model, cfg.trainer, device), create_diffusion(cfg.diffusion)
 
 
 def build_optimizer(model: torch.nn.Module, tc: DictConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -585,6 +427,18 @@ def autocast_forward(train_model, model: torch.nn.Module, fast: dict, device: to
     return forward
 
 
+def training_forward(model: torch.nn.Module, tc: DictConfig, dist: Dist) -> tuple:
+    """(forward, fast-path settings) of the train loop: `model` compiled as configured, under DDP with more than
+    one process, called under autocast."""
+    fast = fast_path_settings(tc, dist.device, dist.world_size)
+    train_model = compiled(model, fast)
+    if dist.world_size > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+            bucket_cap_mb=float(tc.ddp_bucket_mb), gradient_as_bucket_view=True)
+    return autocast_forward(train_model, model, fast, dist.device), fast
+
+
 class InferenceForward(torch.nn.Module):
     """`module(x, t, y)` as sampling calls it: on the training fast paths (compile, bf16 autocast with fp32 out,
     the SDPA kernel) and cut into calls of at most `max_batch` samples. With `max_batch="auto"` a call runs
@@ -625,6 +479,9 @@ def inference_forward(model: torch.nn.Module, cfg: DictConfig, device: torch.dev
     if cfg.eval.precision != "auto":
         fast["precision"] = str(cfg.eval.precision)
     return InferenceForward(model, fast, device, cfg.eval.max_forward_batch)
+
+
+# ----------------------------------------------------------------------------- the training step
 
 
 def train_step(forward, diffusion, model, ema, opt, x, y, t, noise, drop, tc: DictConfig) -> dict:
@@ -676,6 +533,174 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     """ema <- decay * ema + (1 - decay) * model, for every parameter."""
     ema_params = list(ema.parameters())
     torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - decay)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def check_run_inputs(cfg: DictConfig) -> None:
+    """The files a run will read, checked before it starts or is submitted (a missing FID extractor or VAE must
+    not surface after hours of training): its data (the latent cache's index, the image folder's classes), the
+    VAE it encodes or decodes with, and with eval.every set the FID extractor's weights and reference."""
+    from harness.autoencoders import check_autoencoder_source
+    from harness.data import check_data_source
+
+    check_data_source(cfg.data, cfg.autoencoder)
+    evaluates = cfg.eval.every is not None
+    if evaluates or cfg.data.name != "latents":
+        check_autoencoder_source(cfg.autoencoder)
+    if evaluates:
+        from harness.evaluate import check_eval_config
+
+        check_eval_config(cfg.eval, cfg.data, int(cfg.diffusion.num_timesteps))
+
+
+LOGGED_LOSSES = ("loss", "mse", "vb")  # each a mean over the logging window
+
+
+def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
+    """Train `cfg` in `run_dir` (default: Hydra's output dir, else the cwd), resuming if it holds checkpoints."""
+    from harness.data import BatchStream, build_dataset
+    from harness.flops import count_flops
+    from harness.model import count_params
+    from harness.tracking import Tracker
+
+    validate(cfg)
+    check_run_inputs(cfg)
+    run_dir = Path(run_dir) if run_dir is not None else _hydra_output_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tc = cfg.trainer
+    dist = setup_distributed(tc.device)
+    require(tc.global_batch_size % dist.world_size == 0,
+            f"trainer.global_batch_size={tc.global_batch_size} is not divisible by the world size {dist.world_size}")
+    local_batch = tc.global_batch_size // dist.world_size
+    rank_slice = slice(dist.rank * local_batch, (dist.rank + 1) * local_batch)
+    device = dist.device
+    if dist.is_main:
+        claim_run_dir(cfg, run_dir)
+    dist.barrier()
+    apply_matmul_settings(tc, device)
+
+    geometry = latent_geometry(cfg)
+    model, ema, opt, diffusion = build_training(cfg, device)
+    flops = count_flops(cfg.model, geometry)
+    params = count_params(model)
+
+    dataset = build_dataset(cfg.data, "train", cfg.autoencoder)
+    stream = BatchStream(dataset, local_batch, dist.rank, dist.world_size, cfg.seed, bool(cfg.data.hflip),
+                         num_workers=int(cfg.data.get("num_workers", 0)), pin_memory=device.type == "cuda")
+    # Pixel data through a VAE is encoded on the fly; a latent cache and pixel-space models need nothing.
+    encoder = None
+    if cfg.data.name != "latents" and cfg.autoencoder.name != "identity":
+        from harness.evaluate import run_autoencoder
+
+        encoder = run_autoencoder(cfg, device)
+
+    tracker = Tracker(cfg, run_dir, enabled=dist.is_main)
+    if device.type == "cuda" and int(tc.gpus) > dist.world_size:
+        tracker.print(f"note: trainer.gpus={tc.gpus} but this job has {dist.world_size} process(es); trainer.gpus only "
+                      f"plans (sweeps, dry runs): start it with torchrun --nproc_per_node={tc.gpus} to use {tc.gpus} GPUs")
+    step = resume_from_checkpoint(run_dir, model, ema, opt, stream, tc, say=tracker.print)
+    forward, fast = training_forward(model, tc, dist)
+
+    max_steps = int(tc.max_steps)
+    milestones = {int(s) for s in tc.ckpt_milestones}
+    eval_every = cfg.eval.every
+    peak = tc.peak_tflops or datasheet_peak_tflops(device, fast["precision"])
+    sample_shape = (geometry.in_channels, geometry.input_size, geometry.input_size)
+    preemption = PreemptionFlag()
+    if dist.is_main:
+        write_run_state(run_dir, "running", step, max_steps)
+        tracker.print(f"training {cfg.model.name} ({params / 1e6:.2f}M params, {flops['gflops']:.4g} Gflops, "
+                      f"{geometry.tokens(cfg.model.patch_size)} tokens) on {device} x{dist.world_size}, "
+                      f"step {step}/{max_steps}")
+
+    nonfinite = NonFiniteWatch(device)
+
+    def save(step: int) -> None:
+        nonfinite.check(dist)
+        if dist.is_main:
+            path = checkpoint_path(run_dir, step)
+            if path.exists():  # an unreadable checkpoint this run resumed from before: kept aside, never overwritten
+                path.rename(path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"))
+            atomic_torch_save({
+                "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+                "rng": rng_state(), "data_state": stream.state_dict(), "config": to_yaml(cfg),
+                "meta": {"model": cfg.model.name, "params": params, "gflops": flops["gflops"],
+                         "geometry": vars(geometry)},
+            }, path)
+            prune_checkpoints(run_dir, int(tc.keep_last), milestones)
+        dist.barrier()
+
+    sample_forward = inference_forward(ema, cfg, device) if eval_every is not None else None
+
+    def evaluate(step: int) -> None:
+        from harness.evaluate import evaluate_model
+
+        nonfinite.check(dist)
+        evaluate_model(ema, cfg, step, run_dir, dist=dist, flops=flops, params=params, log_fn=tracker.log_result,
+                       forward=sample_forward)
+
+    try:
+        model.train()
+        window_start, window_images, window_losses = time.time(), 0, []
+        while step < max_steps:
+            x, y = next(stream)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if encoder is not None:  # the posterior sample of this rank's images, reproducible on resume
+                x = encoder.encode(x, generator=step_generator(cfg.seed, step, device, 1, dist.rank))
+            gen = step_generator(cfg.seed, step, device)
+            t, noise, drop = step_draws(gen, tc.global_batch_size, rank_slice, sample_shape,
+                                        diffusion.num_timesteps, float(cfg.model.class_dropout_prob), device)
+            losses = train_step(forward, diffusion, model, ema, opt, x, y, t, noise, drop, tc)
+            step += 1
+            nonfinite.note(losses["loss"], step)
+
+            tracker.progress(step, max_steps)
+            window_images += tc.global_batch_size
+            window_losses.append(torch.stack([losses[key].detach().mean() for key in LOGGED_LOSSES]))
+            if step % tc.log_every == 0 or step == max_steps:
+                nonfinite.check(dist)
+                elapsed = time.time() - window_start
+                images_per_s = window_images / max(elapsed, 1e-9)
+                tflops = achieved_tflops(flops["gflops"], images_per_s / dist.world_size)
+                row = {"step": step, **dict(zip(LOGGED_LOSSES, torch.stack(window_losses).mean(0).tolist())),
+                       "lr": opt.param_groups[0]["lr"], "images_per_s": images_per_s,
+                       "tflops_per_device": tflops, "mfu": tflops / peak if peak else None,
+                       "peak_mem_gb": peak_memory_gb(device), "time": time.time()}
+                tracker.log_metrics(row)
+                tracker.print(f"step {step}/{max_steps} loss {row['loss']:.4f} {images_per_s:.1f} img/s "
+                              f"{tflops:.3g} TFLOP/s" + (f" MFU {row['mfu']:.1%}" if peak else ""))
+                window_start, window_images, window_losses = time.time(), 0, []
+
+            if eval_every and step % eval_every == 0 and step < max_steps:
+                evaluate(step)
+            saved = step % tc.ckpt_every == 0 or step in milestones or step == max_steps
+            if saved:
+                save(step)
+            if dist.any_rank(preemption.raised):
+                if not saved:
+                    save(step)
+                if dist.is_main:
+                    write_run_state(run_dir, "preempted", step, max_steps)
+                    tracker.print(f"preempted at step {step}: checkpoint saved, requeueing" if preemption.requeues
+                                  else f"stopped at step {step} (SIGTERM): checkpoint saved, launching again resumes")
+                tracker.finish()
+                preemption.requeue_or_exit()
+
+        if eval_every is not None:
+            evaluate(step)
+        if dist.is_main:
+            write_run_state(run_dir, "done", step, max_steps)
+    except BaseException as err:
+        if dist.is_main and not isinstance(err, SystemExit):
+            write_run_state(run_dir, "failed", step, max_steps,
+                            error="".join(traceback.format_exception_only(type(err), err)).strip()[-2000:])
+        raise
+    finally:
+        preemption.restore()
+        tracker.finish()
+    return {"run_dir": str(run_dir), "step": step, "params": params, "gflops": flops["gflops"]}
 
 
 def _hydra_output_dir() -> Path:
@@ -737,33 +762,13 @@ def _hydra_main():
     return hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")(_hydra_task)()
 
 
-class TrainingJob:
-    """A submitit-checkpointable training callable: `executor.submit(TrainingJob(cfg, run_dir))`.
-
-    On SIGUSR2 or timeout the loop saves a checkpoint, then submitit calls `checkpoint()` and requeues
-    this same job, which resumes from the run dir. On SIGTERM it saves a checkpoint and stops.
-    """
-
-    def __init__(self, cfg: DictConfig, run_dir: str | os.PathLike):
-        self.cfg = cfg
-        self.run_dir = str(run_dir)
-
-    def __call__(self) -> dict:
-        return train(self.cfg, self.run_dir)
-
-    def checkpoint(self, *args, **kwargs):
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(TrainingJob(self.cfg, self.run_dir))
-
-
 # ----------------------------------------------------------------------------- dry run
 
 
 ACTIVATION_WORDS_PER_BLOCK = 20  # fitted to H100 measurements (README, performance); the textbook count is 16
 
 
-def estimate_training_memory(params: int, depth: int, tokens: int, hidden: int, heads: int, batch_per_gpu: int,
+def estimate_training_memory(params: int, depth: int, tokens: int, hidden: int, batch_per_gpu: int,
                              precision: str, grad_checkpointing: bool) -> dict:
     """Training memory per GPU, in GiB.
 
@@ -786,10 +791,10 @@ def estimate_training_memory(params: int, depth: int, tokens: int, hidden: int, 
 
 
 def dry_run(overrides: list[str], take_step: bool = True) -> dict:
-    """Resolve a config, count what it costs, and prove it builds and trains with one real CPU step."""
-    from harness.diffusion import create_diffusion
+    """Resolve a config, count what it costs, and prove it builds and trains with one real CPU step (the train
+    app's `train_step`, EMA included, at batch 2)."""
     from harness.flops import count_flops, training_compute_flops
-    from harness.model import build_model, count_params
+    from harness.model import count_params
 
     cfg = compose(with_paper_setting(overrides))
     validate(cfg)
@@ -807,26 +812,23 @@ def dry_run(overrides: list[str], take_step: bool = True) -> dict:
         "unsupported_ops": flops.get("unsupported_ops", {}),
         "global_batch_size": tc.global_batch_size, "max_steps": tc.max_steps, "gpus": int(tc.gpus),
         "train_compute_flops": training_compute_flops(flops["gflops"], tc.global_batch_size, tc.max_steps),
-        "memory": estimate_training_memory(flops["params"], mc.depth, tokens, mc.hidden_size, mc.num_heads,
+        "memory": estimate_training_memory(flops["params"], mc.depth, tokens, mc.hidden_size,
                                            batch_per_gpu, gpu_precision, bool(tc.grad_checkpointing)),
         "batch_per_gpu": batch_per_gpu, "precision": gpu_precision,
     }
     if take_step:
-        start = time.time()
-        torch.manual_seed(cfg.seed)
-        model = build_model(mc, geometry)
+        start, cpu = time.time(), torch.device("cpu")
+        model, ema, opt, diffusion = build_training(cfg, cpu)
         require(count_params(model) == flops["params"], "parameter count of the built model disagrees with the Gflops cache")
-        model.grad_checkpointing = bool(tc.grad_checkpointing)
-        opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-        diffusion = create_diffusion(cfg.diffusion)
-        x = torch.randn(2, geometry.in_channels, geometry.input_size, geometry.input_size)
-        y = torch.randint(0, geometry.num_classes, (2,))
-        t = torch.randint(0, diffusion.num_timesteps, (2,))
-        loss = diffusion.training_losses(model, x, t, {"y": y})["loss"].mean()
-        loss.backward()
-        opt.step()
-        require(math.isfinite(loss.item()), f"the dry-run step of {mc.name} gave a non-finite loss")
-        report["step"] = {"loss": loss.item(), "seconds": time.time() - start, "batch": 2, "device": "cpu"}
+        forward = autocast_forward(model, model, fast_path_settings(tc, cpu), cpu)  # eager: a check, not a benchmark
+        gen = step_generator(cfg.seed, 0, cpu)
+        t, noise, drop = step_draws(gen, 2, slice(None), (geometry.in_channels, geometry.input_size, geometry.input_size),
+                                    diffusion.num_timesteps, float(mc.class_dropout_prob), cpu)
+        x = torch.randn(noise.shape, generator=gen)
+        y = torch.randint(0, geometry.num_classes, (2,), generator=gen)
+        loss = train_step(forward, diffusion, model, ema, opt, x, y, t, noise, drop, tc)["loss"].mean().item()
+        require(math.isfinite(loss), f"the dry-run step of {mc.name} gave a non-finite loss")
+        report["step"] = {"loss": loss, "seconds": time.time() - start, "batch": 2, "device": "cpu"}
     return report
 
 

@@ -28,13 +28,13 @@ def test_paper_model_gets_the_paper_setting():
 
 def test_memory_estimate_by_hand():
     # 1M params -> 20 MB of state; 2 blocks x 20 words x 16 tokens x 64 hidden x 2 B (bf16) x batch 4.
-    m = estimate_training_memory(10**6, depth=2, tokens=16, hidden=64, heads=4, batch_per_gpu=4,
+    m = estimate_training_memory(10**6, depth=2, tokens=16, hidden=64, batch_per_gpu=4,
                                  precision="bf16", grad_checkpointing=False)
     assert m["state_gb"] == pytest.approx(20e6 / 2**30)
     assert m["activations_gb"] == pytest.approx(2 * 20 * 16 * 64 * 2 * 4 / 2**30)  # depth x words x T x d x bf16 x batch
-    fp32 = estimate_training_memory(10**6, 2, 16, 64, 4, 4, "fp32", False)
+    fp32 = estimate_training_memory(10**6, 2, 16, 64, 4, "fp32", False)
     assert fp32["activations_gb"] == pytest.approx(2 * m["activations_gb"])
-    ckpt = estimate_training_memory(10**6, 2, 16, 64, 4, 4, "bf16", True)
+    ckpt = estimate_training_memory(10**6, 2, 16, 64, 4, "bf16", True)
     assert ckpt["activations_gb"] < m["activations_gb"]
 
 
