@@ -142,6 +142,20 @@ def test_result_names_the_digits_fid_and_floor_is_cached(cfg, digits, fid_cache)
     assert any(p.name.endswith("stat-fid-penultimate.pt") and "held_out" in p.name for p in fid_cache.iterdir())
 
 
+def test_an_image_folder_with_a_held_out_root_has_a_floor(tmp_path):
+    from helpers import make_image_folder
+
+    make_image_folder(tmp_path / "train", per_class=40, size=16, seed=0)
+    make_image_folder(tmp_path / "held", per_class=40, size=16, seed=1)
+    folder = ["data=imagefolder", f"data.root={tmp_path / 'train'}", "data.image_size=16", "data.channels=1",
+              "data.num_classes=2", "data.num_workers=0", "eval.feature_extractor=digits-cnn"]
+    without = compose(folder)
+    assert reference_floor(without.eval, without.data, cache_dir=tmp_path / "cache") is None
+    held = compose([*folder, f"data.held_out_root={tmp_path / 'held'}"])
+    floor = reference_floor(held.eval, held.data, cache_dir=tmp_path / "cache")
+    assert floor is not None and 0 < floor < 50
+
+
 def test_npz_statistics_give_the_same_fid_as_computed_ones(cfg, digits, fid_cache, tmp_path):
     train, held = digits
     extractor = DigitsFeatureExtractor(DIGITS_CNN, ["penultimate"])
