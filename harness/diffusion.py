@@ -63,13 +63,10 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | list[int]) -
     if isinstance(section_counts, str) and section_counts.startswith("ddim"):
         text = section_counts[len("ddim"):]
         require(text.isdigit(), f"timestep respacing {section_counts!r}: expected ddim<N>")
-        desired = int(text)
-        for stride in range(1, num_timesteps + 1):
-            if len(range(0, num_timesteps, stride)) == desired:
-                return list(range(0, num_timesteps, stride))
-        raise HarnessError(
-            f"timestep respacing {section_counts!r}: no integer stride gives exactly {desired} of {num_timesteps} steps"
-        )
+        stride = _ddim_stride(num_timesteps, int(text))
+        require(stride is not None, f"timestep respacing {section_counts!r}: no integer stride gives exactly "
+                                    f"{int(text)} of {num_timesteps} steps")
+        return list(range(0, num_timesteps, stride))
     counts = _section_counts(section_counts)
     size_per, extra = divmod(num_timesteps, len(counts))
     kept: list[int] = []
@@ -87,6 +84,11 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | list[int]) -
             position += stride
         start += size
     return sorted(set(kept))
+
+
+def _ddim_stride(num_timesteps: int, steps: int) -> int | None:
+    """The integer stride s with len(range(0, T, s)) == steps, if there is one (the DDIM paper's spacing)."""
+    return next((s for s in range(1, num_timesteps + 1) if len(range(0, num_timesteps, s)) == steps), None)
 
 
 def _section_counts(spec: str | int | list[int]) -> list[int]:
@@ -125,9 +127,8 @@ def parse_sampler(spec: str, num_timesteps: int = DEFAULT_NUM_TIMESTEPS) -> tupl
     if min(counts) < 1 or total > num_timesteps:
         raise HarnessError(f"sampler={spec!r}: {total} steps is out of range; {allowed}")
     respacing = ",".join(str(c) for c in counts)
-    if kind == "ddim" and len(counts) == 1:
-        if any(len(range(0, num_timesteps, s)) == total for s in range(1, num_timesteps + 1)):
-            respacing = f"ddim{total}"
+    if kind == "ddim" and len(counts) == 1 and _ddim_stride(num_timesteps, total) is not None:
+        respacing = f"ddim{total}"
     try:
         space_timesteps(num_timesteps, respacing)
     except HarnessError as err:
@@ -290,12 +291,16 @@ class GaussianDiffusion:
         return model_output, None
 
     @staticmethod
+    def _predict_x0(eps, x_t, c: dict, clip_denoised: bool):
+        """x_0 from x_t and the predicted noise, clipped to the data range if asked."""
+        x0 = c["sqrt_recip_alphas_cumprod"] * x_t - c["sqrt_recipm1_alphas_cumprod"] * eps
+        return x0.clamp(-1.0, 1.0) if clip_denoised else x0
+
+    @staticmethod
     def _reverse_gaussian(eps, v, x_t, c: dict, clip_denoised: bool):
         """Mean, log-variance and x_0 prediction of p(x_{t-1} | x_t); `c` holds this step's coefficients
         as broadcastable tensors or Python floats, so training and the sampling loop share this code."""
-        x0 = c["sqrt_recip_alphas_cumprod"] * x_t - c["sqrt_recipm1_alphas_cumprod"] * eps
-        if clip_denoised:
-            x0 = x0.clamp(-1.0, 1.0)
+        x0 = GaussianDiffusion._predict_x0(eps, x_t, c, clip_denoised)
         mean = c["posterior_mean_coef1"] * x0 + c["posterior_mean_coef2"] * x_t
         if v is None:
             log_variance = c["fixed_log_variance"]
@@ -439,9 +444,8 @@ class GaussianDiffusion:
     @staticmethod
     def _ddim_step(eps, x, c: dict, eta: float, clip_denoised: bool, generator, device, last: bool) -> torch.Tensor:
         """One DDIM update (Song et al. 2021, eq. 12) with sigma scaled by eta; the learned variance is unused."""
-        x0 = c["sqrt_recip_alphas_cumprod"] * x - c["sqrt_recipm1_alphas_cumprod"] * eps
-        if clip_denoised:
-            x0 = x0.clamp(-1.0, 1.0)
+        x0 = GaussianDiffusion._predict_x0(eps, x, c, clip_denoised)
+        if clip_denoised:  # the noise that the clipped x_0 implies
             eps = (c["sqrt_recip_alphas_cumprod"] * x - x0) / c["sqrt_recipm1_alphas_cumprod"]
         abar, abar_prev = c["alphas_cumprod"], c["alphas_cumprod_prev"]
         sigma = eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar)) * math.sqrt(1.0 - abar / abar_prev)

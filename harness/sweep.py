@@ -549,10 +549,9 @@ def sbatch_script(cfg: DictConfig, folder: Path) -> str:
 
 def sampling_steps(sampler: str, num_timesteps: int) -> int:
     """Denoising steps of one sample under `eval.sampler` (e.g. ddpm250 -> 250)."""
-    from harness.diffusion import parse_sampler
+    from harness.diffusion import parse_sampler, space_timesteps
 
-    _, respacing = parse_sampler(sampler, num_timesteps)
-    return sum(int(n) for n in re.findall(r"\d+", str(respacing)))
+    return len(space_timesteps(num_timesteps, parse_sampler(sampler, num_timesteps)[1]))
 
 
 def num_evaluations(every, max_steps: int) -> int:
