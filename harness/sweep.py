@@ -24,7 +24,6 @@ from __future__ import annotations
 import getpass
 import math
 import os
-import re
 import shlex
 import shutil
 import socket
@@ -307,15 +306,10 @@ def check_sweep_dir(name: str, specs: list[RunSpec]) -> None:
         old = read_yaml(record).get("name")
         require(old == name, f"{sweep_dir} holds the sweep {old!r}, not {name!r}; launch into another directory "
                              f"(hydra.sweep.dir=DIR) or remove it")
-    changed = []
-    for spec in specs:
-        saved = spec.run_dir / "config.yaml"
-        if saved.exists():
-            from harness.train import first_difference, run_identity
+    from harness.train import run_dir_difference
 
-            difference = first_difference(run_identity(read_yaml(saved)), run_identity(task_config(spec.cfg)))
-            if difference:
-                changed.append(f"{spec.run_name}: {difference}")
+    changed = [f"{spec.run_name}: {difference}" for spec in specs
+               if (difference := run_dir_difference(spec.cfg, spec.run_dir))]
     policy = str(specs[0].cfg.on_config_change)
     if changed and policy == "refuse":
         raise HarnessError(f"{sweep_dir} holds runs of sweep {name!r} with a different config; set "
@@ -429,9 +423,10 @@ def active_job(spec: RunSpec, submission: dict | None, state: dict, executor: st
 
 
 def newest_checkpoint_step(run_dir: Path) -> int | None:
-    steps = [int(m.group(1)) for p in (Path(run_dir) / "checkpoints").glob("step_*.pt")
-             if (m := re.fullmatch(r"step_(\d+)\.pt", p.name))]
-    return max(steps) if steps else None
+    from harness.train import checkpoint_step, list_checkpoints
+
+    found = list_checkpoints(run_dir)
+    return checkpoint_step(found[-1]) if found else None
 
 
 @dataclass

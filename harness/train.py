@@ -99,8 +99,13 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoints of a run, oldest first."""
-    return sorted((Path(run_dir) / "checkpoints").glob("step_*.pt"))
+    """Checkpoints of a run, oldest first (`step_<digits>.pt`; files named otherwise are not the harness's)."""
+    return sorted(p for p in (Path(run_dir) / "checkpoints").glob("step_*.pt") if p.stem[len("step_"):].isdigit())
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint file (`step_0001000.pt` -> 1000)."""
+    return int(Path(path).stem.split("_")[1])
 
 
 def load_latest_checkpoint(run_dir: Path, say=print) -> dict | None:
@@ -121,7 +126,7 @@ def prune_checkpoints(run_dir: Path, keep_last: int, milestones: set[int]) -> No
     (only the main rank saves, one checkpoint at a time, so none is being written now)."""
     paths = list_checkpoints(run_dir)
     for path in paths[:-keep_last]:
-        if int(path.stem.split("_")[1]) not in milestones:
+        if checkpoint_step(path) not in milestones:
             path.unlink(missing_ok=True)
     for partial in (Path(run_dir) / "checkpoints").glob(".step_*.pt.*.tmp"):
         partial.unlink(missing_ok=True)
@@ -207,11 +212,16 @@ def stored_identity(run_dir: Path) -> dict | None:
     return None
 
 
+def run_dir_difference(cfg: DictConfig, run_dir: Path) -> str:
+    """The first difference between what `cfg` trains and what the run in `run_dir` trains ("" if none or no run)."""
+    stored = stored_identity(Path(run_dir))
+    return first_difference(stored, run_identity(cfg)) if stored is not None else ""
+
+
 def check_run_dir(cfg: DictConfig, run_dir: Path) -> str:
     """The first difference between `cfg` and the run `run_dir` holds ("" if none); one error line if that is a
     different run and on_config_change=refuse. Writes nothing: `harness train` asks before Hydra starts the run."""
-    stored = stored_identity(Path(run_dir))
-    difference = first_difference(stored, run_identity(cfg)) if stored is not None else ""
+    difference = run_dir_difference(cfg, run_dir)
     if difference and cfg.on_config_change == "refuse":
         raise HarnessError(f"{run_dir} holds a run with a different config ({difference}); "
                            "set on_config_change=resume to continue it or on_config_change=overwrite to start over")

@@ -26,7 +26,7 @@ import torch
 from conftest import REPO, run_harness
 from harness.io import read_jsonl
 from harness.sweep import SUBMISSIONS, last_submissions, sweep_status
-from harness.train import list_checkpoints
+from harness.train import checkpoint_step, list_checkpoints
 
 pytestmark = pytest.mark.slurm
 
@@ -125,7 +125,7 @@ def scenario(tmp_path_factory):
         seen.update(p_job=p_job, requeued_status=preempted)
         wait_until(lambda: not queued(p_dir, s_dir), "the jobs to leave the queue", deadline, poll_s=1.0)
         seen["after_kill"] = {r["run"]: r for r in sweep_status(s_dir)}
-        seen["killed_checkpoint"] = max(int(p.stem.split("_")[1]) for p in list_checkpoints(killed_run))
+        seen["killed_checkpoint"] = max(checkpoint_step(p) for p in list_checkpoints(killed_run))
 
         relaunch = sweep(s_dir, "model.patch_size=8,4", wait_s=150)
         seen["relaunch"] = relaunch.stdout

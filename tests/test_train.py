@@ -17,7 +17,7 @@ import torch
 from conftest import HARNESS, REPO, TINY, harness_env, run_harness
 from harness.config import compose, validate
 from harness.errors import HarnessError
-from harness.train import list_checkpoints, load_latest_checkpoint, train
+from harness.train import checkpoint_step, list_checkpoints, load_latest_checkpoint, train
 
 
 def final_weights(run_dir: Path) -> dict:
@@ -58,14 +58,14 @@ def test_resume_after_sigkill_or_sigterm_is_bitwise_exact(tmp_path):
     # SIGKILL, as the OOM killer or a lost node: whatever the last checkpoint holds survives.
     killed = tmp_path / "killed"
     start_and_signal_after_first_checkpoint(killed, steps, signal.SIGKILL)
-    saved = [int(p.stem.split("_")[1]) for p in list_checkpoints(killed)]
+    saved = [checkpoint_step(p) for p in list_checkpoints(killed)]
     assert saved and max(saved) < steps, f"the run was not killed mid-way (checkpoints {saved})"
 
     # SIGTERM, as `kill` or torchrun stopping its workers: the step it lands in is saved, then exit 143.
     stopped = tmp_path / "stopped"
     status, stderr = start_and_signal_after_first_checkpoint(stopped, steps, signal.SIGTERM)
     state = json.loads((stopped / "run_state.json").read_text())
-    newest = int(list_checkpoints(stopped)[-1].stem.split("_")[1])
+    newest = checkpoint_step(list_checkpoints(stopped)[-1])
     assert status == 143, stderr[-2000:]
     assert (state["state"], state["step"]) == ("preempted", newest) and newest < steps
     assert "SIGTERM: stopping at the end of this step" in stderr
@@ -363,3 +363,13 @@ def test_batch_not_divisible_by_world_size(tmp_path):
         cwd=REPO, env=harness_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "trainer.global_batch_size=15 is not divisible by the world size 2" in proc.stderr
+
+
+def test_checkpoint_listing_takes_only_the_harness_names(tmp_path):
+    from harness.sweep import newest_checkpoint_step
+
+    (tmp_path / "checkpoints").mkdir()
+    for name in ("step_0000010.pt", "step_0000002.pt", "step_final.pt", "step_0000030.pt.unreadable-20260101"):
+        (tmp_path / "checkpoints" / name).write_bytes(b"")
+    assert [checkpoint_step(p) for p in list_checkpoints(tmp_path)] == [2, 10]
+    assert newest_checkpoint_step(tmp_path) == 10 and newest_checkpoint_step(tmp_path / "none") is None
