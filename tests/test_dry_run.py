@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import run_harness
+from harness.config import compose
 from harness.cli import main
 from harness.train import dry_run, estimate_training_memory, format_dry_run
 
@@ -57,3 +58,19 @@ def test_the_installed_command_reports_bad_input_without_a_traceback():
     result = run_harness(["dry-run", "--no-step", "model.num_heads=7"])
     assert result.returncode == 2
     assert result.stderr.strip() == "harness: error: model.hidden_size=96 is not divisible by model.num_heads=7"
+
+
+def test_the_paper_setting_composes_the_paper_recipe():
+    """experiment=imagenet256 is the recipe of dit-facts.md, value by value."""
+    from harness.diffusion import create_diffusion
+
+    cfg = compose(["experiment=imagenet256"])
+    tc, ev, m = cfg.trainer, cfg.eval, cfg.model
+    assert (m.name, m.class_dropout_prob, m.learn_sigma, m.mlp_ratio) == ("DiT-XL/2", 0.1, True, 4.0)
+    assert (tc.lr, tc.weight_decay, tc.ema_decay, tc.global_batch_size, tc.max_steps) == (1e-4, 0.0, 0.9999, 256, 400_000)
+    assert (tc.grad_clip, list(tc.betas)) == (0.0, [0.9, 0.999])
+    assert cfg.data.hflip is True and (cfg.data.image_size, cfg.autoencoder.name) == (256, "sd-vae-ft-ema")
+    diffusion = create_diffusion(cfg.diffusion)
+    assert diffusion.num_timesteps == 1000
+    assert diffusion.betas[0] == pytest.approx(1e-4) and diffusion.betas[-1] == pytest.approx(0.02)
+    assert (ev.num_samples, ev.sampler, ev.cfg_scale, ev.every) == (50_000, "ddpm250", 1.0, 50_000)

@@ -143,6 +143,39 @@ def test_adaln_zero_chunk_order_and_modulation():
     torch.testing.assert_close(modulate(x, shift_msa, scale_msa), x * (1 + scale_msa[:, None]) + shift_msa[:, None])
 
 
+def test_final_layer_chunk_order_and_tanh_gelu():
+    """The final layer splits its regression as (shift, scale); the MLP's GELU is the tanh approximation."""
+    torch.manual_seed(0)
+    model = perturb(tiny("adaln_zero"))
+    final, x, c = model.final_layer, torch.randn(2, 16, 32), torch.randn(2, 32)
+    shift, scale = final.adaLN_modulation[1](torch.nn.functional.silu(c)).split(32, dim=1)
+    norm = torch.nn.functional.layer_norm(x, (32,), eps=1e-6)
+    torch.testing.assert_close(final(x, c), final.linear(norm * (1 + scale[:, None]) + shift[:, None]))
+    mlp = model.blocks[0].mlp
+    gelu = torch.nn.functional.gelu(mlp.fc1(x), approximate="tanh")
+    torch.testing.assert_close(mlp(x), mlp.fc2(gelu), rtol=1e-6, atol=1e-6)
+
+
+def test_in_context_conditioning_appends_two_tokens_and_drops_them():
+    """In-context: t and y become tokens T and T+1 of the sequence; the final layer sees the first T only."""
+    torch.manual_seed(0)
+    model = perturb(tiny("in_context")).eval()
+    x, t, y = inputs()
+    seen = {}
+    model.final_layer.register_forward_pre_hook(lambda module, args: seen.update(tokens=args[0]))
+    last = model.blocks[-1]
+    last.register_forward_hook(lambda module, args, out: seen.update(sequence=out))
+    model(x, t, y)
+    assert seen["sequence"].shape[1] == model.num_patches + 2
+    assert torch.equal(seen["tokens"], seen["sequence"][:, :model.num_patches])
+    tokens = model.x_embedder(x) + model.pos_embed
+    conditioning = torch.stack([model.t_embedder(t), model.y_embedder(y, False, None)], dim=1)
+    first_input = {}
+    model.blocks[0].register_forward_pre_hook(lambda module, args: first_input.update(x=args[0]))
+    model(x, t, y)
+    torch.testing.assert_close(first_input["x"], torch.cat([tokens, conditioning], dim=1))
+
+
 def test_attention_heads_split_like_released_qkv():
     """qkv output channels are (3, heads, head_dim): head h of q is rows [h*hd, (h+1)*hd) of the q third."""
     torch.manual_seed(0)

@@ -17,7 +17,8 @@ import torch
 from conftest import HARNESS, REPO, TINY, harness_env, run_harness
 from harness.config import compose, validate
 from harness.errors import HarnessError
-from harness.train import checkpoint_step, list_checkpoints, load_latest_checkpoint, train
+from harness.train import (achieved_tflops, checkpoint_step, list_checkpoints, load_latest_checkpoint, step_draws,
+                           step_generator, train)
 
 
 def final_weights(run_dir: Path) -> dict:
@@ -140,6 +141,27 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     assert a["step"] == b["step"] == steps
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
+    # Throughput is per device: the global images/s over the world size.
+    gflops = torch.load(list_checkpoints(ddp)[-1], map_location="cpu", weights_only=False)["meta"]["gflops"]
+    for run_dir, world in ((single, 1), (ddp, 2)):
+        row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        assert row["tflops_per_device"] == pytest.approx(achieved_tflops(gflops, row["images_per_s"] / world))
+
+
+def test_step_draws_timesteps_noise_and_label_dropout_rate():
+    cpu = torch.device("cpu")
+    t, noise, drop = step_draws(step_generator(0, 1, cpu), 20_000, slice(None), (1, 2, 2), 1000, 0.1, cpu)
+    assert t.min() == 0 and t.max() == 999 and 450 < t.float().mean() < 550
+    assert 0.09 < drop.float().mean() < 0.11
+    assert abs(noise.mean()) < 0.02 and abs(noise.std() - 1) < 0.02
+    again = step_draws(step_generator(0, 1, cpu), 20_000, slice(100, 200), (1, 2, 2), 1000, 0.1, cpu)
+    assert torch.equal(again[0], t[100:200]) and torch.equal(again[2], drop[100:200])  # a rank's slice of the same draw
+
+
+def test_checkpoints_keep_the_last_n_and_every_milestone(tmp_path):
+    train(compose([*TINY, "trainer.max_steps=10", "trainer.ckpt_every=2", "trainer.keep_last=2",
+                   "trainer.ckpt_milestones=[3,4]"]), tmp_path)
+    assert [checkpoint_step(p) for p in list_checkpoints(tmp_path)] == [3, 4, 8, 10]
 
 
 def test_digits_training_lowers_the_loss(tmp_path):
