@@ -21,7 +21,7 @@ from harness.errors import HarnessError
 from harness.evaluate import (DIGITS_CNN, DIGITS_WEIGHTS, INCEPTION_FILE, MAX_SAMPLES, DigitsFeatureExtractor,
                               check_eval_config, classifier_accuracy, compute_fid, eval_labels, evaluate_cli,
                               evaluate_model, generate_samples, load_digits_cnn, reference_floor,
-                              train_digits_extractor)
+                              to_uint8, train_digits_extractor)
 from harness.data import build_dataset
 from harness.train import InferenceForward
 
@@ -266,6 +266,30 @@ def test_samples_do_not_depend_on_how_model_calls_are_cut(cfg):
     assert torch.equal(generate_samples(forward, cut.diffusion, ae, cut.eval, geometry, cpu), whole)
 
 
+def test_guidance_settings_reach_the_sampler(cfg, monkeypatch):
+    from harness.autoencoders import build_autoencoder
+    from harness.diffusion import GaussianDiffusion
+    from harness.train import inference_forward
+
+    seen, sample = [], GaussianDiffusion.sample
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs)
+        return sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(GaussianDiffusion, "sample", spy)
+    guided = compose([*TINY_EVAL, "eval.cfg_scale=1.5", "eval.cfg_channels=1", "eval.sampler=ddim5"])
+    model, cpu = tiny_model(guided), torch.device("cpu")
+    generate_samples(inference_forward(model, guided, cpu), guided.diffusion,
+                     build_autoencoder(guided.autoencoder, guided.data), guided.eval, latent_geometry(guided), cpu)
+    assert seen and all((k["cfg_scale"], k["cfg_channels"], k["sampler"]) == (1.5, 1, "ddim5") for k in seen)
+
+
+def test_to_uint8_is_the_released_conversion():
+    x = torch.tensor([-1.0, -0.004, 0.0, 0.999, 1.0, 3.0])
+    assert to_uint8(x).tolist() == [0, 127, 128, 255, 255, 255]  # 127.5 x + 128, clamped, truncated
+
+
 def test_out_of_memory_halves_the_model_calls_and_remembers():
     class FitsEight(torch.nn.Module):
         learn_sigma, num_classes = False, 10
@@ -377,8 +401,10 @@ def test_training_evaluates_every_n_steps_through_one_sampling_forward(tmp_path,
 
 
 def _write_checkpoint(cfg, path, model):
+    """One of our checkpoints: `model` as the EMA weights, other weights as the raw ones."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "step": 30, "config": to_yaml(cfg)}, path)
+    raw = tiny_model(cfg, seed=1).state_dict()
+    torch.save({"model": raw, "ema": model.state_dict(), "step": 30, "config": to_yaml(cfg)}, path)
 
 
 def test_eval_cli_on_our_checkpoint_and_refusals(cfg, tmp_path, fid_cache, monkeypatch, capsys):
@@ -386,7 +412,12 @@ def test_eval_cli_on_our_checkpoint_and_refusals(cfg, tmp_path, fid_cache, monke
     run_cfg = compose([*TINY_EVAL, "eval.num_samples=100", "trainer.device=cpu"])
     ckpt = tmp_path / "run" / "checkpoints" / "step_0000030.pt"
     _write_checkpoint(run_cfg, ckpt, tiny_model(run_cfg))
+    evaluated = []
+    monkeypatch.setattr("harness.evaluate.evaluate_model",
+                        lambda model, *a, _real=evaluate_model, **k: evaluated.append(model) or _real(model, *a, **k))
     assert evaluate_cli([f"ckpt={ckpt}", "eval.num_samples=16", f"eval.cache_dir={fid_cache}"]) == 0
+    ema = torch.load(ckpt, map_location="cpu", weights_only=False)["ema"]
+    assert all(torch.equal(evaluated[0].state_dict()[k], v) for k, v in ema.items())  # the EMA weights, not "model"
     (row,) = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
     assert row["step"] == 30 and row["num_samples"] == 16 and "fid_digits" in capsys.readouterr().out
     with pytest.raises(HarnessError, match="trained with another config.*model.depth"):
