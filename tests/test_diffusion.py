@@ -252,6 +252,17 @@ def test_model_sees_original_timesteps(diffusion):
     assert all(t.dtype == torch.long and t.shape == (3,) for _, t, _ in model.calls)
 
 
+def test_ddpm_adds_no_noise_at_the_last_step(diffusion, monkeypatch):
+    """x_T, then one draw per step but the last, which returns the posterior mean."""
+    import harness.diffusion as module
+
+    draws, randn = [], module._randn
+    monkeypatch.setattr(module, "_randn", lambda *a, **k: draws.append(1) or randn(*a, **k))
+    diffusion.sample(GaussianScoreModel(1.0, variance=0.0), (3, 2, 2, 2), torch.zeros(3, dtype=torch.long),
+                     sampler="ddpm10", generator=torch.Generator().manual_seed(0))
+    assert len(draws) == 1 + 9
+
+
 # ------------------------------------------------------------------------------------------------
 # Classifier-free guidance
 # ------------------------------------------------------------------------------------------------
