@@ -239,7 +239,7 @@ def paper_gflops(model: str, conditioning: str = "adaln_zero") -> float | None:
     return float(row["gflops"]) if row else None
 
 
-def _is_paper_setting(cfg) -> bool:
+def is_paper_setting(cfg) -> bool:
     """Whether the paper's numbers apply: a paper architecture on 32x32x4 latents with 1000 classes."""
     m = cfg.model
     return latent_geometry(cfg) == PAPER_GEOMETRY and float(m.mlp_ratio) == 4.0 and bool(m.learn_sigma)
@@ -257,7 +257,7 @@ def _counted_row(cfg) -> dict:
         "tokens": counted["tokens"],
         "params": counted["params"],
         "gflops": counted["gflops"],
-        "paper_setting": _is_paper_setting(cfg),
+        "paper_setting": is_paper_setting(cfg),
     }
 
 

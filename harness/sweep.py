@@ -601,7 +601,7 @@ def throughput(table: dict, model: str, gflops: float, kind: str, guided: bool =
 def plan_row(spec: RunSpec, table: dict, decision: Decision | None = None) -> dict:
     """Everything the dry run says about one run."""
     from harness.config import latent_geometry
-    from harness.flops import PAPER_GEOMETRY, count_flops, paper_gflops, training_compute_flops
+    from harness.flops import count_flops, is_paper_setting, paper_gflops, training_compute_flops
 
     cfg = spec.cfg
     m, tc, ev = cfg.model, cfg.trainer, cfg.eval
@@ -625,7 +625,7 @@ def plan_row(spec: RunSpec, table: dict, decision: Decision | None = None) -> di
     return {
         "run": spec.run_name, "model": str(m.name), "conditioning": str(m.conditioning), "patch": int(m.patch_size),
         "tokens": int(counted["tokens"]), "params": int(counted["params"]), "gflops": gflops,
-        "paper_gflops": paper_gflops(str(m.name), str(m.conditioning)) if geometry == PAPER_GEOMETRY else None,
+        "paper_gflops": paper_gflops(str(m.name), str(m.conditioning)) if is_paper_setting(cfg) else None,
         "batch": batch, "steps": steps, "train_compute_flops": training_compute_flops(gflops, batch, steps),
         "evaluations": evals, "fid_samples": samples, "sampler": str(ev.sampler), "gpus": layout.gpus,
         "nodes": layout.nodes, "timeout_min": layout.timeout_min, "train_gpu_hours": train_h,

@@ -90,6 +90,10 @@ def test_dry_run_of_the_paper_grid_prints_12_runs_with_the_papers_gflops(tmp_pat
     assert "GPU-hours" in text and "assumed" in text and "MFU" in text   # says where the estimate comes from
     assert "#SBATCH --gpus-per-node=1" in text and "submitit.core._submit" in text
     assert not out_dir.exists()                               # nothing written, nothing submitted
+    # Not the paper's architecture (MLP ratio 2): no paper number beside ours.
+    assert sweep.launch_sweep("paper_grid", [f"hydra.sweep.dir={out_dir}", "model.mlp_ratio=2"], dry_run=True) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("latents-DiT-")]
+    assert len(rows) == 12 and not any(cells[6].replace(".", "").isdigit() for cells in rows)
 
 
 def test_unknown_sweep_lists_the_sweeps():
