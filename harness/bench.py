@@ -113,13 +113,8 @@ def measured_peak_tflops(device: torch.device, precision: str, size: int | None 
     return 2 * size**3 / seconds / 1e12
 
 
-def mfu(tflops: float, peak: float | None) -> float | None:
-    """Model flops utilisation: achieved model TFLOP/s over a peak."""
-    return tflops / peak if peak else None
-
-
 def _throughput(images_per_s: float, gflops: float, passes: float, peaks: dict) -> dict:
-    from harness.train import achieved_tflops
+    from harness.train import achieved_tflops, mfu
 
     tflops = achieved_tflops(gflops, images_per_s, passes)
     return {"images_per_s": images_per_s, "tflops": tflops,

@@ -592,9 +592,11 @@ def throughput(table: dict, model: str, gflops: float, kind: str, guided: bool =
         return float(measured[f"{kind}_images_per_s"]) / halve, f"{what} measured ({THROUGHPUT_FILE.name})"
     if (rate := _bench_rate(table, device, model, kind, guided)) is not None:
         return rate, f"{what} measured by harness bench ({table.get('bench_log')})"
+    from harness.train import achieved_tflops
+
     spec = table["devices"][device]
-    passes = 3.0 if kind == "train" else 1.0
-    rate = spec["peak_tflops"] * 1e12 * spec[f"{kind}_mfu"] / (2.0 * passes * gflops * 1e9)
+    tflops_per_image = achieved_tflops(gflops, images_per_s=1.0, passes=3.0 if kind == "train" else 1.0)
+    rate = spec["peak_tflops"] * spec[f"{kind}_mfu"] / tflops_per_image
     return rate / halve, f"{what} estimated at an assumed {spec[f'{kind}_mfu']:.0%} MFU of {spec['peak_tflops']:g} TFLOP/s"
 
 

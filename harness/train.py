@@ -352,6 +352,11 @@ def achieved_tflops(gflops_per_image: float, images_per_s: float, passes: float 
     return 2.0 * gflops_per_image * 1e9 * passes * images_per_s / 1e12
 
 
+def mfu(tflops: float, peak: float | None) -> float | None:
+    """Model flops utilisation: achieved model TFLOP/s over a peak (None without a known peak)."""
+    return tflops / peak if peak else None
+
+
 def peak_memory_gb(device: torch.device) -> float:
     """Peak memory in GiB (2^30 bytes): CUDA memory allocated on a GPU, the process's max RSS on a CPU."""
     if device.type == "cuda":
@@ -676,7 +681,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
                 tflops = achieved_tflops(flops["gflops"], images_per_s / dist.world_size)
                 row = {"step": step, **dict(zip(LOGGED_LOSSES, torch.stack(window_losses).mean(0).tolist())),
                        "lr": opt.param_groups[0]["lr"], "images_per_s": images_per_s,
-                       "tflops_per_device": tflops, "mfu": tflops / peak if peak else None,
+                       "tflops_per_device": tflops, "mfu": mfu(tflops, peak),
                        "peak_mem_gb": peak_memory_gb(device), "time": time.time()}
                 tracker.log_metrics(row)
                 tracker.print(f"step {step}/{max_steps} loss {row['loss']:.4f} {images_per_s:.1f} img/s "

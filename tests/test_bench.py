@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from conftest import TINY
-from harness.bench import format_bench, mfu, profile_summary, run_bench
+from harness.bench import format_bench, profile_summary, run_bench
 from harness.config import compose, latent_geometry
 from harness.diffusion import create_diffusion
 from harness.model import build_model
-from harness.train import achieved_tflops, autocast_forward, build_optimizer, compiled, fast_path_settings, train_step
+from harness.train import (achieved_tflops, autocast_forward, build_optimizer, compiled, fast_path_settings, mfu,
+                           train_step)
 
 
 def _positive_numbers(node, path=""):
