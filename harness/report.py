@@ -21,6 +21,7 @@ import base64
 import html
 import io
 import math
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -841,7 +842,35 @@ def _prediction_points(fit: PowerLawFit, gflops: np.ndarray) -> list[tuple[str, 
             ("beyond the grid (2 x the largest Gflops)", float(2 * g.max()))]
 
 
-def _html_page(title: str, blocks: list[str]) -> str:
+def _inline_html(text: str) -> str:
+    """The report's inline markup (**bold**, `code`) as HTML, the rest escaped."""
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(text))
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
+def _markdown(blocks: list[tuple[str, object]]) -> str:
+    """The report blocks as Markdown (figures linked from figures/)."""
+    out: list[str] = []
+    for kind, content in blocks:
+        if kind in ("h1", "h2", "h3"):
+            out += ["#" * int(kind[1]) + " " + content]
+        elif kind == "summary":
+            out += [f"**{content}**"]
+        elif kind in ("p", "note"):
+            out += [content]
+        elif kind == "table":
+            out += [_markdown_table(content)]
+        elif kind == "figure":
+            name, caption = content
+            out += [f"![{caption}](figures/{name}.png)", "", f"*{caption}* ([SVG](figures/{name}.svg))"]
+        elif kind == "list":
+            out += [f"- {item}" for item in content]
+        out.append("")
+    return "\n".join(out)
+
+
+def _html_page(title: str, blocks: list[tuple[str, object]], png: dict[str, bytes]) -> str:
+    """The report blocks as one self-contained HTML page (figures embedded as base64 PNG)."""
     css = (
         "body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1200px;margin:2em auto;"
         "padding:0 1em;color:#222;line-height:1.45}h1{font-size:1.6em}h2{margin-top:1.8em;border-bottom:1px solid #ddd}"
@@ -850,8 +879,24 @@ def _html_page(title: str, blocks: list[str]) -> str:
         ".summary{font-size:1.15em;font-weight:600;background:#f5f8ff;border-left:4px solid #1f4e9c;padding:.6em 1em}"
         ".note{color:#555}img{max-width:100%;height:auto;border:1px solid #eee;margin:.5em 0}code{background:#f3f3f3;padding:0 .2em}"
     )
+    body = []
+    for kind, content in blocks:
+        if kind in ("h1", "h2", "h3"):
+            body.append(f"<{kind}>{_inline_html(content)}</{kind}>")
+        elif kind in ("p", "summary", "note"):
+            css_class = f' class="{kind}"' if kind != "p" else ""
+            body.append(f"<p{css_class}>{_inline_html(content)}</p>")
+        elif kind == "table":
+            body.append(content.to_html(index=False, border=0, escape=True))
+        elif kind == "figure":
+            name, caption = content
+            data = base64.b64encode(png[name]).decode()
+            body.append(f"<figure><img alt=\"{html.escape(name)}\" src=\"data:image/png;base64,{data}\">"
+                        f"<figcaption>{_inline_html(caption)}</figcaption></figure>")
+        elif kind == "list":
+            body.append("<ul>" + "".join(f"<li>{_inline_html(item)}</li>" for item in content) + "</ul>")
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{css}</style></head><body>\n" + "\n".join(blocks) + "\n</body></html>\n")
+            f"<style>{css}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
 REPORT_FILES = ("report.md", "report.html", "results.csv", "fits.json", "figures")
@@ -966,65 +1011,34 @@ def write_report(sweep_dirs, out_dir, step: int | None = None, overlay_paper: bo
     sweeps = ", ".join(str(Path(d)) for d in sweep_dirs)
     title = "DiT scaling report: FID vs Gflops"
 
-    # report.md
-    md = [f"# {title}", "", f"Sweeps: `{sweeps}` — {df['run_path'].nunique()} runs, {len(evaluated(df))} evaluations.", "",
-          f"**FID:** {fid_text}.", ""]
-    md += [f"**{line}**" for line in summary] + ["", f"Step used for the Gflops figure and fit: {step_note}.", ""]
-    md += ["## Runs", "", _markdown_table(table_disp), "", "Every run x evaluated step: [results.csv](results.csv).", ""]
-    md += ["## Gflops vs FID fit", ""]
+    # One list of blocks, rendered as report.md and as a self-contained report.html.
+    blocks = [("h1", title), ("p", f"Sweeps: `{sweeps}` — {df['run_path'].nunique()} runs, "
+                                   f"{len(evaluated(df))} evaluations."), ("p", f"**FID:** {fid_text}.")]
+    blocks += [("summary", line) for line in summary]
+    blocks += [("p", f"Step used for the Gflops figure and fit: {step_note}."), ("h2", "Runs"), ("table", table_disp),
+               ("note", "Every run x evaluated step: `results.csv`, next to this report."), ("h2", "Gflops vs FID fit")]
     for n, disp in fit_disps.items():
-        md += ([f"### {n}", ""] if len(names) > 1 else []) + [_markdown_table(disp), ""]
-    md += fit_notes
+        blocks += ([("h3", n)] if len(names) > 1 else []) + [("table", disp)]
+    blocks += [("p", note) for note in fit_notes]
     if paper_fit is not None:
-        md += [f"Paper Table 4 (400K steps, 12 models, Inception FID-50K): r = {paper_fit.r:.3f} "
-               f"[{paper_fit.r_ci[0]:.3f}, {paper_fit.r_ci[1]:.3f}], slope = {paper_fit.slope:.3f} (the paper reports r = -0.93).", ""]
+        blocks.append(("p", f"Paper Table 4 (400K steps, 12 models, Inception FID-50K): r = {paper_fit.r:.3f} "
+                            f"[{paper_fit.r_ci[0]:.3f}, {paper_fit.r_ci[1]:.3f}], slope = {paper_fit.slope:.3f} "
+                            "(the paper reports r = -0.93)."))
     if predictions:
-        md += ["### Predicted FID of configs not in the grid", "", _markdown_table(pred_disp), "",
-               f"Interval: 95% {PREDICTION_INTERVAL}.", ""]
-    md += ["## Compute frontier", "", "Best FID reached within each training-compute budget "
-           "(Gflops x 10^9 x batch x steps x 3), and which config reached it:", "", _markdown_table(frontier_disp), ""]
-    md += ["## Figures", ""]
-    for name in figures:
-        md += [f"![{captions[name]}](figures/{name}.png)", "", f"*{captions[name]}* ([SVG](figures/{name}.svg))", ""]
+        blocks += [("h3", "Predicted FID of configs not in the grid"), ("table", pred_disp),
+                   ("note", f"Interval: 95% {PREDICTION_INTERVAL}.")]
+    blocks += [("h2", "Compute frontier"),
+               ("p", "Best FID reached within each training-compute budget (Gflops x 10^9 x batch x steps x 3), "
+                     "and which config reached it:"), ("table", frontier_disp), ("h2", "Figures")]
+    blocks += [("figure", (name, captions[name])) for name in figures]
     if notes:
-        md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
-    md += [f"Generated by `harness report` in {time.time() - started:.1f} s on {time.strftime('%Y-%m-%d %H:%M:%S')}.", ""]
+        blocks += [("h2", "Notes"), ("list", notes)]
+    blocks.append(("note", f"Generated by `harness report` in {time.time() - started:.1f} s on "
+                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}."))
     paths["md"] = out / "report.md"
-    atomic_write_text(paths["md"], "\n".join(md))
-
-    # report.html: the same content, self-contained.
-    def table_html(t: pd.DataFrame) -> str:
-        return t.to_html(index=False, border=0, escape=True)
-
-    e = html.escape
-    body = [f"<h1>{e(title)}</h1>",
-            f"<p>Sweeps: <code>{e(sweeps)}</code> — {df['run_path'].nunique()} runs, {len(evaluated(df))} evaluations.</p>",
-            f"<p><b>FID:</b> {e(fid_text)}.</p>"]
-    body += [f"<p class=\"summary\">{e(line)}</p>" for line in summary]
-    body += [f"<p>Step used for the Gflops figure and fit: {e(step_note)}.</p>",
-             "<h2>Runs</h2>", table_html(table_disp),
-             "<p class=\"note\">Every run x evaluated step is in <code>results.csv</code> next to this file.</p>",
-             "<h2>Gflops vs FID fit</h2>"]
-    for n, disp in fit_disps.items():
-        body += ([f"<h3>{e(n)}</h3>"] if len(names) > 1 else []) + [table_html(disp)]
-    body += [f"<p>{e(n)}</p>" for n in fit_notes]
-    if paper_fit is not None:
-        body.append(f"<p>Paper Table 4 (400K steps, 12 models, Inception FID-50K): r = {paper_fit.r:.3f} "
-                    f"[{paper_fit.r_ci[0]:.3f}, {paper_fit.r_ci[1]:.3f}], slope = {paper_fit.slope:.3f} (the paper reports r = -0.93).</p>")
-    if predictions:
-        body += ["<h3>Predicted FID of configs not in the grid</h3>", table_html(pred_disp),
-                 f"<p class=\"note\">Interval: 95% {e(PREDICTION_INTERVAL)}.</p>"]
-    body += ["<h2>Compute frontier</h2>",
-             "<p>Best FID reached within each training-compute budget (Gflops x 10<sup>9</sup> x batch x steps x 3), "
-             "and which config reached it:</p>", table_html(frontier_disp), "<h2>Figures</h2>"]
-    for name in figures:
-        data = base64.b64encode(png[name]).decode()
-        body += [f"<figure><img alt=\"{e(name)}\" src=\"data:image/png;base64,{data}\">"
-                 f"<figcaption>{e(captions[name])}</figcaption></figure>"]
-    if notes:
-        body += ["<h2>Notes</h2>", "<ul>" + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>"]
+    atomic_write_text(paths["md"], _markdown(blocks))
     paths["html"] = out / "report.html"
-    atomic_write_text(paths["html"], _html_page(title, body))
+    atomic_write_text(paths["html"], _html_page(title, blocks, png))
 
     paths["json"] = out / "fits.json"
     atomic_write_json(paths["json"], {
