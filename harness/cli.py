@@ -12,6 +12,12 @@ import sys
 from harness.errors import HarnessError
 
 
+def _names_and_overrides(names: list[str] | None, overrides: list[str]) -> tuple[list[str], list[str]]:
+    """`--option A B key=value`: argparse hands trailing overrides to the option; sort them back out."""
+    items = [*(names or []), *overrides]
+    return [item for item in items if "=" not in item], [item for item in items if "=" in item]
+
+
 def _train(args: argparse.Namespace) -> int:
     from harness.train import hydra_train
 
@@ -28,11 +34,8 @@ def _dry_run(args: argparse.Namespace) -> int:
 def _flops(args: argparse.Namespace) -> int:
     from harness.flops import flops_table, format_table
 
-    # `--models A B key=value`: argparse hands trailing overrides to --models; sort them back out.
-    items = [*(args.models or []), *args.overrides]
-    models = [item for item in items if "=" not in item] or None
-    overrides = [item for item in items if "=" in item]
-    print(format_table(flops_table(models, overrides, conditioning_ablation=args.ablation), args.format))
+    models, overrides = _names_and_overrides(args.models, args.overrides)
+    print(format_table(flops_table(models or None, overrides, conditioning_ablation=args.ablation), args.format))
     return 0
 
 
@@ -87,10 +90,7 @@ def _report(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from harness.bench import format_bench, run_bench
 
-    # `--what train key=value`: argparse hands trailing overrides to --what; sort them back out.
-    items = [*args.what, *args.overrides]
-    what = [item for item in items if "=" not in item]
-    overrides = [item for item in items if "=" in item]
+    what, overrides = _names_and_overrides(args.what, args.overrides)
     print(format_bench(run_bench(overrides, what=what, log=args.log, profile=args.profile)))
     return 0
 
