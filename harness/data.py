@@ -639,6 +639,7 @@ def extract_latents(cfg: DictConfig, out_dir: str | os.PathLike, rank: int = 0, 
     stopped. Whoever finds every shard complete writes `index.json`. Returns a summary dict.
     """
     from harness.autoencoders import build_autoencoder, check_autoencoder_source
+    from harness.config import latent_geometry
 
     require(str(cfg.data.name) == "imagefolder", f"extract-latents reads data=imagefolder, got data={cfg.data.name}")
     require(world_size > 0 and 0 <= rank < world_size, f"rank {rank} is not in a world of {world_size}")
@@ -646,17 +647,14 @@ def extract_latents(cfg: DictConfig, out_dir: str | os.PathLike, rank: int = 0, 
     require(int(ex.shard_size) > 0, f"extract.shard_size must be positive, got {ex.shard_size}")
     require(int(ex.batch_size) > 0, f"extract.batch_size must be positive, got {ex.batch_size}")
     require(str(ex.dtype) in LATENT_DTYPES, f"extract.dtype={ex.dtype!r} is not one of {', '.join(LATENT_DTYPES)}")
-    require(int(cfg.data.image_size) % int(cfg.autoencoder.downsample) == 0,
-            f"data.image_size={cfg.data.image_size} is not divisible by autoencoder.downsample={cfg.autoencoder.downsample}")
+    geometry = latent_geometry(cfg)
     out = check_output_path(str(out_dir), "out", kind="dir")
     dataset = ImageFolderDataset.from_cfg(cfg.data, "train")
     num_shards = math.ceil(len(dataset) / int(ex.shard_size))
-    size = int(cfg.data.image_size) // int(cfg.autoencoder.downsample)
-    channels = cfg.autoencoder.latent_channels if cfg.autoencoder.latent_channels is not None else cfg.data.channels
     meta = {
         "format": CACHE_FORMAT, "num_classes": dataset.num_classes, "classes": dataset.classes,
         "image_size": int(cfg.data.image_size), "channels": int(cfg.data.channels),
-        "latent_shape": [int(channels), size, size], "dtype": str(LATENT_DTYPES[str(ex.dtype)]).replace("torch.", ""),
+        "latent_shape": [geometry.in_channels, geometry.input_size, geometry.input_size], "dtype": str(LATENT_DTYPES[str(ex.dtype)]).replace("torch.", ""),
         "autoencoder": str(cfg.autoencoder.name), "autoencoder_path": str(cfg.autoencoder.get("path")),
         "scale_factor": float(cfg.autoencoder.scale_factor), "seed": int(cfg.seed),
         "source_root": str(dataset.root.resolve()), "files_sha256": _file_list_digest(dataset),
