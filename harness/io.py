@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Collection, Iterator
 
-from harness.errors import HarnessError, require
+from harness.errors import HarnessError, first_line, require
 
 
 def text_table(header: list[str], rows: list[list[str]], left: Collection[int] = ()) -> list[str]:
@@ -186,9 +186,7 @@ def read_yaml(path: str | os.PathLike):
     try:
         return OmegaConf.load(path)
     except Exception as err:  # noqa: BLE001 - yaml and OmegaConf raise many types
-        lines = [line for line in str(err).splitlines() if line.strip()]
-        raise HarnessError(f"{path} is not readable YAML ({lines[0] if lines else type(err).__name__}); "
-                           "restore it or move it aside") from None
+        raise HarnessError(f"{path} is not readable YAML ({first_line(err)}); restore it or move it aside") from None
 
 
 def read_json(path: str | os.PathLike, default: Any = None) -> Any:
