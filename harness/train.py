@@ -868,6 +868,6 @@ def format_dry_run(report: dict) -> str:
         lines.append(f"fvcore skipped   {report['unsupported_ops']}")
     if "step" in report:
         s = report["step"]
-        lines.append(f"one real step    loss {s['loss']:.4f}, forward+backward+AdamW on batch {s['batch']} "
-                     f"on the {s['device']} in {s['seconds']:.1f} s")
+        lines.append(f"one real step    loss {s['loss']:.4f}, the train step (forward, backward, AdamW, EMA) on batch "
+                     f"{s['batch']} on the {s['device']} in {s['seconds']:.1f} s")
     return "\n".join(lines)
