@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, require
 
 
 def _names_and_overrides(names: list[str] | None, overrides: list[str]) -> tuple[list[str], list[str]]:
@@ -40,15 +40,46 @@ def _flops(args: argparse.Namespace) -> int:
 
 
 def _extract_latents(args: argparse.Namespace) -> int:
-    from harness.data import extract_latents_cli
+    from harness.config import compose
+    from harness.data import extract_latents, rank_world_from_env
 
-    return extract_latents_cli(args.overrides)
+    cfg = compose(args.overrides, config_name="extract_latents")
+    rank, world_size = rank_world_from_env()
+    summary = extract_latents(cfg, cfg.out, rank, world_size)
+    print(f"extract-latents rank {rank}/{world_size}: wrote {summary['written']} shard(s), reused {summary['reused']} "
+          f"of {summary['num_shards']} in {summary['out']}")
+    if summary["complete"]:
+        print(f"latent cache complete: {summary['num_images']} images ({summary['skipped']} skipped); "
+              f"train with data=latents data.root={summary['out']}")
+    return 0
+
+
+EVAL_ARGS = ("ckpt", "out", "step")  # `harness eval` arguments that are not config keys
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from harness.evaluate import evaluate_cli
+    from harness.evaluate import evaluate_checkpoint
+    from harness.io import check_output_path
 
-    return evaluate_cli(args.overrides)
+    named, overrides = {}, []
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if sep and key in EVAL_ARGS:
+            named[key] = value
+        else:
+            overrides.append(item)
+    require("ckpt" in named, "harness eval needs ckpt=PATH (one of our checkpoints or a released DiT .pt)")
+    require(named.get("step", "0").isdigit(), f"step={named.get('step')!r} must be a non-negative integer")
+    if "out" in named:
+        check_output_path(named["out"], "out", kind="dir")
+    row = evaluate_checkpoint(named["ckpt"], overrides, run_dir=named.get("out"),
+                              step=int(named["step"]) if "step" in named else None)
+    if row is not None:  # rank 0 of a distributed evaluation
+        extra = "".join(f", {k} {row[k]:.4g}" for k in ("fid_floor", "isc", "precision", "recall") if k in row)
+        print(f"{row['fid_name']} {row['fid']:.4f} ({row['feature_extractor']}, {row['num_samples']} samples, "
+              f"{row['sampler']}, cfg {row['cfg_scale']}{extra}) at step {row['step']} -> "
+              f"{row['run_dir']}/results.jsonl")
+    return 0
 
 
 def _train_digits_cnn(args: argparse.Namespace) -> int:

@@ -641,6 +641,7 @@ def extract_latents(cfg: DictConfig, out_dir: str | os.PathLike, rank: int = 0, 
     from harness.autoencoders import build_autoencoder, check_autoencoder_source
     from harness.config import latent_geometry
 
+    require(out_dir not in (None, ""), "out is not set: give out=DIR, the directory to write the latent cache to")
     require(str(cfg.data.name) == "imagefolder", f"extract-latents reads data=imagefolder, got data={cfg.data.name}")
     require(world_size > 0 and 0 <= rank < world_size, f"rank {rank} is not in a world of {world_size}")
     ex = cfg.extract
@@ -736,19 +737,3 @@ def rank_world_from_env() -> tuple[int, int]:
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
     return 0, 1
-
-
-def extract_latents_cli(overrides: list[str]) -> int:
-    """`harness extract-latents data.root=DIR autoencoder=sd-vae-ft-ema out=DIR`: run this rank's share."""
-    from harness.config import compose
-
-    cfg = compose(list(overrides), config_name="extract_latents")
-    require(cfg.out not in (None, ""), "out is not set: give out=DIR, the directory to write the latent cache to")
-    rank, world_size = rank_world_from_env()
-    summary = extract_latents(cfg, cfg.out, rank, world_size)
-    print(f"extract-latents rank {rank}/{world_size}: wrote {summary['written']} shard(s), reused {summary['reused']} "
-          f"of {summary['num_shards']} in {summary['out']}")
-    if summary["complete"]:
-        print(f"latent cache complete: {summary['num_images']} images ({summary['skipped']} skipped); "
-              f"train with data=latents data.root={summary['out']}")
-    return 0

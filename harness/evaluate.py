@@ -40,7 +40,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from harness.config import Geometry, slug
 from harness.errors import HarnessError, require
-from harness.io import append_jsonl, atomic_torch_save, atomic_write_bytes, cache_root, check_output_path, sha256_file
+from harness.io import append_jsonl, atomic_torch_save, atomic_write_bytes, cache_root, sha256_file
 from harness.tracking import run_id
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -767,10 +767,6 @@ def evaluate_model(model: nn.Module, cfg: DictConfig, step: int, run_dir: str | 
     return row
 
 
-# Overrides of `harness eval` that are not config keys.
-_EVAL_ARGS = ("ckpt", "out", "step")
-
-
 def checkpoint_config(ckpt: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> tuple[DictConfig, dict]:
     """The config to evaluate `ckpt` (a file, or a run dir: its newest checkpoint) with, and what the file says
     about itself ({"ours", "path", "step", "run_dir"}).
@@ -841,28 +837,3 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, overrides: list[str] | tuple[st
         return evaluate_model(model, cfg, step, run_dir, dist=dist, cache_dir=cache_dir, log_fn=tracker.log_result)
     finally:
         tracker.finish()
-
-
-def evaluate_cli(overrides: list[str]) -> int:
-    """`harness eval ckpt=PATH [out=RUN_DIR] [step=N] [config overrides]`: one results row, printed."""
-    args = {}
-    rest = []
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if sep and key in _EVAL_ARGS:
-            args[key] = value
-        else:
-            rest.append(item)
-    require("ckpt" in args, "harness eval needs ckpt=PATH (one of our checkpoints or a released DiT .pt)")
-    if "step" in args:
-        require(args["step"].isdigit(), f"step={args['step']!r} must be a non-negative integer")
-    if "out" in args:
-        check_output_path(args["out"], "out", kind="dir")
-    row = evaluate_checkpoint(args["ckpt"], rest, run_dir=args.get("out"),
-                              step=int(args["step"]) if "step" in args else None)
-    if row is not None:
-        extra = "".join(f", {k} {row[k]:.4g}" for k in ("fid_floor", "isc", "precision", "recall") if k in row)
-        print(f"{row['fid_name']} {row['fid']:.4f} ({row['feature_extractor']}, {row['num_samples']} samples, "
-              f"{row['sampler']}, cfg {row['cfg_scale']}{extra}) at step {row['step']} -> "
-              f"{Path(row['run_dir']) / 'results.jsonl'}")
-    return 0

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from harness.cli import main
 from harness.config import compose
 from harness.data import (
     BatchStream,
@@ -23,7 +24,6 @@ from harness.data import (
     center_crop_arr,
     check_data_source,
     extract_latents,
-    extract_latents_cli,
     real_images_uint8,
     write_synthetic_latent_cache,
 )
@@ -320,11 +320,11 @@ def test_extraction_ranks_round_robin(extraction, tmp_path, monkeypatch):
     overrides = extraction["overrides"] + [f"out={out}"]
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert extract_latents_cli(overrides) == 0
+    assert main(["extract-latents", *overrides]) == 0
     assert sorted(p.name for p in out.glob("shard_*.pt")) == ["shard_00001.pt", "shard_00003.pt", "shard_00005.pt"]
     assert not (out / "index.json").exists()  # rank 0's shards are still missing
     monkeypatch.setenv("RANK", "0")
-    assert extract_latents_cli(overrides) == 0
+    assert main(["extract-latents", *overrides]) == 0
     assert (out / "index.json").exists()
     assert_same_cache(load_cache(extraction, out), load_cache(extraction, extraction["ref"]))
 
@@ -336,7 +336,7 @@ def test_extraction_refuses_a_different_config_in_the_same_out(extraction, tmp_p
     with pytest.raises(HarnessError, match=r"out=.*different settings.*shard_size"):
         extract_latents(cfg, out)
     with pytest.raises(HarnessError, match="out is not set"):
-        extract_latents_cli(extraction["overrides"])
+        extract_latents(compose(extraction["overrides"], config_name="extract_latents"), None)
 
 
 SLOW_EXTRACT = textwrap.dedent("""
@@ -348,8 +348,8 @@ SLOW_EXTRACT = textwrap.dedent("""
         time.sleep(0.7)
         return encode(self, *args, **kwargs)
     autoencoders.Autoencoder.encode = slow_encode
-    from harness.data import extract_latents_cli
-    sys.exit(extract_latents_cli(sys.argv[1:]))
+    from harness.cli import main
+    sys.exit(main(["extract-latents", *sys.argv[1:]]))
 """)
 
 

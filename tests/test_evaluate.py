@@ -19,13 +19,14 @@ from harness.config import compose, latent_geometry, to_yaml
 from harness.data import real_images_uint8
 from harness.errors import HarnessError
 from harness.evaluate import (DIGITS_CNN, DIGITS_WEIGHTS, INCEPTION_FILE, MAX_SAMPLES, DigitsFeatureExtractor,
-                              check_eval_config, classifier_accuracy, compute_fid, eval_labels, evaluate_cli,
+                              check_eval_config, classifier_accuracy, compute_fid, eval_labels, evaluate_checkpoint,
                               evaluate_model, generate_samples, load_digits_cnn, reference_floor,
                               to_uint8, train_digits_extractor)
 from harness.data import build_dataset
 from harness.train import InferenceForward
 
 from conftest import run_harness
+from harness.cli import main
 
 # A DiT that samples 16x16 digits in well under a second: 16 tokens, one block.
 TINY_EVAL = [
@@ -415,18 +416,18 @@ def test_eval_cli_on_our_checkpoint_and_refusals(cfg, tmp_path, fid_cache, monke
     evaluated = []
     monkeypatch.setattr("harness.evaluate.evaluate_model",
                         lambda model, *a, _real=evaluate_model, **k: evaluated.append(model) or _real(model, *a, **k))
-    assert evaluate_cli([f"ckpt={ckpt}", "eval.num_samples=16", f"eval.cache_dir={fid_cache}"]) == 0
+    assert main(["eval", f"ckpt={ckpt}", "eval.num_samples=16", f"eval.cache_dir={fid_cache}"]) == 0
     ema = torch.load(ckpt, map_location="cpu", weights_only=False)["ema"]
     assert all(torch.equal(evaluated[0].state_dict()[k], v) for k, v in ema.items())  # the EMA weights, not "model"
     (row,) = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
     assert row["step"] == 30 and row["num_samples"] == 16 and "fid_digits" in capsys.readouterr().out
     with pytest.raises(HarnessError, match="trained with another config.*model.depth"):
-        evaluate_cli([f"ckpt={ckpt}", "model.depth=2"])
+        evaluate_checkpoint(ckpt, ["model.depth=2"])
     # A released-style file (a bare state_dict) takes its config from the overrides; a mismatch is named.
     released = tmp_path / "released.pt"
     torch.save(tiny_model(run_cfg).state_dict(), released)
     with pytest.raises(HarnessError, match="released.pt"):
-        evaluate_cli([f"ckpt={released}", *TINY_EVAL, "model.hidden_size=64"])
+        evaluate_checkpoint(released, [*TINY_EVAL, "model.hidden_size=64"])
 
 
 def test_weights_files_that_are_not_weights_are_one_line_before_sampling(cfg, tmp_path):
