@@ -470,3 +470,13 @@ def test_a_trained_digits_model_scores_far_below_an_untrained_one(tmp_path, fid_
     untrained = evaluate_model(build_model(cfg.model, latent_geometry(cfg)), cfg, 0, tmp_path / "untrained")
     assert row["fid"] < 0.7 * untrained["fid"]
     assert row["fid_floor"] < row["fid"]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "harness eval needs ckpt=PATH (one of our checkpoints or a released DiT .pt)"),
+    (["ckpt=run.pt", "step=abc"], "step='abc' must be a non-negative integer"),
+    (["ckpt=/nonexistent/step_1.pt"], "ckpt=/nonexistent/step_1.pt: no such file"),
+])
+def test_eval_command_arguments_are_checked_in_one_line(args, message, capsys):
+    assert main(["eval", *args]) == 2
+    assert capsys.readouterr().err == f"harness: error: {message}\n"
