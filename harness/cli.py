@@ -97,9 +97,14 @@ def _train_digits_cnn(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from harness.sweep import launch_sweep
+    from harness.sweep import format_plan, format_status, launch_sweep, plan_sweep
 
-    return launch_sweep(args.name, args.overrides, dry_run=args.dry_run)
+    if args.dry_run:
+        print(format_plan(plan_sweep(args.name, args.overrides)))
+        return 0
+    rows = launch_sweep(args.name, args.overrides)
+    print(format_status(rows))
+    return 1 if any(r["state"] == "failed" for r in rows) else 0
 
 
 def _status(args: argparse.Namespace) -> int:

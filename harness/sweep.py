@@ -5,11 +5,11 @@ _self_]`, the values that differ from the train app, and `hydra.sweeper.params`,
 basic sweeper takes the cartesian product). Each grid point is one run in
 `hydra.sweep.dir/hydra.sweep.subdir` (default `sweeps_out/<sweep_name>/<run_name>`).
 
-`harness sweep NAME [overrides]` (`launch_sweep`):
+`harness sweep NAME [overrides]` (`launch_sweep`; `--dry-run`: `plan_sweep`, `format_plan`):
 1. composes every grid point and validates it, and checks the files it will read (data, VAE, FID
    extractor and reference); all errors are reported at once, before anything is written or submitted;
 2. checks that the sweep dir holds this sweep (`sweep.yaml`) and that no run's config changed;
-3. with `--dry-run` prints the grid, its compute, a GPU-hour estimate and one job's sbatch script;
+3. with `--dry-run` plans the grid: its compute, a GPU-hour estimate and one job's sbatch script;
 4. otherwise runs Hydra multirun with the harness launcher (`hydra_plugins/harness_launcher`). It
    skips runs that are done or whose job is still queued or running (asked of `squeue`, never of
    accounting), submits the rest (they resume from their checkpoints), records each submission in
@@ -646,9 +646,11 @@ def _fmt_hours(value) -> str:
     return "-" if value is None else f"{value:,.1f}"
 
 
-def format_plan(name: str, sweep_dir: Path, rows: list[dict], executor: str, script: str | None,
-                max_num_timeout: int | None, device: str) -> str:
-    """The dry run's table, totals, the source of the estimate (throughput on `device`) and one sbatch script."""
+def format_plan(plan: dict) -> str:
+    """A `plan_sweep` as text: the table, totals, the source of the estimate, one sbatch script and what a launch
+    from here would refuse."""
+    name, sweep_dir, rows, executor = plan["name"], plan["sweep_dir"], plan["rows"], plan["executor"]
+    script, max_num_timeout, device = plan["script"], plan["max_num_timeout"], plan["device"]
     header = ["run", "model", "patch", "tokens", "params (M)", "Gflops", "paper", "train compute", "FID samples",
               "GPUs", "GPU-h", "wall h", "action"]
     body = [[r["run"], r["model"] if r["conditioning"] == "adaln_zero" else f"{r['model']} {r['conditioning']}",
@@ -678,6 +680,9 @@ def format_plan(name: str, sweep_dir: Path, rows: list[dict], executor: str, scr
                              f"x {max_num_timeout + 1} jobs; raise hydra.launcher.timeout_min or max_num_timeout")
     if script is not None:
         lines += ["", f"sbatch script of one job ({rows[0]['run']}):", script.rstrip()]
+    if plan["problems"]:
+        lines += ["", f"not ready to launch here: {len(plan['problems'])} input problem(s)",
+                  *(f"  - {p}" for p in plan["problems"])]
     return "\n".join(lines)
 
 
@@ -704,27 +709,35 @@ def check_multirun(overrides: list[str]) -> None:
         check_grid("train -m", specs, executor_kind(base) if ours else None)
 
 
-def launch_sweep(name: str, overrides: list[str] | tuple[str, ...] = (), dry_run: bool = False) -> int:
-    """`harness sweep NAME [overrides] [--dry-run]`: 0 when nothing failed, 1 when a run of the sweep failed."""
+def plan_sweep(name: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """`harness sweep NAME --dry-run`: what a launch would do (`format_plan` prints it); nothing is written.
+
+    Keys: name, sweep_dir, executor, rows (`plan_row` per run), script (one job's sbatch script under SLURM),
+    max_num_timeout, device (of the throughput table) and problems: the input files a launch from here would
+    refuse, listed rather than refused, since the data of a cluster sweep may live on the cluster.
+    """
+    with hydra_context():
+        base, specs, executor = prepare_sweep(name, list(overrides), inputs=False)
+        sweep_dir = specs[0].sweep_dir
+        decisions = plan_runs(specs, executor, slurm_queue(strict=False) if executor == "slurm" else None)
+        table = load_throughput()
+        first = next((d.spec for d in decisions if d.submit), specs[0])
+        return {
+            "name": name, "sweep_dir": sweep_dir, "executor": executor,
+            "rows": [plan_row(d.spec, table, d) for d in decisions],
+            "script": sbatch_script(first.cfg, sweep_dir / SUBMITIT_DIR / "%j") if executor == "slurm" else None,
+            "max_num_timeout": int(base.hydra.launcher.max_num_timeout) if executor == "slurm" else None,
+            "device": table["device"], "problems": input_problems(specs),
+        }
+
+
+def launch_sweep(name: str, overrides: list[str] | tuple[str, ...] = ()) -> list[dict]:
+    """`harness sweep NAME [overrides]`: check the grid, then launch what is not done through Hydra multirun;
+    the sweep's status rows (`sweep_status`) once the launcher returns."""
     overrides = list(overrides)
     with hydra_context():
-        # A dry run plans a grid whose files may live elsewhere (data on the cluster): it lists them, a launch refuses.
-        base, specs, executor = prepare_sweep(name, overrides, inputs=not dry_run)
+        base, specs, executor = prepare_sweep(name, overrides)
         sweep_dir = specs[0].sweep_dir
-        if dry_run:
-            queue = slurm_queue(strict=False) if executor == "slurm" else None
-            decisions = plan_runs(specs, executor, queue)
-            table = load_throughput()
-            rows = [plan_row(d.spec, table, d) for d in decisions]
-            first = next((d.spec for d in decisions if d.submit), specs[0])
-            script = sbatch_script(first.cfg, sweep_dir / SUBMITIT_DIR / "%j") if executor == "slurm" else None
-            timeouts = int(base.hydra.launcher.max_num_timeout) if executor == "slurm" else None
-            print(format_plan(name, sweep_dir, rows, executor, script, timeouts, table["device"]))
-            problems = input_problems(specs)
-            if problems:
-                print(f"\nnot ready to launch here: {len(problems)} input problem(s)\n"
-                      + "\n".join(f"  - {p}" for p in problems))
-            return 0
         if executor == "slurm":
             require_slurm_commands()
             slurm_queue(strict=True)  # a controller that does not answer stops the launch before Hydra writes anything
@@ -734,9 +747,7 @@ def launch_sweep(name: str, overrides: list[str] | tuple[str, ...] = (), dry_run
         # The jobs run where they are submitted from; an absolute sweep dir keeps them independent of cwd.
         hydra_args = [*overrides, f"hydra.sweep.dir={sweep_dir}", _searchpath_override()]
         GlobalHydra.instance().hydra.multirun(config_name=name, task_function=train, overrides=hydra_args)
-    rows = sweep_status(sweep_dir)
-    print(format_status(rows))
-    return 1 if any(r["state"] == "failed" for r in rows) else 0
+    return sweep_status(sweep_dir)
 
 
 #################################################################################

@@ -74,10 +74,9 @@ def test_paper_grid_requests_gpus_and_time_per_model_size():
     assert "gpus_per_node" not in demo and demo["ntasks_per_node"] == 1 and demo["cpus_per_task"] == 1
 
 
-def test_dry_run_of_the_paper_grid_prints_12_runs_with_the_papers_gflops(tmp_path, capsys):
+def test_dry_run_of_the_paper_grid_prints_12_runs_with_the_papers_gflops(tmp_path):
     out_dir = tmp_path / "paper"
-    assert sweep.launch_sweep("paper_grid", [f"hydra.sweep.dir={out_dir}"], dry_run=True) == 0
-    text = capsys.readouterr().out
+    text = sweep.format_plan(sweep.plan_sweep("paper_grid", [f"hydra.sweep.dir={out_dir}"]))
     with open(REPO / "harness" / "reference" / "paper_table4.csv") as f:
         paper = {row["model"]: float(row["gflops"]) for row in csv.DictReader(f)}
     lines = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith("latents-DiT-")}
@@ -91,9 +90,8 @@ def test_dry_run_of_the_paper_grid_prints_12_runs_with_the_papers_gflops(tmp_pat
     assert "#SBATCH --gpus-per-node=1" in text and "submitit.core._submit" in text
     assert not out_dir.exists()                               # nothing written, nothing submitted
     # Not the paper's architecture (MLP ratio 2): no paper number beside ours.
-    assert sweep.launch_sweep("paper_grid", [f"hydra.sweep.dir={out_dir}", "model.mlp_ratio=2"], dry_run=True) == 0
-    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("latents-DiT-")]
-    assert len(rows) == 12 and not any(cells[6].replace(".", "").isdigit() for cells in rows)
+    plan = sweep.plan_sweep("paper_grid", [f"hydra.sweep.dir={out_dir}", "model.mlp_ratio=2"])
+    assert len(plan["rows"]) == 12 and all(row["paper_gflops"] is None for row in plan["rows"])
 
 
 def test_unknown_sweep_lists_the_sweeps():
@@ -128,7 +126,7 @@ def test_invalid_points_are_all_listed_before_anything_is_written(tmp_path):
     assert "  - model=mini-S/4: model.hidden_size=30 is not divisible" in str(err.value)
 
 
-def test_a_grid_whose_data_is_missing_is_refused_before_anything_is_submitted(tmp_path, capsys):
+def test_a_grid_whose_data_is_missing_is_refused_before_anything_is_submitted(tmp_path):
     out_dir = tmp_path / "nodata"
     overrides = [*TINY_GRID, "data=latents", f"data.root={tmp_path / 'no_cache'}", "eval.every=null",
                  "launcher=local", f"hydra.sweep.dir={out_dir}"]
@@ -138,8 +136,7 @@ def test_a_grid_whose_data_is_missing_is_refused_before_anything_is_submitted(tm
                               "written by harness extract-latents) (nothing was submitted)")
     assert not out_dir.exists()
     # A dry run plans it all the same (the data may live on the cluster) and says a launch here would refuse.
-    assert sweep.launch_sweep("demo", overrides, dry_run=True) == 0
-    text = capsys.readouterr().out
+    text = sweep.format_plan(sweep.plan_sweep("demo", overrides))
     assert "not ready to launch here: 1 input problem(s)" in text and "is not a directory" in text
     assert not out_dir.exists()
 
@@ -188,7 +185,7 @@ def test_no_sbatch_on_path_with_the_slurm_launcher(tmp_path, monkeypatch):
 def test_a_sweep_dir_of_another_sweep_is_refused(tmp_path):
     (tmp_path / sweep.SWEEP_RECORD).write_text("name: paper_grid\n")
     with pytest.raises(HarnessError, match=r"holds the sweep 'paper_grid', not 'demo'"):
-        sweep.launch_sweep("demo", [*TINY_GRID, f"hydra.sweep.dir={tmp_path}"], dry_run=True)
+        sweep.plan_sweep("demo", [*TINY_GRID, f"hydra.sweep.dir={tmp_path}"])
 
 
 def test_a_run_whose_config_changed_is_refused(tmp_path):
@@ -198,7 +195,7 @@ def test_a_run_whose_config_changed_is_refused(tmp_path):
     spec.run_dir.mkdir(parents=True)
     (spec.run_dir / "config.yaml").write_text(to_yaml(sweep.task_config(spec.cfg)).replace("lr: 0.001", "lr: 0.002"))
     with pytest.raises(HarnessError, match=r"different config.*\n.*trainer.lr: 0.002 -> 0.001"):
-        sweep.launch_sweep("demo", [*TINY_GRID, f"hydra.sweep.dir={tmp_path}"], dry_run=True)
+        sweep.plan_sweep("demo", [*TINY_GRID, f"hydra.sweep.dir={tmp_path}"])
 
 
 def test_plan_skips_done_and_queued_runs_and_resumes_the_rest(tmp_path):
@@ -265,17 +262,17 @@ def test_local_launcher_waits_boundedly_and_skips_runs_that_are_running_or_done(
     args = [*TINY_GRID, "model.patch_size=8", "trainer.max_steps=40", "trainer.ckpt_every=20",
             f"hydra.sweep.dir={tmp_path}", "hydra.launcher.wait_s=1", "hydra.launcher.poll_s=0.2"]
     run_dir = tmp_path / "digits-custom-d2-h32-8-adaln_zero"
-    assert sweep.launch_sweep("demo", args) == 0       # returns after ~1 s with the run still going
+    assert [r["state"] for r in sweep.launch_sweep("demo", args)] == ["running"]  # back after ~1 s, the run going on
     out = capsys.readouterr().out
     assert "1 of 1 runs to submit (local)" in out and "stopped waiting after 1 s" in out
     pid = json.loads((tmp_path / sweep.SUBMISSIONS).read_text())["job_id"]
-    assert sweep.launch_sweep("demo", args) == 0
+    sweep.launch_sweep("demo", args)
     assert f"skip (job {pid} is running)" in capsys.readouterr().out
     deadline = time.time() + 120
     while (read_json(run_dir / "run_state.json", {}) or {}).get("state") != "done":
         assert time.time() < deadline, "the local run did not finish"
         time.sleep(0.5)
-    assert sweep.launch_sweep("demo", args) == 0
-    out = capsys.readouterr().out
-    assert "skip (done at step 40)" in out and "1 run: 1 done" in out
+    rows = sweep.launch_sweep("demo", args)
+    assert "skip (done at step 40)" in capsys.readouterr().out
+    assert "1 run: 1 done" in sweep.format_status(rows)
     assert len((tmp_path / sweep.SUBMISSIONS).read_text().splitlines()) == 1
