@@ -165,6 +165,49 @@ def test_predict_fid_interval_covers_the_truth_and_widens_outside_the_grid():
         report.predict_fid(fit, 0.0)
 
 
+def test_prediction_interval_and_bootstrap_by_hand():
+    """The interval is the t-based regression prediction interval; the CIs are the bootstrap's 2.5/97.5% quantiles."""
+    from scipy import stats
+
+    rng = np.random.default_rng(3)
+    gflops = np.geomspace(0.5, 80, 9)
+    fid = 60 * gflops**-0.3 * 10 ** rng.normal(0, 0.05, gflops.size)
+    fit = report.fit_power_law(gflops, fid, n_boot=500, seed=4)
+    x, y = np.log10(gflops), np.log10(fid)
+    n, s = len(x), np.sqrt(((y - (fit.intercept + fit.slope * x)) ** 2).sum() / (len(x) - 2))
+    assert fit.resid_std == pytest.approx(s, rel=1e-12)
+    x0 = np.log10(200.0)
+    half = stats.t.ppf(0.975, n - 2) * s * np.sqrt(1 + 1 / n + (x0 - x.mean()) ** 2 / ((x - x.mean()) ** 2).sum())
+    y0 = fit.intercept + fit.slope * x0
+    assert report.predict_fid(fit, 200.0) == pytest.approx((10**y0, 10 ** (y0 - half), 10 ** (y0 + half)), rel=1e-9)
+    idx = np.random.default_rng(4).integers(0, n, size=(500, n))
+    slopes = [np.polyfit(x[i], y[i], 1)[0] for i in idx if np.ptp(x[i]) > 0]
+    assert fit.slope_ci == pytest.approx(tuple(np.quantile(slopes, [0.025, 0.975])), rel=1e-6)
+
+
+def test_default_step_is_the_last_every_finished_run_reached():
+    rows = [{"run_path": run, "state": "done", "step": step, "fid": 10.0 - step / 10}
+            for run, steps in (("a", (10, 20)), ("b", (10, 20, 40))) for step in steps]
+    assert report.default_step(pd.DataFrame(rows))[0] == 20
+
+
+def test_labels_of_one_model_in_two_sweeps_name_the_sweep():
+    df = pd.DataFrame([{"run_path": f"/s/{sweep}/run", "model": "mini-S/4", "conditioning": "adaln_zero",
+                        "sweep": sweep, "sweep_dir": f"/s/{sweep}"} for sweep in ("a", "b")])
+    assert list(report._config_labels(df)) == ["mini-S/4 (a)", "mini-S/4 (b)"]
+
+
+def test_frontier_per_fid_kind_keeps_the_best_of_equal_budgets():
+    rows = [{"train_compute_flops": c, "fid": f, "fid_name": kind, "config": f"{kind}-{c}-{f}", "step": 1}
+            for kind, points in (("fid_digits", [(1e12, 5.0), (1e12, 3.0), (2e12, 4.0), (3e12, 2.0)]),
+                                 ("fid_inception", [(1e12, 50.0), (4e12, 30.0)]))
+            for c, f in points]
+    front = report.compute_frontier(pd.DataFrame(rows))
+    digits, inception = (front[front["fid_name"] == k] for k in ("fid_digits", "fid_inception"))
+    assert list(zip(digits["train_compute_flops"], digits["fid"])) == [(1e12, 3.0), (3e12, 2.0)]
+    assert list(zip(inception["train_compute_flops"], inception["fid"])) == [(1e12, 50.0), (4e12, 30.0)]
+
+
 @pytest.mark.parametrize("gflops, fid, match", [
     ([1.0, 2.0], [10.0, 5.0], "at least 3"),
     ([1.0, 2.0, -3.0], [10.0, 5.0, 3.0], "positive"),
