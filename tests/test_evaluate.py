@@ -157,6 +157,19 @@ def test_an_image_folder_with_a_held_out_root_has_a_floor(tmp_path):
     assert floor is not None and 0 < floor < 50
 
 
+def test_reference_statistics_are_cached_per_reference_setting(cfg, digits, tmp_path):
+    """A reference of another limit, split seed or held-out fraction is computed anew, never read from the cache."""
+    _, held = digits
+    cache = tmp_path / "cache"
+    fids = {}
+    for overrides in ([], ["eval.reference_limit=200"], ["data.split_seed=1"], ["data.held_out_fraction=0.3"]):
+        other = compose([*TINY_EVAL, *overrides])
+        fids[tuple(overrides)] = compute_fid(held, other.eval, other.data, cache_dir=cache)["fid"]
+    assert len(set(fids.values())) == 4, fids
+    stats = [p for p in cache.iterdir() if p.name.endswith("stat-fid-penultimate.pt")]
+    assert len(stats) == 4
+
+
 def test_npz_statistics_give_the_same_fid_as_computed_ones(cfg, digits, fid_cache, tmp_path):
     train, held = digits
     extractor = DigitsFeatureExtractor(DIGITS_CNN, ["penultimate"])
@@ -232,6 +245,8 @@ def test_balanced_labels_are_balanced_and_seeded():
     # The remainder goes to seed-chosen classes, not always to the first ones.
     extras = {tuple(eval_labels(25, 10, "balanced", s).bincount().eq(3).nonzero().flatten().tolist()) for s in range(4)}
     assert len(extras) > 1
+    first = eval_labels(1000, 10, "balanced", 0)[:100]  # shuffled: a seeded batch is not one class
+    assert first.unique().numel() == 10
     uniform = eval_labels(1000, 10, "uniform", 0)
     assert uniform.min() >= 0 and uniform.max() < 10 and uniform.bincount().max() - uniform.bincount().min() > 1
 
@@ -342,10 +357,13 @@ def _gather_worker(rank, world_size, port, cfg_yaml, state, out):
 def test_ddp_ranks_gather_the_same_samples_as_one_process(cfg, tmp_path):
     from harness.autoencoders import build_autoencoder
 
-    # 3 batches of 8 over 2 ranks: rank 1 sits out the last round, which must still gather.
+    # 20 samples in batches of 8 over 2 ranks: the last batch holds 4, and rank 1 sits out that round, which must
+    # still gather (and trim the padding).
     model = tiny_model(cfg)
+    cfg = compose([*TINY_EVAL, "eval.num_samples=20"])
     expected = generate_samples(model, cfg.diffusion, build_autoencoder(cfg.autoencoder, cfg.data), cfg.eval,
                                 latent_geometry(cfg), "cpu")
+    assert expected.shape == (20, 1, 16, 16)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -373,7 +391,10 @@ def test_evaluate_model_appends_a_complete_row(cfg, tmp_path, fid_cache, monkeyp
     assert set(expected) <= set(row)
     assert row["fid_name"] == "fid_digits" and row["num_samples"] == 24 and row["tokens"] == 16
     assert row["train_compute_flops"] == pytest.approx(row["gflops"] * 1e9 * row["global_batch_size"] * 10 * 3)
-    assert (tmp_path / "run" / "samples" / "step_0000010.png").stat().st_size > 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "run" / "samples" / "step_0000010.png") as grid:  # 24 of 16px, 5 a row, 1px apart
+        assert grid.size == (5 * 17 + 1, 5 * 17 + 1)
     arr = np.load(tmp_path / "run" / "samples" / "step_0000010.npz")["arr_0"]
     assert arr.shape == (24, 16, 16, 1) and arr.dtype == np.uint8
     # Same checkpoint and seed: the same FID.
