@@ -65,6 +65,9 @@ def test_paper_grid_matches_table4(paper_grid):
         assert row["tokens"] == (32 // int(ref["patch"])) ** 2
         assert row["paper_gflops"] == float(ref["gflops"])
         assert abs(row["diff_pct"]) < 0.5
+        rounding = 100 * 5e-5 / row["paper_gflops"]  # the table's Gflops are rounded to 4 decimals, diff_pct is not
+        assert row["diff_pct"] == pytest.approx(100 * (row["gflops"] - row["paper_gflops"]) / row["paper_gflops"],
+                                                abs=rounding + 1e-3)
 
 
 def test_conditioning_variants_match_ablation(ablation):
@@ -141,6 +144,35 @@ def test_small_config_counts_and_torn_cache(tmp_path, monkeypatch):
     assert counted["flops"] == block + embed + final + norms
     assert counted["tokens"] == 4
     assert json.loads((tmp_path / "flops.json").read_text())["version"] == flops.COUNTER_VERSION
+
+
+def test_the_cache_is_keyed_by_architecture_version_and_conf(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path))
+    small = ["model=custom", "model.depth=1", "model.hidden_size=16", "model.num_heads=2", "model.patch_size=4",
+             "data.image_size=8"]
+    counts = {}
+    for ratio in (2, 4):  # one cache, two MLP ratios: two counts, each the uncached one
+        cfg = compose([*small, f"model.mlp_ratio={ratio}"])
+        counts[ratio] = count_flops(cfg.model, latent_geometry(cfg))["flops"]
+        assert counts[ratio] == count_flops(cfg.model, latent_geometry(cfg), use_cache=False)["flops"]
+    assert counts[2] < counts[4]
+    # A count cached by another counter version is not trusted.
+    cache = json.loads((tmp_path / "flops.json").read_text())
+    key = next(iter(cache["counts"]))
+    cache["version"] = flops.COUNTER_VERSION - 1
+    cache["counts"][key] = {**cache["counts"][key], "flops": 999, "gflops": 999}
+    (tmp_path / "flops.json").write_text(json.dumps(cache))
+    cfg = compose([*small, f"model.mlp_ratio={json.loads(key)['mlp_ratio']:g}"])
+    assert count_flops(cfg.model, latent_geometry(cfg))["flops"] != 999
+    # Table rows are recomposed once anything under conf/ changes.
+    flops_table(["mini-S/8"], [])
+    composed = []
+    monkeypatch.setattr(flops, "compose", lambda overrides, _real=flops.compose: composed.append(1) or _real(overrides))
+    flops_table(["mini-S/8"], [])
+    assert composed == []
+    monkeypatch.setattr(flops, "_conf_fingerprint", lambda: "conf changed")
+    flops_table(["mini-S/8"], [])
+    assert composed == [1]
 
 
 @pytest.mark.parametrize("conditioning", ["adaln_zero", "adaln", "cross_attention", "in_context"])
