@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import time
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -217,6 +218,10 @@ def test_plan_skips_done_and_queued_runs_and_resumes_the_rest(tmp_path):
     queue = {"9": {"name": sweep.job_name(queued.cfg), "state": "RUNNING",
                    "command": str(tmp_path / sweep.SUBMITIT_DIR / "9" / "submission.sh")}}
     assert sweep.plan_runs(specs, "slurm", queue)[1].reason == "job 9 is running"
+    # A run that failed before its first checkpoint is retried from scratch.
+    (interrupted.run_dir / "checkpoints" / "step_0000010.pt").unlink()
+    (interrupted.run_dir / "run_state.json").write_text(json.dumps({"state": "failed", "step": 3}))
+    assert sweep.plan_runs(specs, "slurm", {})[2].reason == "retry (failed before its first checkpoint)"
     # More steps than the finished run had: it continues.
     longer = grid("demo", [*TINY_GRID, "trainer.max_steps=40", f"hydra.sweep.dir={tmp_path}"])
     assert sweep.plan_runs(longer[:1], "slurm", {})[0].reason == "resume from step 20"
@@ -236,6 +241,50 @@ def test_status_of_a_sweep_dir(tmp_path):
     assert "RuntimeError: CUDA error: an illegal memory access" in text   # a failed run shows its error
     with pytest.raises(HarnessError, match="holds no runs"):
         sweep.sweep_status(tmp_path)
+
+
+@pytest.mark.parametrize("queue_state, saved, requeues, expected", [
+    ("PENDING", "preempted", 1, "requeued"), ("PENDING", "running", 0, "pending"), ("RUNNING", "running", 0, "running"),
+    (None, "preempted", 1, "interrupted"), (None, "failed", 0, "failed"), (None, "done", 0, "done"),
+])
+def test_status_of_a_slurm_run_from_its_state_and_the_queue(tmp_path, monkeypatch, queue_state, saved, requeues,
+                                                             expected):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_state.json").write_text(json.dumps({"state": saved, "step": 5, "slurm_job_id": "7",
+                                                     "requeues": requeues}))
+    (tmp_path / sweep.SUBMISSIONS).write_text(json.dumps({"run_name": "run", "executor": "slurm", "job_id": "7"}) + "\n")
+    queue = {"7": {"name": "run", "state": queue_state, "command": ""}} if queue_state else {}
+    monkeypatch.setattr(sweep, "slurm_queue", lambda strict=True: queue)
+    (row,) = sweep.sweep_status(tmp_path)
+    assert row["state"] == expected
+
+
+def test_two_points_sharing_a_run_dir_are_refused():
+    specs = grid("demo", [*TINY_GRID, "run_name=same"])
+    with pytest.raises(HarnessError, match="share the run dir .*/same; put the swept key into run_name"):
+        sweep.check_grid("demo", specs, "local", inputs=False)
+
+
+def test_gpu_hours_wall_hours_and_requeues_of_a_planned_run(tmp_path):
+    (spec,) = grid("paper_grid", ["model=DiT-XL/2", f"hydra.sweep.dir={tmp_path}"])
+    table = {"device": "H100", "devices": {"H100": {"peak_tflops": 1000.0, "train_mfu": 0.5, "sample_mfu": 0.25}},
+             "measured": {}, "bench_log": None}
+    row = sweep.plan_row(spec, table)
+    train_rate = 1000e12 * 0.5 / (2 * 3 * row["gflops"] * 1e9)
+    sample_rate = 1000e12 * 0.25 / (2 * row["gflops"] * 1e9)
+    assert row["train_gpu_hours"] == pytest.approx(400_000 * 256 / train_rate / 3600)
+    assert row["eval_gpu_hours"] == pytest.approx(8 * 50_000 * 250 / sample_rate / 3600)  # 8 evaluations, no guidance
+    assert row["gpus"] == 8 and row["wall_hours"] == pytest.approx(row["gpu_hours"] / 8)
+    assert row["requeues_needed"] == math.ceil(row["wall_hours"] * 60 / row["timeout_min"]) - 1
+
+
+def test_local_runs_share_the_cores(monkeypatch):
+    monkeypatch.setattr(sweep.os, "cpu_count", lambda: 16)
+    (gpu_run,) = grid("demo", ["model=mini-S/8", "trainer.device=cuda", "hydra.launcher.cpus_per_task=null"])
+    assert sweep.local_parallelism(gpu_run.cfg) == (1, 16)      # GPU runs one at a time
+    (cpu_run,) = grid("demo", ["model=mini-S/8", "hydra.launcher.cpus_per_task=4"])
+    assert sweep.local_parallelism(cpu_run.cfg) == (4, 4)      # CPU runs side by side, 4 threads each
 
 
 def test_throughput_comes_from_the_table_the_bench_log_or_an_assumed_mfu(tmp_path):
