@@ -37,6 +37,14 @@ def test_bench_writes_every_field_positive(tmp_path):
     assert result["peak_tflops_datasheet"] is None  # a CPU has no datasheet entry
     logged = [json.loads(line) for line in log.read_text().splitlines()]
     assert logged[-1]["train"]["images_per_s"] == result["train"]["images_per_s"]
+    # The flops of each measurement: a training step is 3 forwards, a guided sampling step a doubled batch.
+    gflops, train = result["gflops"], result["train"]
+    assert train["tflops"] == pytest.approx(achieved_tflops(gflops, train["images_per_s"], 3.0))
+    for name, passes in (("no_guidance", 1.0), ("cfg_1.5", 2.0)):
+        step = result["sample"][name]
+        assert step["tflops"] == pytest.approx(achieved_tflops(gflops, step["images_per_s"], passes))
+        assert step["images_per_s_250_steps"] == pytest.approx(step["images_per_s"] / 250)
+        assert step["fid50k_sampling_hours"] == pytest.approx(50_000 / step["images_per_s_250_steps"] / 3600)
 
 
 def test_bench_cli_takes_overrides_after_what_and_checks_the_log_first(tmp_path, capsys):

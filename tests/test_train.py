@@ -373,6 +373,8 @@ def test_a_run_dir_that_is_a_file_is_one_line(tmp_path):
     ("data.image_size=abc", "data.image_size must be a positive integer, got 'abc'"),
     ("trainer.ema_decay=1.0", "trainer.ema_decay must be a number in [0, 1), got 1.0"),
     ("eval.cfg_scale=0.5", "eval.cfg_scale must be a number >= 1 (1 = no guidance), got 0.5"),
+    ("trainer.ckpt_milestones=[0]", "trainer.ckpt_milestones must be a list of positive integers, got [0]"),
+    ("eval.ddim_eta=-1", "eval.ddim_eta must be a number >= 0, got -1"),
 ])
 def test_a_value_of_the_wrong_type_or_range_names_its_key(override, message):
     with pytest.raises(HarnessError) as err:
