@@ -25,6 +25,7 @@ from harness.data import (
     check_data_source,
     extract_latents,
     real_images_uint8,
+    _subset,
     write_synthetic_latent_cache,
 )
 from harness.errors import HarnessError
@@ -61,6 +62,11 @@ def test_digits_shapes_range_and_stratified_split():
     assert ref.dtype == torch.uint8 and ref.shape == (360, 1, 16, 16)
     assert torch.allclose(ref.float() / 127.5 - 1.0, held.images, atol=1.0 / 255 + 1e-6)
     assert real_images_uint8(data_cfg(), "train", limit=100).shape == (100, 1, 16, 16)
+    # A limit takes a fixed spread of the split, not its first images (which would be the first classes).
+    spread = _subset(1437, 100)
+    assert torch.equal(spread, _subset(1437, 100)) and torch.equal(spread, spread.sort().values)
+    assert spread.max() > 1000 and not torch.equal(spread, torch.arange(100))
+    assert len(build_dataset(data_cfg("data.held_out_fraction=0.5"), "held_out")) == 899  # ceil(1797 / 2)
 
 
 def test_digits_split_is_seeded_and_scaling_exact_at_8px():
@@ -100,6 +106,10 @@ def test_adm_center_crop():
     out = center_crop_arr(Image.fromarray(pixels), 60)
     rows, cols = np.nonzero(out[:, :, 0] > 127)
     assert (rows.min(), rows.max(), cols.min(), cols.max()) == (20, 39, 20, 39)
+    # A short side of exactly twice the target is halved with BOX (ADM's >=), then only cropped.
+    wide = rng.integers(0, 255, (512, 640, 3), dtype=np.uint8)
+    halved = np.array(Image.fromarray(wide).resize((320, 256), resample=Image.BOX))
+    assert np.array_equal(center_crop_arr(Image.fromarray(wide), 256), halved[:, 32:288])
     # An image already at the target size is untouched.
     same = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
     assert np.array_equal(center_crop_arr(Image.fromarray(same), 32), same)
@@ -211,6 +221,9 @@ def test_batch_stream_resume_mid_epoch_with_flips():
     plain = take(BatchStream(ds, 32, seed=1, hflip=False), 1)[0][0]
     mirrored = [not torch.equal(a, b) for a, b in zip(full[0][0], plain)]
     assert 0 < sum(mirrored) < 32
+    plan = BatchStream(ds, 32, seed=1, hflip=True).plan  # half of the samples, drawn per sample
+    flips = torch.cat([plan.slice(0, position)[1] for position in range(0, 320, 32)])
+    assert 0.4 < flips.float().mean() < 0.6
 
 
 def test_batch_stream_rank_slices_equal_single_process():
@@ -413,6 +426,31 @@ def test_corrupt_or_missing_shard_is_named(extraction, tmp_path):
     (out / "shard_00002.pt").unlink()
     with pytest.raises(HarnessError, match=r"missing latent shard .*shard_00002\.pt"):
         load_cache(extraction, out)
+
+
+def test_checksums_are_verified_unless_switched_off(extraction, monkeypatch):
+    import harness.data as data
+
+    def unreadable(path):
+        raise AssertionError(f"checksummed {path}")
+
+    monkeypatch.setattr(data, "sha256_file", unreadable)
+    with pytest.raises(AssertionError, match="checksummed"):
+        load_cache(extraction, extraction["ref"])
+    cfg = latents_cfg(extraction, extraction["ref"], "data.verify_checksums=false")
+    assert len(build_dataset(cfg.data, "train", cfg.autoencoder)) == 12
+
+
+def test_batch_stream_resumed_in_place_drops_the_prefetched_batches(tmp_path):
+    """On the DataLoader path (image folders), loading a state mid-stream restarts the loader there."""
+    ds = build_dataset(folder_cfg(make_image_folder(tmp_path / "img", classes=2, per_class=6, size=32)))
+    full = take(BatchStream(ds, 3, seed=2, hflip=True), 4)
+    stream = BatchStream(ds, 3, seed=2, hflip=True)
+    take(stream, 1)
+    state = stream.state_dict()
+    take(stream, 2)
+    stream.load_state_dict(state)
+    assert all(torch.equal(x, fx) and torch.equal(y, fy) for (x, y), (fx, fy) in zip(take(stream, 3), full[1:]))
 
 
 def test_data_source_check_reads_no_image_and_no_shard(tmp_path):
