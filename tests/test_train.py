@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -190,10 +191,18 @@ def test_run_dir_with_a_different_config_is_refused(tmp_path):
         train(compose([*TINY, "model.depth=3", "trainer.max_steps=2"]), tmp_path)
     # Extending the run is the same run.
     assert train(compose([*TINY, "trainer.max_steps=4", "trainer.ckpt_every=2"]), tmp_path)["step"] == 4
-    # Overwrite moves the old run aside instead of deleting it.
+    # Overwrite moves the old run aside instead of deleting it; Hydra's records, logs and earlier overwrites stay.
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / "train.log").write_text("log")
+    (tmp_path / "overwritten-earlier").mkdir()
+    signals = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR2)}
     train(compose([*TINY, "model.depth=3", "trainer.max_steps=2", "on_config_change=overwrite"]), tmp_path)
-    aside = list(tmp_path.glob("overwritten-*"))
-    assert aside and list((aside[0] / "checkpoints").glob("step_*.pt"))
+    assert {signum: signal.getsignal(signum) for signum in signals} == signals  # the handlers are put back
+    (aside,) = [p for p in tmp_path.glob("overwritten-*") if p.name != "overwritten-earlier"]
+    assert list((aside / "checkpoints").glob("step_*.pt"))
+    assert {"config.yaml", "run_state.json", "metrics.jsonl"} <= {p.name for p in aside.iterdir()}
+    assert not {".hydra", "train.log", "overwritten-earlier"} & {p.name for p in aside.iterdir()}
+    assert all((tmp_path / name).exists() for name in (".hydra", "train.log", "overwritten-earlier"))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
@@ -399,3 +408,69 @@ def test_checkpoint_listing_takes_only_the_harness_names(tmp_path):
         (tmp_path / "checkpoints" / name).write_bytes(b"")
     assert [checkpoint_step(p) for p in list_checkpoints(tmp_path)] == [2, 10]
     assert newest_checkpoint_step(tmp_path) == 10 and newest_checkpoint_step(tmp_path / "none") is None
+
+
+def test_resume_takes_optimizer_settings_from_the_config_and_restores_the_rngs(tmp_path):
+    from harness.data import BatchStream, build_dataset
+    from harness.train import build_training, resume_from_checkpoint
+
+    cfg = compose([*TINY, "trainer.max_steps=2", "trainer.ckpt_every=2"])
+    train(cfg, tmp_path)
+    saved = torch.load(list_checkpoints(tmp_path)[-1], map_location="cpu", weights_only=False)
+    changed = compose([*TINY, "trainer.lr=3e-3", "trainer.weight_decay=0.5", "trainer.betas=[0.5,0.6]"])
+    model, ema, opt, _ = build_training(changed, torch.device("cpu"))
+    stream = BatchStream(build_dataset(changed.data, "train"), 8)
+    torch.manual_seed(123)
+    assert resume_from_checkpoint(tmp_path, model, ema, opt, stream, changed.trainer, say=lambda text: None) == 2
+    group = opt.param_groups[0]
+    assert (group["lr"], group["weight_decay"], group["betas"]) == (3e-3, 0.5, (0.5, 0.6))
+    assert torch.equal(torch.get_rng_state(), saved["rng"]["torch"])
+    assert stream.state_dict() == saved["data_state"]
+
+
+def test_run_state_counts_slurm_requeues(tmp_path, monkeypatch):
+    from harness.train import write_run_state
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    write_run_state(tmp_path, "running", 1, 2)
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
+    write_run_state(tmp_path, "preempted", 2, 2)  # a later write without the variable keeps the count
+    state = json.loads((tmp_path / "run_state.json").read_text())
+    assert (state["state"], state["requeues"], state["slurm_job_id"]) == ("preempted", 3, "77")
+
+
+SIGNAL_SCRIPT = """
+import os, signal, sys
+from harness.train import PreemptionFlag
+signal.signal(signal.SIGUSR2, lambda *a: print("requeue", flush=True))  # as submitit's handler would
+flag = PreemptionFlag()
+os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+print("raised", flag.raised, flag.requeues, flush=True)
+if sys.argv[2] == "again":
+    os.kill(os.getpid(), signal.SIGTERM)
+    print("still here", flush=True)
+flag.requeue_or_exit()
+"""
+
+
+@pytest.mark.parametrize("first, then, status, lines", [
+    ("SIGUSR2", "exit", 0, ["raised True True", "requeue"]),           # preempted: submitit requeues
+    ("SIGTERM", "exit", 143, ["raised True False"]),                    # stopped: no requeue
+    ("SIGTERM", "again", -signal.SIGTERM, ["raised True False"]),       # a second SIGTERM stops at once
+])
+def test_preemption_flag_requeues_on_sigusr2_and_stops_on_sigterm(first, then, status, lines):
+    done = subprocess.run([sys.executable, "-c", SIGNAL_SCRIPT, first, then], cwd=REPO, env=harness_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == status, done.stderr
+    assert done.stdout.splitlines() == lines
+
+
+def test_a_logged_loss_is_the_mean_of_its_window(tmp_path):
+    rows = {}
+    for every in (1, 5):
+        train(compose([*TINY, "trainer.max_steps=10", "trainer.ckpt_every=10", f"trainer.log_every={every}"]),
+              tmp_path / str(every))
+        rows[every] = [json.loads(line) for line in (tmp_path / str(every) / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "mse", "vb"):
+        assert rows[5][1][key] == pytest.approx(np.mean([r[key] for r in rows[1][5:10]]), rel=1e-5)
