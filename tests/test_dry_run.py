@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import run_harness
-from harness.config import compose
+from harness.config import compose, with_paper_setting
 from harness.cli import main
 from harness.train import dry_run, estimate_training_memory, format_dry_run
 
@@ -36,7 +36,30 @@ def test_memory_estimate_by_hand():
     fp32 = estimate_training_memory(10**6, 2, 16, 64, 4, "fp32", False)
     assert fp32["activations_gb"] == pytest.approx(2 * m["activations_gb"])
     ckpt = estimate_training_memory(10**6, 2, 16, 64, 4, "bf16", True)
-    assert ckpt["activations_gb"] < m["activations_gb"]
+    # Checkpointing keeps each block's input (T x d) and one block's activations for the recomputation.
+    assert ckpt["activations_gb"] == pytest.approx((2 * 16 * 64 * 2 * 4 + 20 * 16 * 64 * 2 * 4) / 2**30)
+
+
+def test_the_dry_run_estimates_memory_per_gpu():
+    report = dry_run(["model=mini-S/4", "trainer.global_batch_size=64", "trainer.gpus=4"], take_step=False)
+    assert report["batch_per_gpu"] == 16 and report["precision"] == "bf16"  # the estimate is for a GPU
+    cfg = compose(["model=mini-S/4"])
+    assert report["memory"] == estimate_training_memory(report["params"], cfg.model.depth, report["tokens"],
+                                                        cfg.model.hidden_size, 16, "bf16", False)
+
+
+def test_the_paper_setting_is_added_only_to_a_paper_model_alone():
+    assert with_paper_setting(["model=DiT-S/8"]) == ["experiment=imagenet256", "model=DiT-S/8"]
+    for chosen in (["autoencoder=identity"], ["data=digits"], ["+experiment=imagenet512"], ["experiment=imagenet512"]):
+        assert with_paper_setting(["model=DiT-XL/2", *chosen]) == ["model=DiT-XL/2", *chosen]
+    assert with_paper_setting(["model=mini-S/2"]) == ["model=mini-S/2"]
+
+
+def test_an_unknown_flag_is_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["dry-run", "--no-step", "--bogus=1"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "harness: error: unrecognized arguments: --bogus=1 (see harness --help)\n"
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -319,6 +319,21 @@ def test_load_our_checkpoint_picks_ema_or_model(tmp_path):
     torch.testing.assert_close(dst.state_dict(), ema.state_dict())
     load_weights(path, dst, which="model")
     torch.testing.assert_close(dst.state_dict(), raw.state_dict())
+    only_raw = tmp_path / "raw_only.pt"
+    torch.save({"model": raw.state_dict(), "step": 1}, only_raw)
+    with pytest.raises(HarnessError, match="has no 'ema' weights"):  # never the raw weights in their place
+        load_weights(only_raw, dst)
+    with pytest.raises(HarnessError, match="which='last' is not one of ema, model"):
+        load_weights(path, dst, which="last")
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_load_weights_saved_from_ddp_or_compiled_models(tmp_path, prefix):
+    src = perturb(tiny(), seed=4)
+    torch.save({prefix + key: value for key, value in src.state_dict().items()}, tmp_path / "wrapped.pt")
+    dst = tiny()
+    load_weights(tmp_path / "wrapped.pt", dst)
+    torch.testing.assert_close(dst.state_dict(), src.state_dict())
 
 
 def test_load_into_meta_model(tmp_path):
@@ -385,6 +400,7 @@ def model_cfg(**kw):
     (dict(hidden_size=0), ["model.hidden_size", "positive"]),
     (dict(patch_size=0), ["model.patch_size", "positive"]),
     (dict(class_dropout_prob=1.5), ["model.class_dropout_prob"]),
+    (dict(hidden_size=6, num_heads=1), ["model.hidden_size=6", "multiple of 4"]),
 ])
 def test_check_model_config_rejects(kw, words):
     with pytest.raises(HarnessError) as err:

@@ -384,6 +384,7 @@ def test_a_run_dir_that_is_a_file_is_one_line(tmp_path):
     ("eval.cfg_scale=0.5", "eval.cfg_scale must be a number >= 1 (1 = no guidance), got 0.5"),
     ("trainer.ckpt_milestones=[0]", "trainer.ckpt_milestones must be a list of positive integers, got [0]"),
     ("eval.ddim_eta=-1", "eval.ddim_eta must be a number >= 0, got -1"),
+    ("trainer.lr=true", "trainer.lr must be a number > 0, got True"),
 ])
 def test_a_value_of_the_wrong_type_or_range_names_its_key(override, message):
     with pytest.raises(HarnessError) as err:
@@ -474,3 +475,15 @@ def test_a_logged_loss_is_the_mean_of_its_window(tmp_path):
         rows[every] = [json.loads(line) for line in (tmp_path / str(every) / "metrics.jsonl").read_text().splitlines()]
     for key in ("loss", "mse", "vb"):
         assert rows[5][1][key] == pytest.approx(np.mean([r[key] for r in rows[1][5:10]]), rel=1e-5)
+
+
+def test_harness_train_flags_with_values_and_the_long_multirun_flag(tmp_path, monkeypatch):
+    import harness.train as train_module
+    from harness.train import hydra_train
+
+    started = []
+    monkeypatch.setattr(train_module, "_hydra_main", lambda: started.append(list(sys.argv)))
+    assert hydra_train(["--config-name=train", *TINY, f"hydra.run.dir={tmp_path}"]) == 0 and len(started) == 1
+    with pytest.raises(HarnessError) as err:  # every point checked before Hydra starts
+        hydra_train(["--multirun", *TINY, "model=mini-S/8,nope"])
+    assert "model=nope is not one of" in str(err.value) and len(started) == 1
