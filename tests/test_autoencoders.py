@@ -37,6 +37,21 @@ def test_identity_round_trip():
     z = ae.encode(x)
     assert torch.equal(z, x) and torch.equal(ae.decode(z), x)
     assert latent_geometry(cfg).in_channels == ae.latent_channels
+    for override, message in (("autoencoder.latent_channels=3", "autoencoder.latent_channels=3 must equal "
+                                                                 "data.channels=1 for identity"),
+                              ("autoencoder.downsample=2", "autoencoder.downsample must be 1 for identity, got 2")):
+        bad = compose([override])
+        with pytest.raises(HarnessError) as err:
+            build_autoencoder(bad.autoencoder, bad.data)
+        assert str(err.value) == message
+
+
+def test_a_relative_vae_path_is_a_local_directory_not_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    cfg = compose(["autoencoder=sd-vae-ft-ema", "autoencoder.path=./no_such_dir"])
+    with pytest.raises(HarnessError, match=r"autoencoder.path='./no_such_dir' is not a directory"):
+        check_autoencoder_source(cfg.autoencoder)
 
 
 def test_vae_shapes_scale_factor_and_generator(tiny_vae):

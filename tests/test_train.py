@@ -487,3 +487,37 @@ def test_harness_train_flags_with_values_and_the_long_multirun_flag(tmp_path, mo
     with pytest.raises(HarnessError) as err:  # every point checked before Hydra starts
         hydra_train(["--multirun", *TINY, "model=mini-S/8,nope"])
     assert "model=nope is not one of" in str(err.value) and len(started) == 1
+
+
+def test_tracker_bar_only_on_a_terminal_rows_only_when_enabled_and_mirrored_to_wandb(tmp_path, monkeypatch):
+    import io as std_io
+
+    from harness.tracking import Tracker
+
+    class Terminal(std_io.StringIO):
+        def isatty(self):
+            return True
+
+    cfg = compose(TINY)
+    for stream, bar in ((std_io.StringIO(), False), (Terminal(), True)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        tracker = Tracker(cfg, tmp_path / "bar")
+        tracker.progress(1, 10)
+        assert (tracker.bar is not None) == bar
+        tracker.finish()
+    monkeypatch.undo()
+    Tracker(cfg, tmp_path / "off", enabled=False).log_metrics({"step": 1, "loss": 1.0})  # a rank other than 0
+    assert not (tmp_path / "off" / "metrics.jsonl").exists()
+
+    class FakeRun:
+        logged = []
+
+        def log(self, row, step):
+            self.logged.append((row, step))
+
+    tracker = Tracker(cfg, tmp_path / "on")
+    tracker.wandb_run = FakeRun()
+    tracker.log_metrics({"step": 5, "loss": 1.0})
+    tracker.log_result({"step": 5, "fid": 12.5, "fid_name": "fid_digits"})
+    assert FakeRun.logged == [({"train/loss": 1.0}, 5), ({"eval/fid": 12.5}, 5)]
+    assert json.loads((tmp_path / "on" / "metrics.jsonl").read_text()) == {"step": 5, "loss": 1.0}
