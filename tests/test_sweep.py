@@ -314,7 +314,10 @@ def test_local_launcher_waits_boundedly_and_skips_runs_that_are_running_or_done(
     assert [r["state"] for r in sweep.launch_sweep("demo", args)] == ["running"]  # back after ~1 s, the run going on
     out = capsys.readouterr().out
     assert "1 of 1 runs to submit (local)" in out and "stopped waiting after 1 s" in out
-    pid = json.loads((tmp_path / sweep.SUBMISSIONS).read_text())["job_id"]
+    record = json.loads((tmp_path / sweep.SUBMISSIONS).read_text())
+    assert (record["run_name"], record["executor"], record["reason"]) == (run_dir.name, "local", "new")
+    assert record["run_dir"] == str(run_dir) and Path(record["stdout"]).parent.parent == tmp_path / sweep.SUBMITIT_DIR
+    pid = record["job_id"]
     sweep.launch_sweep("demo", args)
     assert f"skip (job {pid} is running)" in capsys.readouterr().out
     deadline = time.time() + 120
@@ -325,3 +328,58 @@ def test_local_launcher_waits_boundedly_and_skips_runs_that_are_running_or_done(
     assert "skip (done at step 40)" in capsys.readouterr().out
     assert "1 run: 1 done" in sweep.format_status(rows)
     assert len((tmp_path / sweep.SUBMISSIONS).read_text().splitlines()) == 1
+
+
+class FakeJob:
+    """A submitit job handle that finishes after `polls` calls of done()."""
+
+    def __init__(self, job_id: int, polls: int = 2):
+        self.job_id, self.polls = job_id, polls
+
+    def done(self) -> bool:
+        self.polls -= 1
+        return self.polls < 0
+
+
+def fake_launcher(kind, monkeypatch, wait_s: float, poll_s: float = 0.2):
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.harness_launcher import launchers
+
+    launcher = getattr(launchers, kind).__new__(getattr(launchers, kind))
+    launcher.config = OmegaConf.create({"hydra": {"launcher": {"wait_s": wait_s, "poll_s": poll_s}}})
+    started, unfinished_at_start = [], []
+
+    def submit(decision, sweep_dir):
+        unfinished_at_start.append(sum(job.polls >= 0 for job in started))
+        started.append(FakeJob(len(started)))
+        return started[-1]
+
+    launcher._submit = submit
+    monkeypatch.setattr(sweep, "local_parallelism", lambda cfg: (2, 1))
+    return launcher, [SimpleNamespace(spec=SimpleNamespace(cfg=None))] * 5, started, unfinished_at_start
+
+
+def test_the_local_launcher_keeps_max_parallel_runs_going_until_all_are_done(tmp_path, monkeypatch):
+    launcher, todo, started, unfinished_at_start = fake_launcher("HarnessLocalLauncher", monkeypatch, wait_s=30)
+    begin = time.time()
+    launcher._run(todo, tmp_path)
+    assert len(started) == 5 and max(unfinished_at_start) < 2 and time.time() - begin < 10
+    # Without time to wait, the first runs still start (and go on); the rest wait for the next launch.
+    launcher, todo, started, _ = fake_launcher("HarnessLocalLauncher", monkeypatch, wait_s=0)
+    launcher._run(todo, tmp_path)
+    assert len(started) == 2
+
+
+def test_the_slurm_launcher_waits_for_its_jobs_but_not_past_wait_s(tmp_path, monkeypatch):
+    launcher, todo, started, _ = fake_launcher("HarnessSlurmLauncher", monkeypatch, wait_s=1.5, poll_s=1.0)
+    monkeypatch.setattr(sweep, "slurm_queue", lambda strict=True: {})   # the jobs have left the queue
+    begin = time.time()
+    launcher._run(todo, tmp_path)
+    assert len(started) == 5 and time.time() - begin < 0.5
+    monkeypatch.setattr(sweep, "slurm_queue", lambda strict=True: None)  # squeue does not answer: keep waiting
+    begin = time.time()
+    launcher._run(todo, tmp_path)
+    assert 1.4 < time.time() - begin < 5
