@@ -129,7 +129,7 @@ def test_a_refused_run_dir_keeps_its_hydra_records(tmp_path):
 
 
 def test_two_gloo_ranks_match_one_process(tmp_path):
-    steps = 6
+    steps = 10
     single = tmp_path / "single"
     assert run_harness(train_args(single, steps)).returncode == 0
     ddp = tmp_path / "ddp"
@@ -145,8 +145,11 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     # Throughput is per device: the global images/s over the world size.
     gflops = torch.load(list_checkpoints(ddp)[-1], map_location="cpu", weights_only=False)["meta"]["gflops"]
     for run_dir, world in ((single, 1), (ddp, 2)):
-        row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-        assert row["tflops_per_device"] == pytest.approx(achieved_tflops(gflops, row["images_per_s"] / world))
+        first, last = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+        assert (first["step"], last["step"]) == (5, 10)
+        assert last["tflops_per_device"] == pytest.approx(achieved_tflops(gflops, last["images_per_s"] / world))
+        # The last window is 5 steps of the global batch (80 images over all ranks), timed between the rows.
+        assert 0.75 * 80 < last["images_per_s"] * (last["time"] - first["time"]) < 1.4 * 80
 
 
 def test_step_draws_timesteps_noise_and_label_dropout_rate():
