@@ -85,6 +85,14 @@ def composition_error(err: Exception) -> str:
     return first_line(err)
 
 
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # YAML's true is an int to Python
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def integer(node: DictConfig, key: str, low: int = 1, optional: bool = False, section: str | None = None) -> int | None:
     """`node[key]` as an integer >= `low` (None allowed when `optional`), else one error line naming the key
     (`section.key` when the node is not part of a full config, e.g. a model config on its own)."""
@@ -92,7 +100,7 @@ def integer(node: DictConfig, key: str, low: int = 1, optional: bool = False, se
     if optional and value is None:
         return None
     kind = "a positive integer" if low == 1 else f"an integer >= {low}"
-    require(isinstance(value, int) and not isinstance(value, bool) and value >= low,
+    require(_is_integer(value) and value >= low,
             f"{_full_key(node, key, section)} must be {kind}{' or null' if optional else ''}, got {value!r}")
     return value
 
@@ -102,7 +110,7 @@ def number(node: DictConfig, key: str, allowed: str, test=lambda v: True, option
     value = node.get(key)
     if optional and value is None:
         return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and test(value)
+    ok = _is_number(value) and test(value)
     require(ok, f"{_full_key(node, key)} must be a number {allowed}{' or null' if optional else ''}, got {value!r}")
     return float(value)
 
@@ -157,11 +165,10 @@ def validate(cfg: DictConfig) -> None:
     number(trainer, "peak_tflops", "> 0", lambda v: v > 0, optional=True)
     betas = trainer.betas
     require(OmegaConf.is_list(betas) and len(betas) == 2
-            and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas),
+            and all(_is_number(b) and 0 <= b < 1 for b in betas),
             f"trainer.betas must be two numbers in [0, 1), got {betas!r}")
     milestones = trainer.ckpt_milestones
-    require(OmegaConf.is_list(milestones) and all(isinstance(m, int) and not isinstance(m, bool) and m > 0
-                                                  for m in milestones),
+    require(OmegaConf.is_list(milestones) and all(_is_integer(m) and m > 0 for m in milestones),
             f"trainer.ckpt_milestones must be a list of positive integers, got {milestones!r}")
     one_of(trainer, "device", ("auto", "cpu", "cuda"))
     one_of(trainer, "precision", PRECISIONS)
@@ -185,7 +192,7 @@ def check_eval_values(ev: DictConfig, num_timesteps: int) -> None:
     weights are checked by `harness.evaluate.check_eval_config`, which calls this too."""
     from harness.diffusion import parse_sampler
 
-    require(isinstance(ev.num_samples, int) and not isinstance(ev.num_samples, bool) and ev.num_samples >= 2,
+    require(_is_integer(ev.num_samples) and ev.num_samples >= 2,
             f"eval.num_samples must be an integer >= 2 for FID, got {ev.num_samples!r}")
     integer(ev, "batch_size")
     integer(ev, "seed", low=0)

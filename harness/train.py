@@ -105,7 +105,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def checkpoint_step(path: Path) -> int:
     """The step of a checkpoint file (`step_0001000.pt` -> 1000)."""
-    return int(Path(path).stem.split("_")[1])
+    return int(Path(path).stem[len("step_"):])
 
 
 def load_latest_checkpoint(run_dir: Path, say=print) -> dict | None:
@@ -673,13 +673,13 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
 
             tracker.progress(step, max_steps)
             window_images += tc.global_batch_size
-            window_losses.append(torch.stack([losses[key].detach().mean() for key in LOGGED_LOSSES]))
+            window_losses.append(torch.stack([losses[key].detach() for key in LOGGED_LOSSES]))  # one copy, no sync
             if step % tc.log_every == 0 or step == max_steps:
                 nonfinite.check(dist)
                 elapsed = time.time() - window_start
                 images_per_s = window_images / max(elapsed, 1e-9)
                 tflops = achieved_tflops(flops["gflops"], images_per_s / dist.world_size)
-                row = {"step": step, **dict(zip(LOGGED_LOSSES, torch.stack(window_losses).mean(0).tolist())),
+                row = {"step": step, **dict(zip(LOGGED_LOSSES, torch.stack(window_losses).mean((0, 2)).tolist())),
                        "lr": opt.param_groups[0]["lr"], "images_per_s": images_per_s,
                        "tflops_per_device": tflops, "mfu": mfu(tflops, peak),
                        "peak_mem_gb": peak_memory_gb(device), "time": time.time()}

@@ -80,7 +80,7 @@ if [[ $suite == check ]]; then
 elif [[ $suite == autotune ]]; then  # GEMM autotuning compiles for minutes: the limits allow for it
   bench 120 model=DiT-XL/2 trainer.global_batch_size=128 --what train
   bench 260 model=DiT-XL/2 trainer.global_batch_size=128 trainer.compile_mode=max-autotune --what train
-  if (( $(gpu_memory_mib) >= 120000 )); then  # an H200: XL/2 at batch 256 (about 90 GiB) fits
+  if (( $(gpu_memory_mib) >= 120000 )); then  # an H200: XL/2 at batch 256 (91.3 GiB by the dry run's estimate) fits
     bench 150 model=DiT-XL/2 trainer.global_batch_size=256 --what train
   else
     bench 200 model=DiT-XL/2 trainer.global_batch_size=32 trainer.compile_mode=max-autotune --what train --profile
