@@ -177,6 +177,7 @@ def validate(cfg: DictConfig) -> None:
     one_of(trainer, "tf32", (True, False))
     one_of(trainer, "grad_checkpointing", (True, False))
     one_of(trainer, "compile_mode", COMPILE_MODES)
+    one_of(trainer, "compile_tuning", (True, False))
     one_of(trainer, "attention", ATTENTION_KERNELS)
     one_of(cfg, "on_config_change", ("refuse", "resume", "overwrite"))
     integer(cfg, "seed", low=0)

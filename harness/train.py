@@ -400,14 +400,23 @@ def fast_path_settings(tc: DictConfig, device: torch.device, world_size: int = 1
         mode = "reduce-overhead" if on_gpu and world_size == 1 and not sampling else "default"
     require(on_gpu or tc.attention in ("auto", "flash", "math"),
             f"trainer.attention={tc.attention} needs CUDA; on CPU use auto, flash or math")
-    return {"precision": precision, "compile": compile_, "compile_mode": mode, "attention": str(tc.attention)}
+    return {"precision": precision, "compile": compile_, "compile_mode": mode,
+            "compile_tuning": bool(tc.compile_tuning), "attention": str(tc.attention)}
 
 
 def compiled(model: torch.nn.Module, fast: dict):
-    """`model` under torch.compile in the configured mode when the fast paths say so, else `model` itself."""
+    """`model` under torch.compile in the configured mode when the fast paths say so, else `model` itself.
+    With `compile_tuning`, Inductor also benchmarks launch configs for its elementwise and reduction
+    kernels (coordinate descent): what max-autotune does besides GEMM autotuning, which on an H200 chose
+    cuBLAS over its own templates for XL/2 anyway and compiled for over 4 minutes (README, performance)."""
     if not fast["compile"]:
         return model
-    return torch.compile(model, mode=None if fast["compile_mode"] == "default" else fast["compile_mode"])
+    if not fast["compile_tuning"]:
+        return torch.compile(model, mode=None if fast["compile_mode"] == "default" else fast["compile_mode"])
+    # torch.compile takes a mode or options, not both: the mode's own options plus the tuning
+    options = {**torch._inductor.list_mode_options(fast["compile_mode"]),
+               "coordinate_descent_tuning": True, "max_autotune_pointwise": True}
+    return torch.compile(model, options=options)
 
 
 def apply_matmul_settings(tc: DictConfig, device: torch.device) -> None:

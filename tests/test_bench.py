@@ -134,21 +134,34 @@ def _losses(overrides: list[str], steps: int = 3) -> list[float]:
     ("trainer.grad_clip=1000.0", 1e-6),  # clipping far above the gradient norm changes nothing
     ("trainer.attention=math", 1e-5),  # the reference kernel against PyTorch's fused CPU choice
     ("trainer.compile=true", 1e-4),  # inductor reorders float reductions
+    ("trainer.compile=true trainer.compile_tuning=true", 1e-4),
     # bf16 autocast rounds activations to 8 mantissa bits: losses agree to about 1% (documented tolerance).
     ("trainer.precision=bf16", 2e-2),
 ])
 def test_fast_path_matches_plain_path(switch, rel):
     plain = _losses(["trainer.precision=fp32", "trainer.compile=false"])
-    fast = _losses(["trainer.precision=fp32", "trainer.compile=false", switch])
+    fast = _losses(["trainer.precision=fp32", "trainer.compile=false", *switch.split()])
     assert fast == pytest.approx(plain, rel=rel)
+
+
+@pytest.mark.parametrize("mode, mode_options", [("default", {}), ("reduce-overhead", {"triton.cudagraphs": True})])
+def test_compile_tuning_adds_kernel_tuning_to_the_mode(monkeypatch, mode, mode_options):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append(kwargs) or model)
+    fast = {"compile": True, "compile_mode": mode, "compile_tuning": False}
+    compiled(torch.nn.Linear(2, 2), fast)
+    compiled(torch.nn.Linear(2, 2), {**fast, "compile_tuning": True})
+    assert calls == [{"mode": None if mode == "default" else mode},
+                     {"options": {**mode_options, "coordinate_descent_tuning": True, "max_autotune_pointwise": True}}]
 
 
 def test_cpu_defaults_are_the_plain_path():
     cfg = compose(TINY)
     assert fast_path_settings(cfg.trainer, torch.device("cpu")) == {"precision": "fp32", "compile": False,
-                                                                    "compile_mode": "default", "attention": "auto"}
+                                                                    "compile_mode": "default",
+                                                                    "compile_tuning": False, "attention": "auto"}
     assert fast_path_settings(cfg.trainer, torch.device("cuda")) == {"precision": "bf16", "compile": True,
                                                                      "compile_mode": "reduce-overhead",
-                                                                     "attention": "auto"}
+                                                                     "compile_tuning": False, "attention": "auto"}
     assert fast_path_settings(cfg.trainer, torch.device("cuda"), world_size=2)["compile_mode"] == "default"
     assert fast_path_settings(cfg.trainer, torch.device("cuda"), sampling=True)["compile_mode"] == "default"

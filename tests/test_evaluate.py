@@ -15,18 +15,17 @@ import torch
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
+from conftest import run_harness
+from harness.cli import main
 from harness.config import compose, latent_geometry, to_yaml
-from harness.data import real_images_uint8
+from harness.data import build_dataset, real_images_uint8
 from harness.errors import HarnessError
 from harness.evaluate import (DIGITS_CNN, DIGITS_WEIGHTS, INCEPTION_FILE, MAX_SAMPLES, DigitsFeatureExtractor,
                               check_eval_config, classifier_accuracy, compute_fid, eval_labels, evaluate_checkpoint,
                               evaluate_model, generate_samples, load_digits_cnn, reference_floor,
                               to_uint8, train_digits_extractor)
-from harness.data import build_dataset
+from harness.report import RESULT_COLUMNS
 from harness.train import InferenceForward
-
-from conftest import run_harness
-from harness.cli import main
 
 # A DiT that samples 16x16 digits in well under a second: 16 tokens, one block.
 TINY_EVAL = [
@@ -320,7 +319,8 @@ def test_out_of_memory_halves_the_model_calls_and_remembers():
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory")
             return x * 2 + t.view(-1, 1)
 
-    fast = {"precision": "fp32", "compile": False, "compile_mode": "default", "attention": "auto"}
+    fast = {"precision": "fp32", "compile": False, "compile_mode": "default", "compile_tuning": False,
+            "attention": "auto"}
     module = FitsEight()
     forward = InferenceForward(module, fast, torch.device("cpu"))
     x, t = torch.randn(20, 3), torch.arange(20)
@@ -385,10 +385,8 @@ def test_evaluate_model_appends_a_complete_row(cfg, tmp_path, fid_cache, monkeyp
     row = evaluate_model(model, run_cfg, 10, tmp_path / "run", log_fn=logged.append)
     rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
     assert rows == [row] == logged
-    expected = ("run_id run_dir sweep model size patch conditioning depth hidden_size num_heads tokens params gflops "
-                "step global_batch_size images_seen train_compute_flops fid fid_name feature_extractor num_samples "
-                "sampler cfg_scale cfg_channels seed dataset image_size eval_wall_s timestamp fid_floor").split()
-    assert set(expected) <= set(row)
+    # The writer's row and the report's columns are one schema: every column but the optional metrics
+    assert set(row) == set(RESULT_COLUMNS) - {"isc", "precision", "recall"}
     assert row["fid_name"] == "fid_digits" and row["num_samples"] == 24 and row["tokens"] == 16
     assert row["train_compute_flops"] == pytest.approx(row["gflops"] * 1e9 * row["global_batch_size"] * 10 * 3)
     from PIL import Image

@@ -331,6 +331,7 @@ def test_non_finite_watch_keeps_the_first_bad_step():
     ("trainer.attention=xformers", "trainer.attention='xformers' is not one of auto, flash, efficient, cudnn, math"),
     ("trainer.attention=efficient", "trainer.attention=efficient needs CUDA; on CPU use auto, flash or math"),
     ("trainer.compile_mode=fast", "trainer.compile_mode='fast' is not one of auto, default, reduce-overhead"),
+    ("trainer.compile_tuning=auto", "trainer.compile_tuning='auto' is not one of True, False"),
     ("trainer.ddp_bucket_mb=0", "trainer.ddp_bucket_mb must be a number > 0, got 0"),
     ("eval.every=100 eval.precision=fp16", "eval.precision='fp16' is not one of auto, fp32, bf16"),
     ("eval.every=100 eval.max_forward_batch=0", "eval.max_forward_batch must be auto or a positive integer"),
