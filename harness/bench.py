@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from harness.config import compose, latent_geometry, validate
+from harness.config import compose, latent_geometry, resolve_device, validate
 from harness.errors import require
 from harness.io import append_jsonl, check_output_path
 
@@ -239,7 +239,7 @@ def run_bench(overrides: list[str], what=WHAT, log: str | None = None, warmup: i
     require(not unknown, f"--what {' '.join(unknown)}: not one of {', '.join(WHAT)}")
     if log:
         check_output_path(log, "--log")
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.device != "cpu" else "cpu")
+    device = resolve_device(cfg.trainer.device, "trainer.device")
     geometry = latent_geometry(cfg)
     flops = count_flops(cfg.model, geometry)
     precision = fast_path_settings(cfg.trainer, device)["precision"]

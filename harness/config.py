@@ -8,6 +8,7 @@ and tests all go through these functions.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +148,23 @@ def latent_geometry(cfg: DictConfig) -> Geometry:
             f"data.image_size={image_size} is not divisible by autoencoder.downsample={downsample}")
     channels = integer(ae, "latent_channels", optional=True) or integer(data, "channels")
     return Geometry(image_size // downsample, channels, integer(data, "num_classes"))
+
+
+def resolve_device(spec, key: str):
+    """The torch.device a setting (`key`) names. `auto`: this process's GPU when CUDA is visible, else the CPU;
+    `cuda`: this process's GPU (cuda:LOCAL_RANK, as torchrun and SLURM number a node's processes); `cuda:N`,
+    `cpu`: as named. Naming CUDA where none is visible is an error, not a silent fall back to the CPU."""
+    import torch
+
+    spec = "auto" if spec is None else str(spec)
+    require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", spec) is not None, f"{key}={spec!r} is not one of auto, cpu, cuda, cuda:N")
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    require(torch.cuda.is_available(), f"{key}={spec} but no CUDA device is visible")
+    if spec in ("auto", "cuda"):
+        local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+        return torch.device("cuda", local % torch.cuda.device_count())
+    return torch.device(spec)
 
 
 def validate(cfg: DictConfig) -> None:

@@ -18,7 +18,6 @@ import hashlib
 import io
 import math
 import os
-import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -561,17 +560,6 @@ def _file_list_digest(dataset: ImageFolderDataset) -> str:
     return digest.hexdigest()
 
 
-def _extract_device(spec: str) -> torch.device:
-    if spec in (None, "auto"):
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
-            return torch.device("cuda", local % torch.cuda.device_count())
-        return torch.device("cpu")
-    require(re.fullmatch(r"cpu|cuda(:\d+)?", spec) is not None, f"extract.device={spec!r} is not one of auto, cpu, cuda, cuda:N")
-    require(spec == "cpu" or torch.cuda.is_available(), f"extract.device={spec} but no CUDA device is visible")
-    return torch.device(spec)
-
-
 def _shard_done(out: Path, shard: int) -> bool:
     """A shard counts as done when its record exists and the file's checksum matches it."""
     record = read_json(out / f"{_shard_name(shard)}.json")
@@ -639,7 +627,7 @@ def extract_latents(cfg: DictConfig, out_dir: str | os.PathLike, rank: int = 0, 
     stopped. Whoever finds every shard complete writes `index.json`. Returns a summary dict.
     """
     from harness.autoencoders import build_autoencoder, check_autoencoder_source
-    from harness.config import latent_geometry
+    from harness.config import latent_geometry, resolve_device
 
     require(out_dir not in (None, ""), "out is not set: give out=DIR, the directory to write the latent cache to")
     require(str(cfg.data.name) == "imagefolder", f"extract-latents reads data=imagefolder, got data={cfg.data.name}")
@@ -662,7 +650,7 @@ def extract_latents(cfg: DictConfig, out_dir: str | os.PathLike, rank: int = 0, 
         "num_source_images": len(dataset), "unreadable_at_scan": len(dataset.skipped),
         "shard_size": int(ex.shard_size), "num_shards": num_shards,
     }
-    device = _extract_device(str(ex.device))
+    device = resolve_device(ex.device, "extract.device")
     check_autoencoder_source(cfg.autoencoder)
     previous = read_json(out / META_FILE)
     if previous is not None:

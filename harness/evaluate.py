@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from harness.config import Geometry, slug
+from harness.config import Geometry, resolve_device, slug
 from harness.errors import HarnessError, require
 from harness.io import append_jsonl, atomic_torch_save, atomic_write_bytes, cache_root, sha256_file
 from harness.tracking import run_id
@@ -462,12 +462,6 @@ def check_eval_config(eval_cfg: DictConfig, data_cfg: DictConfig, num_timesteps:
     return extractor
 
 
-def _device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _metrics(input1: Dataset, input2: Dataset, extractor: Extractor, eval_cfg: DictConfig, cache_root: Path,
              device: torch.device, input1_cache_name: str | None = None, input2_cache_name: str | None = None,
              isc: bool = False, prc: bool = False) -> dict:
@@ -526,7 +520,7 @@ def compute_fid(images_uint8: torch.Tensor, eval_cfg: DictConfig, data_cfg: Dict
     # IS or precision/recall make torch-fidelity extract the reference's features, not only read statistics.
     reference, ref_name = _reference(eval_cfg, data_cfg, extractor, cache_root, need_images=isc or prc)
     metrics = _metrics(UInt8Images(images_uint8, extractor.channels), reference or _CachedOnly(ref_name), extractor,
-                       eval_cfg, cache_root, _device(device), input2_cache_name=ref_name, isc=isc, prc=prc)
+                       eval_cfg, cache_root, resolve_device(device, "device"), input2_cache_name=ref_name, isc=isc, prc=prc)
     out = {"fid": float(metrics[FID_KEY]), "fid_name": extractor.fid_name, "feature_extractor": extractor.name,
            "num_samples": len(images_uint8)}
     if isc:
@@ -553,7 +547,7 @@ def reference_floor(eval_cfg: DictConfig, data_cfg: DictConfig, cache_dir: str |
     held_stats = extractor.stats_file(cache_root, held_name)
     held = _CachedOnly(held_name) if held_stats.exists() else UInt8Images(_real_images(data_cfg, "held_out"),
                                                                           extractor.channels)
-    metrics = _metrics(held, reference or _CachedOnly(ref_name), extractor, eval_cfg, cache_root, _device(device),
+    metrics = _metrics(held, reference or _CachedOnly(ref_name), extractor, eval_cfg, cache_root, resolve_device(device, "device"),
                        input1_cache_name=held_name, input2_cache_name=ref_name)
     return float(metrics[FID_KEY])
 
@@ -738,7 +732,7 @@ def evaluate_model(model: nn.Module, cfg: DictConfig, step: int, run_dir: str | 
 
     start = time.perf_counter()
     rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
-    device = dist.device if dist is not None else _device(cfg.trainer.get("device"))
+    device = dist.device if dist is not None else resolve_device(cfg.trainer.get("device"), "trainer.device")
     check_eval_config(cfg.eval, cfg.data, int(cfg.diffusion.num_timesteps))  # fail before sampling, not after
     geometry = latent_geometry(cfg)
     images = generate_samples(forward or inference_forward(model, cfg, device), cfg.diffusion, run_autoencoder(cfg, device),

@@ -32,7 +32,7 @@ import torch.distributed as torch_dist
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from harness.config import compose, latent_geometry, to_yaml, validate, with_paper_setting
+from harness.config import compose, latent_geometry, resolve_device, to_yaml, validate, with_paper_setting
 from harness.errors import HarnessError, first_line, require
 from harness.io import atomic_torch_save, atomic_write_json, atomic_write_text, check_output_path, read_json, read_yaml
 
@@ -77,9 +77,8 @@ def setup_distributed(device_pref: str = "auto") -> Dist:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device_pref != "cpu"
-    require(device_pref != "cuda" or torch.cuda.is_available(), "trainer.device=cuda but no CUDA device is visible")
-    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    device = resolve_device(device_pref, "trainer.device")
+    use_cuda = device.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(device)
     host_group = None

@@ -54,6 +54,9 @@ def test_bench_cli_takes_overrides_after_what_and_checks_the_log_first(tmp_path,
     assert capsys.readouterr().err.strip() == f"harness: error: --log={tmp_path} is a directory; give a file path"
     assert main(["bench", "--what", "trian", *TINY]) == 2
     assert "--what trian: not one of train, sample, features, latents" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # CUDA asked for and missing: an error, not a CPU benchmark labelled as asked
+        assert main(["bench", *TINY, "trainer.device=cuda"]) == 2
+        assert capsys.readouterr().err.strip() == "harness: error: trainer.device=cuda but no CUDA device is visible"
 
 
 def test_bench_profile_says_where_a_step_goes():

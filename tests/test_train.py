@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import HARNESS, REPO, TINY, harness_env, run_harness
-from harness.config import compose, validate
+from harness.config import compose, resolve_device, validate
 from harness.errors import HarnessError
 from harness.train import (achieved_tflops, checkpoint_step, list_checkpoints, load_latest_checkpoint, step_draws,
                            step_generator, train)
@@ -394,6 +394,24 @@ def test_a_value_of_the_wrong_type_or_range_names_its_key(override, message):
     with pytest.raises(HarnessError) as err:
         validate(compose([override]))
     assert str(err.value) == message
+
+
+def test_device_settings_resolve_to_this_process_gpu_and_never_fall_back_silently(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", "trainer.device") == resolve_device(None, "k") == torch.device("cpu")
+    with pytest.raises(HarnessError, match=r"^trainer.device=cuda but no CUDA device is visible$"):
+        resolve_device("cuda", "trainer.device")
+    with pytest.raises(HarnessError, match=r"^extract.device='gpu' is not one of auto, cpu, cuda, cuda:N$"):
+        resolve_device("gpu", "extract.device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto", "k") == resolve_device("cuda", "k") == torch.device("cuda", 1)
+    assert resolve_device("cuda:0", "k") == torch.device("cuda", 0)
+    assert resolve_device(torch.device("cpu"), "k") == torch.device("cpu")
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setenv("SLURM_LOCALID", "3")  # a SLURM task without torchrun: its node-local id, modulo the GPUs
+    assert resolve_device("auto", "k") == torch.device("cuda", 1)
 
 
 def test_batch_not_divisible_by_world_size(tmp_path):
