@@ -335,7 +335,21 @@ class LatentDataset(Dataset):
         out = np.empty((len(indices), *self.latent_shape), dtype=self._arrays[0].dtype)
         for j, (shard, row) in enumerate(zip(shards.tolist(), rows.tolist())):
             out[j] = self._arrays[shard][row]
-        return torch.from_numpy(out).float(), self.labels.index_select(0, indices)
+        return _serial_float(torch.from_numpy(out)), self.labels.index_select(0, indices)
+
+
+TORCH_PARALLEL_GRAIN = 32768  # elements: torch runs an elementwise op on its intra-op threads from this size on
+
+
+def _serial_float(x: torch.Tensor) -> torch.Tensor:
+    """`x.float()` in slices under torch's parallel grain, so each runs on the calling thread. A whole batch's
+    cast runs on the intra-op threads and waits for the slowest: with one of 2 cores busy it was 25x slower,
+    and the train loop's main thread casts every batch (README, performance)."""
+    out = torch.empty(x.shape, dtype=torch.float32)
+    rows = max(1, (TORCH_PARALLEL_GRAIN - 1) // max(1, math.prod(x.shape[1:])))
+    for start in range(0, len(x), rows):
+        out[start:start + rows] = x[start:start + rows]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

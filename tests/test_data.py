@@ -481,27 +481,19 @@ def test_data_source_check_reads_no_image_and_no_shard(tmp_path):
     check_data_source(data_cfg("data=digits"))
 
 
-def test_latent_cache_loading_rate(tmp_path):
-    """The read side must deliver >= 5,000 latents/s (4x32x32, fp16) on one core; typically ~100x more."""
-    n = 4096
-    write_synthetic_latent_cache(tmp_path, n, latent_shape=(4, 32, 32), num_classes=1000, shard_size=1000)
-    cfg = data_cfg("data=latents", f"data.root={tmp_path}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        start = time.perf_counter()
-        ds = build_dataset(cfg)  # opening verifies every shard's sha256
-        opened = time.perf_counter()
-        stream = BatchStream(ds, 256, seed=0, hflip=True)
-        batches = [next(stream) for _ in range(n // 256)]
-        rate = n // 256 * 256 / (time.perf_counter() - opened)
-    finally:
-        torch.set_num_threads(threads)
-    assert batches[0][0].shape == (256, 4, 32, 32) and batches[0][0].dtype == torch.float32
-    print(f"latent loading: {rate:,.0f} latents/s on one core; opening {n} with checksums took {opened - start:.2f} s")
-    assert rate >= 5000
-    # Stored values come back exactly (fp16 -> fp32), flipped or not.
-    x, _ = ds.gather(torch.tensor([5, 5]), torch.tensor([False, True]))
-    assert torch.equal(x[0], ds.shard_latents[0][10].float()) and torch.equal(x[1], ds.shard_latents[0][11].float())
+@pytest.mark.parametrize("latent_shape", [(4, 32, 32), (16, 64, 64)])  # 7 rows a cast slice; one row over the grain
+def test_latent_batches_are_the_stored_values(tmp_path, latent_shape):
+    """Batches hold exactly the stored latents (fp16 -> fp32), flipped or not, across shards. How fast they
+    load is `harness bench --what latents`'s to measure, not a test's."""
+    write_synthetic_latent_cache(tmp_path, 30, latent_shape=latent_shape, num_classes=1000, shard_size=10)
+    cfg = data_cfg("data=latents", f"data.root={tmp_path}", f"data.image_size={8 * latent_shape[1]}")
+    ds = build_dataset(cfg)
+    indices = torch.tensor([5, 5, 9, 10, 29, 15, 0, 1, 2, 3, 4])
+    flips = torch.tensor([False, True, True, False, True, False, False, True, False, True, False])
+    x, y = ds.gather(indices, flips)
+    stored = torch.stack([ds.shard_latents[i // 10][2 * (i % 10) + f].float() for i, f in zip(indices.tolist(), flips.tolist())])
+    assert x.dtype == torch.float32 and torch.equal(x, stored) and torch.equal(y, ds.labels[indices])
+    batch, _ = next(BatchStream(ds, 16, seed=0, hflip=True))
+    assert batch.shape == (16, *latent_shape) and batch.dtype == torch.float32
     with pytest.raises(HarnessError, match="source"):
         real_images_uint8(cfg)
