@@ -94,17 +94,26 @@ class VAEAutoencoder(Autoencoder):
         return next(self.vae.parameters()).dtype
 
 
-def build_autoencoder(ae_cfg: DictConfig, data_cfg: DictConfig, device: str | torch.device = "cpu") -> Autoencoder:
-    """The autoencoder of `ae_cfg` on `device`, checked against the geometry the config declares."""
+def check_autoencoder_config(ae_cfg: DictConfig, data_cfg: DictConfig) -> None:
+    """The autoencoder's settings against the images it encodes: checked with the config, before a run claims
+    its directory, and again when the autoencoder is built."""
     name = str(ae_cfg.name)
     if name == "identity":
         require(int(ae_cfg.downsample) == 1, f"autoencoder.downsample must be 1 for identity, got {ae_cfg.downsample}")
         channels = ae_cfg.latent_channels if ae_cfg.latent_channels is not None else data_cfg.channels
         require(int(channels) == int(data_cfg.channels),
                 f"autoencoder.latent_channels={channels} must equal data.channels={data_cfg.channels} for identity")
-        return IdentityAutoencoder(int(data_cfg.channels)).to(device)
+        return
     require(name in VAE_NAMES, f"autoencoder.name={name!r} is not one of identity, {', '.join(VAE_NAMES)}")
     require(int(data_cfg.channels) == 3, f"data.channels={data_cfg.channels}: the {name} VAE encodes RGB images (3 channels)")
+
+
+def build_autoencoder(ae_cfg: DictConfig, data_cfg: DictConfig, device: str | torch.device = "cpu") -> Autoencoder:
+    """The autoencoder of `ae_cfg` on `device`, checked against the geometry the config declares."""
+    check_autoencoder_config(ae_cfg, data_cfg)
+    name = str(ae_cfg.name)
+    if name == "identity":
+        return IdentityAutoencoder(int(data_cfg.channels)).to(device)
     ae = VAEAutoencoder(name, load_vae(str(ae_cfg.path)), float(ae_cfg.scale_factor))
     # The DiT's input geometry is computed from the config; it must describe the weights actually loaded.
     require(ae.downsample == int(ae_cfg.downsample),

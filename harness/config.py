@@ -169,8 +169,10 @@ def resolve_device(spec, key: str):
 
 def validate(cfg: DictConfig) -> None:
     """Check every value that would otherwise fail deep inside a job; raise one HarnessError line."""
+    from harness.autoencoders import check_autoencoder_config
     from harness.model import check_model_config
 
+    check_autoencoder_config(cfg.autoencoder, cfg.data)  # first: a VAE on the wrong images also breaks the geometry
     check_model_config(cfg.model, latent_geometry(cfg))
     trainer = cfg.trainer
     for key in ("max_steps", "global_batch_size", "ckpt_every", "log_every", "keep_last", "gpus"):
