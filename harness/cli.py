@@ -166,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("extract-latents", _extract_latents, "Encode an image folder into a sharded latent cache (out=DIR).")
     p.add_argument("overrides", **overrides)
 
-    p = command("eval", _eval, "Sample from a checkpoint and compute FID (ckpt=PATH).")
+    p = command("eval", _eval, "Sample from a checkpoint and compute FID: ckpt=PATH (a .pt or a run dir) "
+                               "[out=DIR: results.jsonl there, default the checkpoint's run dir] "
+                               "[step=N: the step to record, default the checkpoint's].")
     p.add_argument("overrides", **overrides)
 
     p = command("train-digits-cnn", _train_digits_cnn,
@@ -236,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as err:
         print(f"harness: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the machine, not the input: a path that cannot be made, a full disk, a permission
+        print(f"harness: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -225,7 +225,7 @@ def check_eval_values(ev: DictConfig, num_timesteps: int) -> None:
     one_of(ev, "precision", PRECISIONS)
     require(ev.max_forward_batch == "auto" or (isinstance(ev.max_forward_batch, int) and ev.max_forward_batch > 0),
             f"eval.max_forward_batch must be auto or a positive integer, got {ev.max_forward_batch!r}")
-    parse_sampler(str(ev.sampler), num_timesteps)
+    parse_sampler(str(ev.sampler), num_timesteps, key="eval.sampler")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -104,35 +104,35 @@ def _section_counts(spec: str | int | list[int]) -> list[int]:
     return [int(c) for c in spec]
 
 
-def parse_sampler(spec: str, num_timesteps: int = DEFAULT_NUM_TIMESTEPS) -> tuple[str, str]:
+def parse_sampler(spec: str, num_timesteps: int = DEFAULT_NUM_TIMESTEPS, key: str = "sampler") -> tuple[str, str]:
     """Split a sampler spec into (kind, respacing): "ddpm250" -> ("ddpm", "250"), "250" -> ("ddpm", "250"),
     "ddim50" -> ("ddim", "ddim50"); "ddpm10,15,20" gives ADM section counts.
 
     For DDIM the stride spacing of the DDIM paper is used when an integer stride gives exactly N steps,
-    otherwise the evenly spread "N" spacing (ADM would refuse such an N).
+    otherwise the evenly spread "N" spacing (ADM would refuse such an N). Errors name the spec as `key`.
     """
     text = str(spec).strip().lower()
     allowed = f"allowed: ddpm<N> | ddim<N> | <N> with 1 <= N <= {num_timesteps} (or comma-separated section counts)"
     kind, steps = re.fullmatch(r"([a-z_]*)(.*)", text).groups()
     kind = kind or "ddpm"
     if kind not in SAMPLER_KINDS:
-        raise HarnessError(f"sampler={spec!r}: unknown sampler {kind!r}; {allowed}")
+        raise HarnessError(f"{key}={spec!r}: unknown sampler {kind!r}; {allowed}")
     if not steps:
-        raise HarnessError(f"sampler={spec!r}: no number of steps; {allowed}")
+        raise HarnessError(f"{key}={spec!r}: no number of steps; {allowed}")
     parts = steps.split(",")
     if not all(p.isdigit() for p in parts):
-        raise HarnessError(f"sampler={spec!r}: the number of steps is not an integer; {allowed}")
+        raise HarnessError(f"{key}={spec!r}: the number of steps is not an integer; {allowed}")
     counts = [int(p) for p in parts]
     total = sum(counts)
     if min(counts) < 1 or total > num_timesteps:
-        raise HarnessError(f"sampler={spec!r}: {total} steps is out of range; {allowed}")
+        raise HarnessError(f"{key}={spec!r}: {total} steps is out of range; {allowed}")
     respacing = ",".join(str(c) for c in counts)
     if kind == "ddim" and len(counts) == 1 and _ddim_stride(num_timesteps, total) is not None:
         respacing = f"ddim{total}"
     try:
         space_timesteps(num_timesteps, respacing)
     except HarnessError as err:
-        raise HarnessError(f"sampler={spec!r}: {err}") from None
+        raise HarnessError(f"{key}={spec!r}: {err}") from None
     return kind, respacing
 
 

@@ -40,7 +40,8 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from harness.config import Geometry, resolve_device, slug
 from harness.errors import HarnessError, require
-from harness.io import append_jsonl, atomic_torch_save, atomic_write_bytes, cache_root, sha256_file
+from harness.io import (append_jsonl, atomic_torch_save, atomic_write_bytes, cache_root, check_output_path, read_jsonl,
+                        sha256_file)
 from harness.tracking import run_id
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -457,6 +458,9 @@ def check_eval_config(eval_cfg: DictConfig, data_cfg: DictConfig, num_timesteps:
     if eval_cfg.prc:
         require(n > 3, f"eval.prc needs eval.num_samples > 3 (the 3rd nearest neighbour), got {n}")
     extractor = resolve_extractor(eval_cfg, data_cfg)
+    cache_dir = eval_cfg.get("cache_dir")
+    check_output_path(Path(str(cache_dir)).expanduser() if cache_dir else default_cache_dir(),
+                      "eval.cache_dir" if cache_dir else "eval.cache_dir (null: $HARNESS_CACHE_DIR/fid)", kind="dir")
     if eval_cfg.get("reference"):
         _open_npz(Path(str(eval_cfg.reference)).expanduser(), need_images=bool(eval_cfg.isc or eval_cfg.prc))
     return extractor
@@ -687,6 +691,17 @@ def run_autoencoder(cfg: DictConfig, device: torch.device) -> nn.Module:
     if key not in _AUTOENCODERS:
         _AUTOENCODERS[key] = build_autoencoder(cfg.autoencoder, cfg.data, device=device)
     return _AUTOENCODERS[key]
+
+
+def evaluated_before(run_dir: str | os.PathLike, step: int, eval_cfg: DictConfig) -> bool:
+    """Whether the run's results.jsonl already holds `step` evaluated as `eval_cfg` would (extractor, number of
+    samples, sampler, guidance, seed): a run launched again after it finished, or resumed from before an
+    evaluation it had done, need not spend the sampling time again (FID-50K of XL/2: hours)."""
+    protocol = {"feature_extractor": str(eval_cfg.feature_extractor), "num_samples": int(eval_cfg.num_samples),
+                "sampler": str(eval_cfg.sampler), "cfg_scale": float(eval_cfg.cfg_scale),
+                "cfg_channels": eval_cfg.cfg_channels, "seed": int(eval_cfg.seed)}
+    return any(row.get("step") == step and all(row.get(k) == v for k, v in protocol.items())
+               for row in read_jsonl(Path(run_dir) / "results.jsonl"))
 
 
 def results_row(cfg: DictConfig, step: int, run_dir: str | os.PathLike, fid: dict, params: int, gflops: float,

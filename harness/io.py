@@ -102,8 +102,8 @@ def append_jsonl(path: str | os.PathLike, row: dict) -> None:
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
-    """Rows of a JSONL file, skipping a last line torn by a kill; any other line that is not a JSON object is
-    skipped with a warning naming the file and line."""
+    """Rows of a JSONL file, skipping a last line torn by a kill (one the file does not end with a newline);
+    any other line that is not a JSON object is skipped with a warning naming the file and line."""
     import warnings
 
     path = Path(path)
@@ -118,7 +118,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
             row = "torn"
         if isinstance(row, dict):
             yield row
-        elif row is not None and number < len(lines) - (lines[-1] == b""):
+        elif row is not None and number < len(lines):  # the last piece follows the last newline: torn
             warnings.warn(f"{path}:{number} is not a JSON object row; skipped", stacklevel=2)
 
 

@@ -75,10 +75,14 @@ DPI = 150
 
 
 def find_run_dirs(sweep_dir: str | Path) -> list[Path]:
-    """Every run dir under `sweep_dir` (itself included): a dir holding results.jsonl or run_state.json."""
+    """Every run dir under `sweep_dir` (itself included): a dir holding results.jsonl or run_state.json, except
+    the old runs that on_config_change=overwrite moved aside (history, not runs of the sweep)."""
+    from harness.train import OVERWRITTEN_PREFIX
+
     root = Path(sweep_dir)
     require(root.is_dir(), f"sweep dir {root}: does not exist or is not a directory")
-    return sorted({p.parent for name in ("results.jsonl", "run_state.json") for p in root.rglob(name)})
+    found = {p.parent for name in ("results.jsonl", "run_state.json") for p in root.rglob(name)}
+    return sorted(d for d in found if not any(part.startswith(OVERWRITTEN_PREFIX) for part in d.relative_to(root).parts))
 
 
 def _config_row(run: Path) -> dict:
@@ -145,9 +149,9 @@ def collect_results(sweep_dirs: str | Path | Iterable[str | Path]) -> pd.DataFra
     (a short label per run), `state` (done | running | preempted | failed from run_state.json, or
     unknown without one), `state_step`, `max_steps`, `error`, `run_path` (where the run dir was found)
     and `sweep_dir`. Unfinished and failed runs are included; a run with no evaluation yet has one
-    row with NaN step and fid. A step evaluated twice keeps its latest row; a torn last line of a
-    results.jsonl (a kill mid-append) is skipped; a value that is not a number where one belongs is read as
-    missing, with a warning naming the run and key.
+    row with NaN step and fid. A step evaluated twice keeps its row with the most samples, the latest among
+    equals; a torn last line of a results.jsonl (a kill mid-append) is skipped; a value that is not a number
+    where one belongs is read as missing, with a warning naming the run and key.
     """
     dirs = [sweep_dirs] if isinstance(sweep_dirs, (str, Path)) else list(sweep_dirs)
     require(len(dirs) > 0, "collect_results: give at least one sweep dir")
@@ -171,7 +175,9 @@ def collect_results(sweep_dirs: str | Path | Iterable[str | Path]) -> pd.DataFra
         for run_path, value in sorted(unreadable):
             warnings.warn(f"{run_path}/results.jsonl: {col}={value} is not a number; read as missing", stacklevel=2)
         df[col] = numbers
-    # The latest evaluation of a step wins (a step is re-evaluated after a requeue, say).
+    # A step evaluated twice keeps the FID from the most samples (the most precise: `harness eval` with
+    # FID-50K after training with FID-5K), the latest among equals (a re-evaluation after a requeue, say).
+    df = df.sort_values("num_samples", kind="stable", na_position="first")
     df = df.drop_duplicates(subset=["run_path", "step", "fid_name"], keep="last")
     missing = df["train_compute_flops"].isna()
     df.loc[missing, "train_compute_flops"] = training_compute_flops(df["gflops"], df["global_batch_size"], df["step"])[missing]

@@ -109,15 +109,27 @@ def checkpoint_step(path: Path) -> int:
 
 def load_latest_checkpoint(run_dir: Path, say=print) -> dict | None:
     """The newest readable checkpoint; an unreadable newer one is reported and skipped, never deleted."""
-    for path in reversed(list_checkpoints(run_dir)):
+    paths = list_checkpoints(run_dir)
+    for path in reversed(paths):
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
             if not isinstance(state, dict) or "step" not in state or "model" not in state:
                 raise ValueError("not a harness training checkpoint")
             return state
         except Exception as err:  # a truncated or corrupt file: fall back to the previous one
-            say(f"checkpoint {path} is unreadable ({type(err).__name__}: {str(err)[:120]}); trying the previous one")
+            say(f"checkpoint {path} is unreadable ({type(err).__name__}: {first_line(err)})")
+    if paths:
+        say(f"no readable checkpoint in {Path(run_dir) / 'checkpoints'}: starting from step 0")
     return None
+
+
+def set_aside_unreadable(run_dir: Path, resumed_step: int) -> None:
+    """Checkpoints newer than the one a run resumed from could not be read. Each is renamed
+    `<name>.unreadable-<time>`: kept for inspection, but no longer counted by keep-last pruning (which
+    would otherwise delete the readable one) or overwritten by the next save of its step."""
+    for path in list_checkpoints(run_dir):
+        if checkpoint_step(path) > resumed_step:
+            path.rename(path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"))
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int, milestones: set[int]) -> None:
@@ -166,6 +178,8 @@ def set_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
+
+OVERWRITTEN_PREFIX = "overwritten-"  # on_config_change=overwrite moves the old run to <run dir>/overwritten-<time>/
 
 # Keys that may change between restarts of one run without making it a different run.
 RUN_CONTROL_KEYS = ("trainer.max_steps", "trainer.ckpt_every", "trainer.ckpt_milestones", "trainer.keep_last",
@@ -233,10 +247,10 @@ def claim_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     if check_run_dir(cfg, run_dir):
         if cfg.on_config_change == "overwrite":
             # Starting over never deletes: the old run moves aside.
-            aside = run_dir / f"overwritten-{time.strftime('%Y%m%d-%H%M%S')}"
+            aside = run_dir / f"{OVERWRITTEN_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
             aside.mkdir()
             for item in run_dir.iterdir():
-                if item != aside and not item.name.startswith(("overwritten-", ".hydra")) and not item.name.endswith(".log"):
+                if item != aside and not item.name.startswith((OVERWRITTEN_PREFIX, ".hydra")) and not item.name.endswith(".log"):
                     item.rename(aside / item.name)
     atomic_write_text(saved, to_yaml(cfg))
 
@@ -624,6 +638,9 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
         tracker.print(f"note: trainer.gpus={tc.gpus} but this job has {dist.world_size} process(es); trainer.gpus only "
                       f"plans (sweeps, dry runs): start it with torchrun --nproc_per_node={tc.gpus} to use {tc.gpus} GPUs")
     step = resume_from_checkpoint(run_dir, model, ema, opt, stream, tc, say=tracker.print)
+    dist.barrier()  # every rank has read its checkpoint
+    if dist.is_main:
+        set_aside_unreadable(run_dir, step)
     forward, fast = training_forward(model, tc, dist)
 
     max_steps = int(tc.max_steps)
@@ -637,32 +654,37 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
         tracker.print(f"training {cfg.model.name} ({params / 1e6:.2f}M params, {flops['gflops']:.4g} Gflops, "
                       f"{geometry.tokens(cfg.model.patch_size)} tokens) on {device} x{dist.world_size}, "
                       f"step {step}/{max_steps}")
+        if step >= max_steps:
+            tracker.print(f"already at step {step}, trainer.max_steps={max_steps}: nothing to train")
 
     nonfinite = NonFiniteWatch(device)
 
     def save(step: int) -> None:
         nonfinite.check(dist)
         if dist.is_main:
-            path = checkpoint_path(run_dir, step)
-            if path.exists():  # an unreadable checkpoint this run resumed from before: kept aside, never overwritten
-                path.rename(path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"))
             atomic_torch_save({
                 "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
                 "rng": rng_state(), "data_state": stream.state_dict(), "config": to_yaml(cfg),
                 "meta": {"model": cfg.model.name, "params": params, "gflops": flops["gflops"],
                          "geometry": vars(geometry)},
-            }, path)
+            }, checkpoint_path(run_dir, step))
             prune_checkpoints(run_dir, int(tc.keep_last), milestones)
         dist.barrier()
 
     sample_forward = inference_forward(ema, cfg, device) if eval_every is not None else None
 
     def evaluate(step: int) -> None:
-        from harness.evaluate import evaluate_model
+        from harness.evaluate import evaluate_model, evaluated_before
 
         nonfinite.check(dist)
-        evaluate_model(ema, cfg, step, run_dir, dist=dist, flops=flops, params=params, log_fn=tracker.log_result,
-                       forward=sample_forward)
+        if evaluated_before(run_dir, step, cfg.eval):
+            tracker.print(f"step {step}: already evaluated with this eval config (results.jsonl); not sampled again")
+            return
+        row = evaluate_model(ema, cfg, step, run_dir, dist=dist, flops=flops, params=params,
+                             log_fn=tracker.log_result, forward=sample_forward)
+        if row is not None:
+            tracker.print(f"step {step}: {row['fid_name']} {row['fid']:.4g} ({row['num_samples']} samples, "
+                          f"{row['sampler']}, cfg {row['cfg_scale']:g})")
 
     try:
         model.train()

@@ -411,13 +411,22 @@ def test_training_evaluates_every_n_steps_through_one_sampling_forward(tmp_path,
 
     inference_forward = train_module.inference_forward
     monkeypatch.setattr(train_module, "inference_forward", counting_inference_forward)
-    cfg = compose([*TINY_EVAL, "trainer.max_steps=4", "trainer.ckpt_every=4", "trainer.log_every=2",
-                   "trainer.global_batch_size=8", "trainer.device=cpu", "eval.every=2", f"eval.cache_dir={fid_cache}"])
+    overrides = [*TINY_EVAL, "trainer.max_steps=4", "trainer.ckpt_every=4", "trainer.log_every=2",
+                 "trainer.global_batch_size=8", "trainer.device=cpu", "eval.every=2", f"eval.cache_dir={fid_cache}"]
+    cfg = compose(overrides)
     train_module.train(cfg, tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [2, 4]
     assert rows[0]["fid"] != rows[1]["fid"]  # the EMA weights moved between the evaluations
     assert len(built) == 1  # the compiled graph and the learned call size carry over between evaluations
+
+    # Launched again once finished: the step-4 evaluation is in results.jsonl, so it is not sampled again;
+    # with another eval config it is.
+    train_module.train(cfg, tmp_path / "run")
+    assert (tmp_path / "run" / "results.jsonl").read_text().count("\n") == 2
+    train_module.train(compose([*overrides, "eval.num_samples=20"]), tmp_path / "run")
+    again = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert [(row["step"], row["num_samples"]) for row in again] == [(2, 24), (4, 24), (4, 20)]
 
 
 def _write_checkpoint(cfg, path, model):

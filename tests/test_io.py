@@ -37,10 +37,13 @@ def test_a_row_appended_after_a_torn_line_starts_a_line_of_its_own(tmp_path):
         assert io.read_jsonl(path) == [{"a": 1}, {"c": 3}]
 
 
-def test_only_a_broken_middle_line_is_warned_about(tmp_path):
+def test_a_broken_line_is_warned_about_unless_a_kill_tore_it(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"a": 1}\nnot json\n{"b": 2}\n{"c": ')
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert io.read_jsonl(path) == [{"a": 1}, {"b": 2}]
     assert [str(w.message) for w in caught] == [f"{path}:2 is not a JSON object row; skipped"]
+    path.write_text("garbage{{{\n")  # a whole line, newline and all: not torn by a kill
+    with pytest.warns(UserWarning, match=f"{path}:1 is not a JSON object row"):
+        assert io.read_jsonl(path) == []

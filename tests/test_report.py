@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -55,6 +56,27 @@ def test_results_table_rows_columns_and_states(df):
     assert df.duplicated(["run_path", "step"]).sum() == 0
     np.testing.assert_allclose(df["train_compute_flops"], df["gflops"] * 1e9 * BATCH * df["step"] * 3)
     assert df["config"].iloc[0] == "mini-S/4"  # smallest model, largest patch first
+
+
+def test_a_step_evaluated_twice_keeps_the_fid_from_the_most_samples(sweep, tmp_path):
+    copy = shutil.copytree(sweep, tmp_path / "sweep")
+    results = next(p for p in sorted(copy.rglob("results.jsonl")) if p.read_text().endswith("\n"))
+    last = json.loads(results.read_text().splitlines()[-1])
+    more = last["num_samples"] * 10
+    with open(results, "a") as f:
+        for fid, samples in ((1.5, more), (2.5, more), (99.0, 20)):  # FID-50K twice after training, then a quick look
+            f.write(json.dumps({**last, "fid": fid, "num_samples": samples}) + "\n")
+    df = report.collect_results(copy)
+    row = df[(df["run_path"] == str(results.parent)) & (df["step"] == last["step"])]
+    assert len(row) == 1 and (row["fid"].item(), row["num_samples"].item()) == (2.5, more)
+
+
+def test_a_run_moved_aside_by_overwrite_is_not_a_run_of_the_sweep(sweep, df, tmp_path):
+    copy = shutil.copytree(sweep, tmp_path / "sweep")
+    run = Path(df["run_path"].iloc[0].replace(str(sweep), str(copy)))
+    shutil.copytree(run, run / "overwritten-20260101-000000", ignore=shutil.ignore_patterns("overwritten-*"))
+    assert report.find_run_dirs(copy) == sorted(Path(p.replace(str(sweep), str(copy))) for p in df["run_path"].unique())
+    assert len(report.collect_results(copy)) == len(df)
 
 
 def test_results_csv_round_trip(df, tmp_path):
@@ -356,7 +378,7 @@ def test_the_paper_overlay_is_refused_for_digits_fid(df):
         report.plot_fid_vs_gflops(df, overlay_paper=True)
 
 
-def test_cli_report_reports_bad_input_in_one_line(tmp_path, capsys):
+def test_cli_report_reports_bad_input_in_one_line(sweep, tmp_path, capsys):
     from harness.cli import main
 
     (tmp_path / "nothing").mkdir()
@@ -367,6 +389,10 @@ def test_cli_report_reports_bad_input_in_one_line(tmp_path, capsys):
     taken.write_text("a file")
     assert main(["report", str(tmp_path / "nothing"), "-o", str(taken)]) == 2
     assert capsys.readouterr().err.strip() == f"harness: error: -o={taken} is a file; give a directory path"
+    # A directory this machine cannot make is not bad input (exit 1), but no traceback either.
+    assert main(["report", str(sweep), "-o", "/proc/harness-report"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("harness: error: [Errno 2] No such file or directory: '/proc/") and "\n" not in err
     # Usage errors are one line too (argparse would print its usage block).
     with pytest.raises(SystemExit) as exit_:
         main(["report", str(tmp_path / "nothing")])

@@ -102,6 +102,28 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
     assert not partial.exists()
 
 
+def test_an_unreadable_checkpoint_is_set_aside_and_keep_last_counts_only_readable_ones(tmp_path, capsys):
+    train(compose([*TINY, "trainer.max_steps=20", "trainer.ckpt_every=10", "trainer.keep_last=2"]), tmp_path)
+    first, newest = list_checkpoints(tmp_path)
+    newest.write_bytes(newest.read_bytes()[:100])
+    truncated = newest.read_bytes()
+    # Resumed from step 10, the next save is step 30: pruning to two must keep 10, not the unreadable 20.
+    train(compose([*TINY, "trainer.max_steps=30", "trainer.ckpt_every=1000", "trainer.keep_last=2"]), tmp_path)
+    assert [checkpoint_step(p) for p in list_checkpoints(tmp_path)] == [10, 30]
+    assert load_latest_checkpoint(tmp_path)["step"] == 30 and torch.load(first, weights_only=False)["step"] == 10
+    (kept,) = newest.parent.glob(f"{newest.name}.unreadable-*")
+    assert kept.read_bytes() == truncated
+    capsys.readouterr()
+    train(compose([*TINY, "trainer.max_steps=20", "trainer.ckpt_every=1000", "trainer.keep_last=2"]), tmp_path)
+    assert "already at step 30, trainer.max_steps=20: nothing to train" in capsys.readouterr().out
+    assert [checkpoint_step(p) for p in list_checkpoints(tmp_path)] == [10, 30]
+    for path in list_checkpoints(tmp_path):  # every checkpoint unreadable: said, and training starts over
+        path.write_bytes(b"")
+    messages = []
+    assert load_latest_checkpoint(tmp_path, say=messages.append) is None
+    assert messages[-1] == f"no readable checkpoint in {tmp_path / 'checkpoints'}: starting from step 0"
+
+
 def test_a_checkpoint_of_another_model_is_refused_before_anything_is_written(tmp_path):
     train(compose([*TINY, "trainer.max_steps=2", "trainer.ckpt_every=2"]), tmp_path / "a")
     (tmp_path / "b").mkdir()
@@ -368,6 +390,16 @@ def test_a_run_dir_made_of_hydra_values_still_trains(tmp_path):
     assert list(tmp_path.glob("*/checkpoints/step_0000002.pt"))
 
 
+def test_a_cache_dir_that_is_a_file_is_refused_before_the_run_starts(tmp_path):
+    (tmp_path / "afile").write_text("")
+    result = run_harness(["train", *TINY, "eval.every=2", f"hydra.run.dir={tmp_path / 'run'}"],
+                         HARNESS_CACHE_DIR=str(tmp_path / "afile"))
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"harness: error: eval.cache_dir (null: $HARNESS_CACHE_DIR/fid)={tmp_path}/afile/fid: "
+        f"{tmp_path}/afile is a file, not a directory")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_run_dir_that_is_a_file_is_one_line(tmp_path):
     taken = tmp_path / "taken"
     taken.write_text("not a directory")
@@ -390,6 +422,8 @@ def test_a_run_dir_that_is_a_file_is_one_line(tmp_path):
     ("eval.cfg_scale=0.5", "eval.cfg_scale must be a number >= 1 (1 = no guidance), got 0.5"),
     ("trainer.ckpt_milestones=[0]", "trainer.ckpt_milestones must be a list of positive integers, got [0]"),
     ("eval.ddim_eta=-1", "eval.ddim_eta must be a number >= 0, got -1"),
+    ("eval.sampler=euler50", "eval.sampler='euler50': unknown sampler 'euler'; "
+                             "allowed: ddpm<N> | ddim<N> | <N> with 1 <= N <= 1000 (or comma-separated section counts)"),
     ("trainer.lr=true", "trainer.lr must be a number > 0, got True"),
 ])
 def test_a_value_of_the_wrong_type_or_range_names_its_key(override, message):
