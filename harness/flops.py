@@ -267,7 +267,7 @@ def _with_paper(counted: dict) -> dict:
     paper = paper_gflops(row["model"], row["conditioning"]) if counted["paper_setting"] else None
     row["paper_gflops"] = paper
     row["diff_pct"] = round(100.0 * (row["gflops"] - paper) / paper, 3) if paper else None
-    row["gflops"] = round(row["gflops"], 4)
+    row["gflops"] = float(f"{row['gflops']:.6g}")  # significant digits: mini models count thousandths of a Gflop
     return row
 
 
@@ -321,9 +321,12 @@ def format_table(rows: list[dict], fmt: str = "text") -> str:
         writer.writerows(rows)
         return out.getvalue().rstrip("\n")
     header = ["model", "conditioning", "tokens", "params (M)", "Gflops", "paper", "diff %"]
+    def gflops(value: float) -> str:  # the paper's two decimals; three significant digits below 1 (mini models)
+        return f"{value:.2f}" if value >= 1 else f"{value:.3g}"
+
     body = [[
-        r["model"], r["conditioning"], str(r["tokens"]), f"{r['params'] / 1e6:.1f}", f"{r['gflops']:.2f}",
-        "" if r["paper_gflops"] is None else f"{r['paper_gflops']:.2f}",
+        r["model"], r["conditioning"], str(r["tokens"]), f"{r['params'] / 1e6:.1f}", gflops(r["gflops"]),
+        "" if r["paper_gflops"] is None else gflops(r["paper_gflops"]),
         "" if r["diff_pct"] is None else f"{r['diff_pct']:+.2f}",
     ] for r in rows]
     lines = text_table(header, body, left={0, 1})

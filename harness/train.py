@@ -890,9 +890,9 @@ def format_dry_run(report: dict) -> str:
         f"forward Gflops   {report['gflops']:.3f} per image (fvcore: 1 multiply-add = 1 flop)",
         f"training compute {report['train_compute_flops']:.3e} flops "
         f"(Gflops x batch {report['global_batch_size']} x steps {report['max_steps']} x 3)",
-        f"memory per GPU   ~{m['total_gb']:.1f} GiB at {report['precision']}, batch {report['batch_per_gpu']}/GPU "
-        f"on {report['gpus']} GPU(s): state {m['state_gb']:.1f} GiB (20 B/param: fp32 weights, grads, Adam, EMA) "
-        f"+ activations {m['activations_gb']:.1f} GiB (fitted to compiled bf16 on an H100)",
+        f"memory per GPU   ~{m['total_gb']:.3g} GiB at {report['precision']}, batch {report['batch_per_gpu']}/GPU "
+        f"on {report['gpus']} GPU(s): state {m['state_gb']:.3g} GiB (20 B/param: fp32 weights, grads, Adam, EMA) "
+        f"+ activations {m['activations_gb']:.3g} GiB (fitted to compiled bf16 on an H100)",
     ]
     if report.get("unsupported_ops"):
         lines.append(f"fvcore skipped   {report['unsupported_ops']}")
