@@ -681,8 +681,8 @@ def format_plan(plan: dict) -> str:
     if script is not None:
         lines += ["", f"sbatch script of one job ({rows[0]['run']}):", script.rstrip()]
     if plan["problems"]:
-        lines += ["", f"not ready to launch here: {len(plan['problems'])} input problem(s)",
-                  *(f"  - {p}" for p in plan["problems"])]
+        lines += ["", f"not ready to launch here: {len(plan['problems'])} problem(s)",
+                  *("  - " + p.replace("\n", "\n    ") for p in plan["problems"])]
     return "\n".join(lines)
 
 
@@ -692,11 +692,10 @@ def format_plan(plan: dict) -> str:
 
 
 def prepare_sweep(name: str, overrides: list[str], inputs: bool = True) -> tuple[DictConfig, list[RunSpec], str]:
-    """Compose, validate and check a sweep (inside `hydra_context()`); nothing is written."""
+    """Compose, validate and check a sweep's points (inside `hydra_context()`); nothing is written."""
     base, specs = expand_grid(name, overrides)
     executor = executor_kind(base)
     check_grid(name, specs, executor, inputs)
-    check_sweep_dir(name, specs)
     return base, specs, executor
 
 
@@ -713,12 +712,18 @@ def plan_sweep(name: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     """`harness sweep NAME --dry-run`: what a launch would do (`format_plan` prints it); nothing is written.
 
     Keys: name, sweep_dir, executor, rows (`plan_row` per run), script (one job's sbatch script under SLURM),
-    max_num_timeout, device (of the throughput table) and problems: the input files a launch from here would
-    refuse, listed rather than refused, since the data of a cluster sweep may live on the cluster.
+    max_num_timeout, device (of the throughput table) and problems: what a launch from here would refuse,
+    listed rather than refused (the input files, since the data of a cluster sweep may live on the cluster,
+    and a sweep dir holding other runs), so the plan shows what the change would do.
     """
     with hydra_context():
         base, specs, executor = prepare_sweep(name, list(overrides), inputs=False)
         sweep_dir = specs[0].sweep_dir
+        problems = input_problems(specs)
+        try:
+            check_sweep_dir(name, specs)
+        except HarnessError as err:
+            problems.append(str(err))
         decisions = plan_runs(specs, executor, slurm_queue(strict=False) if executor == "slurm" else None)
         table = load_throughput()
         first = next((d.spec for d in decisions if d.submit), specs[0])
@@ -727,7 +732,7 @@ def plan_sweep(name: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
             "rows": [plan_row(d.spec, table, d) for d in decisions],
             "script": sbatch_script(first.cfg, sweep_dir / SUBMITIT_DIR / "%j") if executor == "slurm" else None,
             "max_num_timeout": int(base.hydra.launcher.max_num_timeout) if executor == "slurm" else None,
-            "device": table["device"], "problems": input_problems(specs),
+            "device": table["device"], "problems": problems,
         }
 
 
@@ -737,6 +742,7 @@ def launch_sweep(name: str, overrides: list[str] | tuple[str, ...] = ()) -> list
     overrides = list(overrides)
     with hydra_context():
         base, specs, executor = prepare_sweep(name, overrides)
+        check_sweep_dir(name, specs)
         sweep_dir = specs[0].sweep_dir
         if executor == "slurm":
             require_slurm_commands()

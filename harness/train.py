@@ -183,8 +183,8 @@ OVERWRITTEN_PREFIX = "overwritten-"  # on_config_change=overwrite moves the old 
 
 # Keys that may change between restarts of one run without making it a different run.
 RUN_CONTROL_KEYS = ("trainer.max_steps", "trainer.ckpt_every", "trainer.ckpt_milestones", "trainer.keep_last",
-                    "trainer.log_every", "trainer.device", "trainer.gpus", "eval", "logger", "on_config_change",
-                    "sweep_name")
+                    "trainer.log_every", "trainer.device", "trainer.gpus", "trainer.compile_tuning", "eval", "logger",
+                    "on_config_change", "sweep_name")
 
 
 def run_identity(cfg: DictConfig) -> dict:

@@ -9,6 +9,7 @@ import csv
 import time
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -138,7 +139,7 @@ def test_a_grid_whose_data_is_missing_is_refused_before_anything_is_submitted(tm
     assert not out_dir.exists()
     # A dry run plans it all the same (the data may live on the cluster) and says a launch here would refuse.
     text = sweep.format_plan(sweep.plan_sweep("demo", overrides))
-    assert "not ready to launch here: 1 input problem(s)" in text and "is not a directory" in text
+    assert "not ready to launch here: 1 problem(s)" in text and "is not a directory" in text
     assert not out_dir.exists()
 
 
@@ -183,10 +184,13 @@ def test_no_sbatch_on_path_with_the_slurm_launcher(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_sweep_dir_of_another_sweep_is_refused(tmp_path):
+def test_a_sweep_dir_of_another_sweep_is_refused_by_a_launch_and_listed_by_a_dry_run(tmp_path):
     (tmp_path / sweep.SWEEP_RECORD).write_text("name: paper_grid\n")
     with pytest.raises(HarnessError, match=r"holds the sweep 'paper_grid', not 'demo'"):
-        sweep.plan_sweep("demo", [*TINY_GRID, f"hydra.sweep.dir={tmp_path}"])
+        sweep.launch_sweep("demo", [*TINY_GRID, f"hydra.sweep.dir={tmp_path}"])
+    assert os.listdir(tmp_path) == [sweep.SWEEP_RECORD]
+    plan = sweep.plan_sweep("demo", [*TINY_GRID, f"hydra.sweep.dir={tmp_path}"])
+    assert len(plan["rows"]) == 2 and plan["problems"][-1].startswith(f"{tmp_path} holds the sweep 'paper_grid'")
 
 
 def test_a_run_whose_config_changed_is_refused(tmp_path):
@@ -196,7 +200,9 @@ def test_a_run_whose_config_changed_is_refused(tmp_path):
     spec.run_dir.mkdir(parents=True)
     (spec.run_dir / "config.yaml").write_text(to_yaml(sweep.task_config(spec.cfg)).replace("lr: 0.001", "lr: 0.002"))
     with pytest.raises(HarnessError, match=r"different config.*\n.*trainer.lr: 0.002 -> 0.001"):
-        sweep.plan_sweep("demo", [*TINY_GRID, f"hydra.sweep.dir={tmp_path}"])
+        sweep.launch_sweep("demo", [*TINY_GRID, f"hydra.sweep.dir={tmp_path}"])
+    text = sweep.format_plan(sweep.plan_sweep("demo", [*TINY_GRID, f"hydra.sweep.dir={tmp_path}"]))
+    assert f"{spec.run_name}: trainer.lr: 0.002 -> 0.001" in text and "not ready to launch here: 1 problem(s)" in text
 
 
 def test_plan_skips_done_and_queued_runs_and_resumes_the_rest(tmp_path):

@@ -214,7 +214,10 @@ def test_run_dir_with_a_different_config_is_refused(tmp_path):
     train(compose([*TINY, "trainer.max_steps=2", "trainer.ckpt_every=2"]), tmp_path)
     with pytest.raises(HarnessError, match=r"different config \(model.depth: 2 -> 3\).*on_config_change"):
         train(compose([*TINY, "model.depth=3", "trainer.max_steps=2"]), tmp_path)
-    # Extending the run is the same run.
+    # Extending the run is the same run; so is one whose config predates a speed switch (compile_tuning).
+    config = tmp_path / "config.yaml"
+    assert "compile_tuning: false" in config.read_text()
+    config.write_text(config.read_text().replace("  compile_tuning: false\n", ""))
     assert train(compose([*TINY, "trainer.max_steps=4", "trainer.ckpt_every=2"]), tmp_path)["step"] == 4
     # Overwrite moves the old run aside instead of deleting it; Hydra's records, logs and earlier overwrites stay.
     (tmp_path / ".hydra").mkdir()
