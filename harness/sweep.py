@@ -666,10 +666,14 @@ def format_plan(plan: dict) -> str:
              *text_table(header, [*body, total], left={0, 1, 12}), "",
              "Gflops: fvcore, one forward pass of one image (1 multiply-add = 1 flop); paper: Table 4 / Sec. 3.2.",
              "train compute = Gflops x batch x steps x 3 (paper Fig. 9); FID samples = evaluations x eval.num_samples."]
-    sources = sorted({s for r in rows for s in r["sources"]})
-    if sources:
-        lines.append(f"GPU-hours (training + FID sampling) on {device}: " + "; ".join(sources)
-                     + f" -- edit {THROUGHPUT_FILE.relative_to(REPO)} or measure with `harness bench`.")
+    models_by_source: dict[str, list[str]] = {}
+    for r in rows:
+        for source in r["sources"]:
+            models_by_source.setdefault(source, []).append(r["model"])
+    if models_by_source:
+        lines.append(f"GPU-hours (training + FID sampling) on {device}; edit {THROUGHPUT_FILE.relative_to(REPO)} "
+                     "or measure with `harness bench`:")
+        lines += [f"  {source}: {', '.join(dict.fromkeys(models))}" for source, models in sorted(models_by_source.items())]
         lines.append("wall h = GPU-hours / GPUs of the run (perfect scaling assumed).")
     if len(on_gpu) < len(rows):
         lines.append("CPU runs (trainer.device=cpu) have no GPU-hour estimate.")
