@@ -437,13 +437,17 @@ class Decision:
 
 
 def plan_runs(specs: list[RunSpec], executor: str, queue: dict[str, dict] | None) -> list[Decision]:
-    """Which runs to submit: not done and no job of theirs still queued or running."""
+    """Which runs to submit: not done (or to be started over under on_config_change=overwrite) and no job of
+    theirs still queued or running."""
+    from harness.train import run_dir_difference
+
     submissions = last_submissions(specs[0].sweep_dir) if specs else {}
     decisions = []
     for spec in specs:
         state = read_json(spec.run_dir / "run_state.json", {}) or {}
         max_steps = int(spec.cfg.trainer.max_steps)
-        if state.get("state") == "done" and int(state.get("step") or 0) >= max_steps:
+        overwrite = spec.cfg.on_config_change == "overwrite" and run_dir_difference(spec.cfg, spec.run_dir)
+        if state.get("state") == "done" and int(state.get("step") or 0) >= max_steps and not overwrite:
             decisions.append(Decision(spec, False, f"done at step {state.get('step')}"))
             continue
         job = active_job(spec, submissions.get(spec.run_name), state, executor, queue)
@@ -451,7 +455,9 @@ def plan_runs(specs: list[RunSpec], executor: str, queue: dict[str, dict] | None
             decisions.append(Decision(spec, False, f"job {job[0]} is {job[1].lower()}"))
             continue
         step = newest_checkpoint_step(spec.run_dir)
-        if step is not None:
+        if overwrite:
+            reason = f"start over: on_config_change=overwrite moves the old run aside ({overwrite})"
+        elif step is not None:
             reason = f"resume from step {step}"
         elif state.get("state") == "failed":
             reason = "retry (failed before its first checkpoint)"
@@ -789,9 +795,12 @@ def sweep_status(sweep_dir: str | os.PathLike) -> list[dict]:
     """One row per run of a sweep dir: state, job, progress, last FID, log and (if failed) the error."""
     sweep_dir = Path(sweep_dir).absolute()
     require(sweep_dir.is_dir(), f"{sweep_dir} is not a directory")
+    require(not (sweep_dir / "run_state.json").exists(),
+            f"{sweep_dir} is a run dir, not a sweep dir: give the sweep dir above it ({sweep_dir.parent})")
     record = read_yaml(sweep_dir / SWEEP_RECORD) if (sweep_dir / SWEEP_RECORD).exists() else {}
     submissions = last_submissions(sweep_dir)
-    names = {p.name for p in sweep_dir.iterdir() if p.is_dir() and any((p / f).exists() for f in RUN_FILES)}
+    names = {p.name for p in sweep_dir.iterdir()
+             if p.is_dir() and not p.name.startswith(".") and any((p / f).exists() for f in RUN_FILES)}
     names |= set((record.get("grid") or {}).keys()) | set(submissions)
     require(names, f"{sweep_dir} holds no runs (no run dirs, {SWEEP_RECORD} or {SUBMISSIONS})")
     needs_queue = any(s.get("executor") == "slurm" for s in submissions.values())
@@ -844,7 +853,8 @@ def _run_status(sweep_dir: Path, name: str, submission: dict | None, queue: dict
         error.insert(0, f"{state_file} is not readable JSON: the state shown is a guess")
     return {
         "run": name, "run_dir": str(run_dir), "state": status, "job_id": job_id, "queue_state": queued or None,
-        "step": _last_step(run_dir, state), "max_steps": state.get("max_steps"), "requeues": state.get("requeues"),
+        "step": _last_step(run_dir, state), "max_steps": state.get("max_steps"),
+        "checkpoint": newest_checkpoint_step(run_dir), "requeues": state.get("requeues"),
         "fid": last.get("fid"), "fid_step": last.get("step"), "fid_name": last.get("fid_name"),
         "log": log, "error": error,
     }
@@ -855,12 +865,14 @@ def format_status(rows: list[dict]) -> str:
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
-    header = ["run", "state", "job", "step", "requeues", "last FID (step)", "log"]
+    header = ["run", "state", "job", "step", "checkpoint", "requeues", "last FID (step)", "log"]
     body = []
     for r in rows:
         step = "" if r["step"] is None else f"{r['step']}/{r['max_steps']}"
         fid = "" if r["fid"] is None else f"{r['fid']:.2f} ({r['fid_step']}) {r['fid_name'] or ''}".rstrip()
-        body.append([r["run"], r["state"], r["job_id"] or "", step, str(r["requeues"] or 0), fid, r["log"] or ""])
+        checkpoint = "" if r["checkpoint"] is None else str(r["checkpoint"])  # where a relaunch resumes
+        body.append([r["run"], r["state"], r["job_id"] or "", step, checkpoint, str(r["requeues"] or 0), fid,
+                     r["log"] or ""])
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     lines = [f"{len(rows)} run{'' if len(rows) == 1 else 's'}: {summary}",
              *text_table(header, body, left=range(len(header)))]

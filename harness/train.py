@@ -687,6 +687,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
                           f"{row['sampler']}, cfg {row['cfg_scale']:g})")
 
     try:
+        if eval_every and step % eval_every == 0 and 0 < step < max_steps:
+            evaluate(step)  # resumed from a checkpoint whose evaluation a kill cut short (one done is skipped)
         model.train()
         window_start, window_images, window_losses = time.time(), 0, []
         while step < max_steps:
@@ -718,10 +720,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
                               f"{tflops:.3g} TFLOP/s" + (f" MFU {row['mfu']:.1%}" if peak else ""))
                 window_start, window_images, window_losses = time.time(), 0, []
 
-            if eval_every and step % eval_every == 0 and step < max_steps:
-                evaluate(step)
             saved = step % tc.ckpt_every == 0 or step in milestones or step == max_steps
-            if saved:
+            if saved:  # before this step's evaluation: a kill during hours of FID sampling keeps the step
                 save(step)
             if dist.any_rank(preemption.raised):
                 if not saved:
@@ -732,6 +732,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
                                   else f"stopped at step {step} (SIGTERM): checkpoint saved, launching again resumes")
                 tracker.finish()
                 preemption.requeue_or_exit()
+            if eval_every and step % eval_every == 0 and step < max_steps:
+                evaluate(step)
 
         if eval_every is not None:
             evaluate(step)

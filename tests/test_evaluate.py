@@ -25,7 +25,7 @@ from harness.evaluate import (DIGITS_CNN, DIGITS_WEIGHTS, INCEPTION_FILE, MAX_SA
                               evaluate_model, generate_samples, load_digits_cnn, reference_floor,
                               to_uint8, train_digits_extractor)
 from harness.report import RESULT_COLUMNS
-from harness.train import InferenceForward
+from harness.train import InferenceForward, checkpoint_step, list_checkpoints
 
 # A DiT that samples 16x16 digits in well under a second: 16 tokens, one block.
 TINY_EVAL = [
@@ -427,6 +427,27 @@ def test_training_evaluates_every_n_steps_through_one_sampling_forward(tmp_path,
     train_module.train(compose([*overrides, "eval.num_samples=20"]), tmp_path / "run")
     again = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
     assert [(row["step"], row["num_samples"]) for row in again] == [(2, 24), (4, 24), (4, 20)]
+
+
+def test_a_kill_during_an_evaluation_keeps_its_checkpoint_and_the_resumed_run_evaluates_that_step(
+        tmp_path, fid_cache, monkeypatch):
+    import harness.evaluate as evaluate_module
+    import harness.train as train_module
+
+    cfg = compose([*TINY_EVAL, "trainer.max_steps=4", "trainer.ckpt_every=2", "trainer.global_batch_size=8",
+                   "trainer.device=cpu", "eval.every=2", f"eval.cache_dir={fid_cache}"])
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # what a kill during hours of FID sampling leaves: nothing after this point
+
+    monkeypatch.setattr(evaluate_module, "evaluate_model", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(cfg, tmp_path / "run")
+    assert [checkpoint_step(p) for p in list_checkpoints(tmp_path / "run")] == [2]  # saved before evaluating
+    monkeypatch.undo()
+    train_module.train(cfg, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [2, 4]
 
 
 def _write_checkpoint(cfg, path, model):

@@ -233,6 +233,14 @@ def test_plan_skips_done_and_queued_runs_and_resumes_the_rest(tmp_path):
     # More steps than the finished run had: it continues.
     longer = grid("demo", [*TINY_GRID, "trainer.max_steps=40", f"hydra.sweep.dir={tmp_path}"])
     assert sweep.plan_runs(longer[:1], "slurm", {})[0].reason == "resume from step 20"
+    # A finished run whose config changed, under on_config_change=overwrite: started over, not skipped.
+    from harness.config import to_yaml
+
+    (done.run_dir / "config.yaml").write_text(to_yaml(sweep.task_config(done.cfg)).replace("lr: 0.001", "lr: 0.002"))
+    overwrite = grid("demo", [*TINY_GRID, "model.patch_size=8", "on_config_change=overwrite", f"hydra.sweep.dir={tmp_path}"])
+    (decision,) = sweep.plan_runs(overwrite, "slurm", {})
+    assert decision.submit and decision.reason == ("start over: on_config_change=overwrite moves the old run aside "
+                                                   "(trainer.lr: 0.002 -> 0.001)")
 
 
 def test_status_of_a_sweep_dir(tmp_path):
@@ -332,10 +340,14 @@ def test_local_launcher_waits_boundedly_and_skips_runs_that_are_running_or_done(
     while (read_json(run_dir / "run_state.json", {}) or {}).get("state") != "done":
         assert time.time() < deadline, "the local run did not finish"
         time.sleep(0.5)
-    rows = sweep.launch_sweep("demo", args)
+    record = (tmp_path / sweep.SWEEP_RECORD).read_text()
+    rows = sweep.launch_sweep("demo", [*args, "eval.num_samples=30"])  # eval settings may change between launches
     assert "skip (done at step 40)" in capsys.readouterr().out
-    assert "1 run: 1 done" in sweep.format_status(rows)
+    assert "1 run: 1 done" in sweep.format_status(rows) and rows[0]["checkpoint"] == 40  # where a relaunch resumes
     assert len((tmp_path / sweep.SUBMISSIONS).read_text().splitlines()) == 1
+    assert (tmp_path / sweep.SWEEP_RECORD).read_text() == record  # nothing submitted: the record stays
+    with pytest.raises(HarnessError, match=f"^{run_dir} is a run dir, not a sweep dir: give the sweep dir above it"):
+        sweep.sweep_status(run_dir)
 
 
 class FakeJob:

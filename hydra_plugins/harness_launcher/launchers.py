@@ -64,14 +64,13 @@ class HarnessSubmititLauncher(BaseSubmititLauncher):
         queue = sweep.slurm_queue(strict=True) if self._EXECUTOR == "slurm" else None
         decisions = sweep.plan_runs(specs, self._EXECUTOR, queue)
         sweep_dir = specs[0].sweep_dir
-        task_overrides = [str(o) for o in self.config.hydra.overrides.task]
-        sweep.write_sweep_record(name, self.config, specs, task_overrides)
         for d in decisions:
             print(f"  {d.spec.run_name}: {'submit' if d.submit else 'skip'} ({d.reason})", flush=True)
         todo = [d for d in decisions if d.submit]
         print(f"sweep {name}: {len(todo)} of {len(decisions)} runs to submit ({self._EXECUTOR}); "
               f"sweep dir {sweep_dir}", flush=True)
-        if todo:
+        if todo:  # the record describes the last launch that submitted something
+            sweep.write_sweep_record(name, self.config, specs, [str(o) for o in self.config.hydra.overrides.task])
             self._run(todo, sweep_dir)
         return []
 
