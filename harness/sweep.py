@@ -833,8 +833,8 @@ def _run_status(sweep_dir: Path, name: str, submission: dict | None, queue: dict
         status = "failed"
     elif queued is None and needs_queue:
         status = f"{saved or 'submitted'} (queue unknown)"   # squeue did not answer
-    elif submission and not saved:
-        status = "failed"        # its job ended before training started
+    elif submission and not saved:  # its job ended before training started: an error, or cancelled while queued
+        status = "failed" if _tail(submission.get("stderr")) else "interrupted"
     elif saved in ("running", "preempted"):
         status = "interrupted"   # its job is gone without finishing: launching again resumes it
     else:
@@ -847,7 +847,8 @@ def _run_status(sweep_dir: Path, name: str, submission: dict | None, queue: dict
         if state.get("error"):
             error += str(state["error"]).strip().splitlines()[-ERROR_TAIL_LINES:]
         elif submission and not saved:
-            error.append(f"job {job_id} ended before training started")
+            error.append(f"job {job_id} ended before training started"
+                         + ("" if status == "failed" else ", its error log empty (cancelled while queued?)"))
         error += [f"| {line}" for line in _tail(submission.get("stderr"))]
     if state_file.exists() and not state:
         error.insert(0, f"{state_file} is not readable JSON: the state shown is a guess")

@@ -276,6 +276,20 @@ def test_status_of_a_slurm_run_from_its_state_and_the_queue(tmp_path, monkeypatc
     assert row["state"] == expected
 
 
+def test_a_job_that_ended_before_training_failed_only_if_it_left_an_error(tmp_path, monkeypatch):
+    (tmp_path / "run").mkdir()
+    stderr = tmp_path / "7.err"
+    (tmp_path / sweep.SUBMISSIONS).write_text(json.dumps({"run_name": "run", "executor": "slurm", "job_id": "7",
+                                                          "stderr": str(stderr)}) + "\n")
+    monkeypatch.setattr(sweep, "slurm_queue", lambda strict=True: {})  # the job has left the queue
+    (row,) = sweep.sweep_status(tmp_path)  # no error log: cancelled while pending, say
+    assert row["state"] == "interrupted" and "cancelled while queued?" in row["error"][0]
+    stderr.write_text("ImportError: no module named harness\n")
+    (row,) = sweep.sweep_status(tmp_path)
+    assert row["state"] == "failed" and row["error"] == ["job 7 ended before training started",
+                                                         "| ImportError: no module named harness"]
+
+
 def test_two_points_sharing_a_run_dir_are_refused():
     specs = grid("demo", [*TINY_GRID, "run_name=same"])
     with pytest.raises(HarnessError, match="share the run dir .*/same; put the swept key into run_name"):
