@@ -584,10 +584,14 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8)
 
 
+class SamplingStopped(Exception):
+    """Sampling stopped between batches: the job is being preempted or stopped (see `generate_samples`)."""
+
+
 @torch.no_grad()
 def generate_samples(model: nn.Module, diffusion_cfg: DictConfig, autoencoder: nn.Module, eval_cfg: DictConfig,
-                     geometry: Geometry, device: str | torch.device, rank: int = 0,
-                     world_size: int = 1) -> torch.Tensor | None:
+                     geometry: Geometry, device: str | torch.device, rank: int = 0, world_size: int = 1,
+                     stop: Callable[[], bool] | None = None) -> torch.Tensor | None:
     """`eval.num_samples` uint8 NCHW images from `model` (pass the EMA model), in sample-index order.
 
     The samples are cut into global batches of `eval.batch_size`; batch b is sampled with its own seed
@@ -615,6 +619,8 @@ def generate_samples(model: nn.Module, diffusion_cfg: DictConfig, autoencoder: n
     image_shape = None
     try:
         for first in range(0, num_batches, world_size):
+            if stop is not None and stop():  # every rank asks at each round, so all stop together
+                raise SamplingStopped(f"sampling stopped after {first} of {num_batches} batches")
             b = first + rank
             images = _sample_batch(model, diffusion, autoencoder, eval_cfg, labels, b, bs, shape, seed, device) \
                 if b < num_batches else None
@@ -731,7 +737,8 @@ def results_row(cfg: DictConfig, step: int, run_dir: str | os.PathLike, fid: dic
 
 def evaluate_model(model: nn.Module, cfg: DictConfig, step: int, run_dir: str | os.PathLike, dist=None,
                    flops: dict | None = None, params: int | None = None, cache_dir: str | os.PathLike | None = None,
-                   log_fn: Callable[[dict], None] | None = None, forward: nn.Module | None = None) -> dict | None:
+                   log_fn: Callable[[dict], None] | None = None, forward: nn.Module | None = None,
+                   stop: Callable[[], bool] | None = None) -> dict | None:
     """Evaluate the in-memory EMA `model` of a run at `step`: sample, FID, append the row to results.jsonl.
 
     Called by every rank of a job (`dist`: an object with rank, world_size, device, e.g. harness.train.Dist;
@@ -740,7 +747,8 @@ def evaluate_model(model: nn.Module, cfg: DictConfig, step: int, run_dir: str | 
     row atomically, calls `log_fn(row)` (e.g. a wandb hook) and returns it; other ranks return None.
     `flops`/`params` avoid recounting (harness.flops.count_flops / harness.model.count_params); `forward`,
     `model`'s sampling forward (harness.train.inference_forward), is kept by a caller that evaluates repeatedly,
-    so its compiled graph and learned call size carry over.
+    so its compiled graph and learned call size carry over. `stop`, asked between sampling batches on every
+    rank, ends the evaluation early with SamplingStopped (nothing written).
     """
     from harness.config import latent_geometry
     from harness.train import inference_forward
@@ -751,7 +759,7 @@ def evaluate_model(model: nn.Module, cfg: DictConfig, step: int, run_dir: str | 
     check_eval_config(cfg.eval, cfg.data, int(cfg.diffusion.num_timesteps))  # fail before sampling, not after
     geometry = latent_geometry(cfg)
     images = generate_samples(forward or inference_forward(model, cfg, device), cfg.diffusion, run_autoencoder(cfg, device),
-                              cfg.eval, geometry, device, rank=rank, world_size=world_size)
+                              cfg.eval, geometry, device, rank=rank, world_size=world_size, stop=stop)
     if rank != 0:
         return None
     run_dir = Path(run_dir)

@@ -671,17 +671,38 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
             prune_checkpoints(run_dir, int(tc.keep_last), milestones)
         dist.barrier()
 
+    def is_save_step(step: int) -> bool:
+        return step % tc.ckpt_every == 0 or step in milestones or step == max_steps
+
+    def stop_if_preempted(step: int) -> None:
+        """On SIGUSR2 or SIGTERM (on any rank): `step` saved, the run marked preempted, then requeue or exit."""
+        if not dist.any_rank(preemption.raised):
+            return
+        if not is_save_step(step):
+            save(step)
+        if dist.is_main:
+            write_run_state(run_dir, "preempted", step, max_steps)
+            tracker.print(f"preempted at step {step}: checkpoint saved, requeueing" if preemption.requeues
+                          else f"stopped at step {step} (SIGTERM): checkpoint saved, launching again resumes")
+        tracker.finish()
+        preemption.requeue_or_exit()
+
     sample_forward = inference_forward(ema, cfg, device) if eval_every is not None else None
 
     def evaluate(step: int) -> None:
-        from harness.evaluate import evaluate_model, evaluated_before
+        from harness.evaluate import SamplingStopped, evaluate_model, evaluated_before
 
         nonfinite.check(dist)
         if evaluated_before(run_dir, step, cfg.eval):
             tracker.print(f"step {step}: already evaluated with this eval config (results.jsonl); not sampled again")
             return
-        row = evaluate_model(ema, cfg, step, run_dir, dist=dist, flops=flops, params=params,
-                             log_fn=tracker.log_result, forward=sample_forward)
+        try:
+            row = evaluate_model(ema, cfg, step, run_dir, dist=dist, flops=flops, params=params,
+                                 log_fn=tracker.log_result, forward=sample_forward,
+                                 stop=lambda: dist.any_rank(preemption.raised))
+        except SamplingStopped:  # preempted while sampling: the resumed run samples this step again
+            stop_if_preempted(step)
+            raise  # not reached: stop_if_preempted exits
         if row is not None:
             tracker.print(f"step {step}: {row['fid_name']} {row['fid']:.4g} ({row['num_samples']} samples, "
                           f"{row['sampler']}, cfg {row['cfg_scale']:g})")
@@ -720,18 +741,9 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
                               f"{tflops:.3g} TFLOP/s" + (f" MFU {row['mfu']:.1%}" if peak else ""))
                 window_start, window_images, window_losses = time.time(), 0, []
 
-            saved = step % tc.ckpt_every == 0 or step in milestones or step == max_steps
-            if saved:  # before this step's evaluation: a kill during hours of FID sampling keeps the step
+            if is_save_step(step):  # before this step's evaluation: a kill during hours of FID sampling keeps it
                 save(step)
-            if dist.any_rank(preemption.raised):
-                if not saved:
-                    save(step)
-                if dist.is_main:
-                    write_run_state(run_dir, "preempted", step, max_steps)
-                    tracker.print(f"preempted at step {step}: checkpoint saved, requeueing" if preemption.requeues
-                                  else f"stopped at step {step} (SIGTERM): checkpoint saved, launching again resumes")
-                tracker.finish()
-                preemption.requeue_or_exit()
+            stop_if_preempted(step)
             if eval_every and step % eval_every == 0 and step < max_steps:
                 evaluate(step)
 

@@ -450,6 +450,37 @@ def test_a_kill_during_an_evaluation_keeps_its_checkpoint_and_the_resumed_run_ev
     assert [row["step"] for row in rows] == [2, 4]
 
 
+def test_sigterm_during_an_evaluation_stops_sampling_saves_the_step_and_the_resumed_run_evaluates_it(
+        tmp_path, fid_cache, monkeypatch):
+    import os
+    import signal
+
+    import harness.evaluate as evaluate_module
+    import harness.train as train_module
+
+    cfg = compose([*TINY_EVAL, "trainer.max_steps=4", "trainer.ckpt_every=4", "trainer.global_batch_size=8",
+                   "trainer.device=cpu", "eval.every=2", f"eval.cache_dir={fid_cache}"])  # 3 sampling batches
+    sampled = []
+    real_sample_batch = evaluate_module._sample_batch
+
+    def sample_batch_then_sigterm(*args, **kwargs):
+        sampled.append(args[5])  # the batch index
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or `scancel` would, while the first batch samples
+        return real_sample_batch(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "_sample_batch", sample_batch_then_sigterm)
+    with pytest.raises(SystemExit) as stopped:
+        train_module.train(cfg, tmp_path / "run")
+    assert stopped.value.code == 143 and sampled == [0]  # stopped at the next batch, not after all three
+    assert [checkpoint_step(p) for p in list_checkpoints(tmp_path / "run")] == [2]  # step 2 is no save step
+    assert json.loads((tmp_path / "run" / "run_state.json").read_text())["state"] == "preempted"
+    assert not (tmp_path / "run" / "results.jsonl").exists()
+    monkeypatch.undo()
+    train_module.train(cfg, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [2, 4]
+
+
 def _write_checkpoint(cfg, path, model):
     """One of our checkpoints: `model` as the EMA weights, other weights as the raw ones."""
     path.parent.mkdir(parents=True, exist_ok=True)
