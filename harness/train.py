@@ -732,7 +732,11 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
                 elapsed = time.time() - window_start
                 images_per_s = window_images / max(elapsed, 1e-9)
                 tflops = achieved_tflops(flops["gflops"], images_per_s / dist.world_size)
-                row = {"step": step, **dict(zip(LOGGED_LOSSES, torch.stack(window_losses).mean((0, 2)).tolist())),
+                window_means = torch.stack(window_losses).mean((0, 2))
+                if dist.world_size > 1:  # the global batch's means, as one process logs them (equal shares per rank)
+                    torch_dist.all_reduce(window_means)
+                    window_means /= dist.world_size
+                row = {"step": step, **dict(zip(LOGGED_LOSSES, window_means.tolist())),
                        "lr": opt.param_groups[0]["lr"], "images_per_s": images_per_s,
                        "tflops_per_device": tflops, "mfu": mfu(tflops, peak),
                        "peak_mem_gb": peak_memory_gb(device), "time": time.time()}

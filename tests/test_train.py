@@ -18,8 +18,8 @@ import torch
 from conftest import HARNESS, REPO, TINY, harness_env, run_harness
 from harness.config import compose, resolve_device, validate
 from harness.errors import HarnessError
-from harness.train import (achieved_tflops, checkpoint_step, list_checkpoints, load_latest_checkpoint, step_draws,
-                           step_generator, train)
+from harness.train import (LOGGED_LOSSES, achieved_tflops, checkpoint_step, list_checkpoints, load_latest_checkpoint,
+                           step_draws, step_generator, train)
 
 
 def final_weights(run_dir: Path) -> dict:
@@ -166,12 +166,16 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
     # Throughput is per device: the global images/s over the world size.
     gflops = torch.load(list_checkpoints(ddp)[-1], map_location="cpu", weights_only=False)["meta"]["gflops"]
+    logged = {}
     for run_dir, world in ((single, 1), (ddp, 2)):
-        first, last = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+        first, last = logged[world] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert (first["step"], last["step"]) == (5, 10)
         assert last["tflops_per_device"] == pytest.approx(achieved_tflops(gflops, last["images_per_s"] / world))
         # The last window is 5 steps of the global batch (80 images over all ranks), timed between the rows.
         assert 0.75 * 80 < last["images_per_s"] * (last["time"] - first["time"]) < 1.4 * 80
+    # The logged losses are the global batch's, not rank 0's half of it.
+    for one, two in zip(logged[1], logged[2]):
+        assert [two[k] for k in LOGGED_LOSSES] == pytest.approx([one[k] for k in LOGGED_LOSSES], rel=1e-4)
 
 
 def test_step_draws_timesteps_noise_and_label_dropout_rate():
