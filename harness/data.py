@@ -343,8 +343,8 @@ TORCH_PARALLEL_GRAIN = 32768  # elements: torch runs an elementwise op on its in
 
 def _serial_float(x: torch.Tensor) -> torch.Tensor:
     """`x.float()` in slices under torch's parallel grain, so each runs on the calling thread. A whole batch's
-    cast runs on the intra-op threads and waits for the slowest: with one of 2 cores busy it was 25x slower,
-    and the train loop's main thread casts every batch (README, performance)."""
+    cast runs on the intra-op threads and waits for the slowest: with one of 2 cores busy, 7.9 ms for a batch
+    of 32 against 0.25 ms, and the train loop's main thread casts every batch (README, performance)."""
     out = torch.empty(x.shape, dtype=torch.float32)
     rows = max(1, (TORCH_PARALLEL_GRAIN - 1) // max(1, math.prod(x.shape[1:])))
     for start in range(0, len(x), rows):

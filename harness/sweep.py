@@ -783,11 +783,10 @@ def _tail(path: str | Path | None, lines: int = ERROR_TAIL_LINES) -> list[str]:
     return [line.rstrip() for line in text.splitlines() if line.strip()][-lines:]
 
 
-def _last_step(run_dir: Path, state: dict) -> int | None:
+def _last_step(run_dir: Path, state: dict, checkpoint: int | None) -> int | None:
     """The furthest step a run is known to have reached: run_state.json is only written at start and end."""
     metrics = read_jsonl(run_dir / "metrics.jsonl")
-    steps = [s for s in (state.get("step"), metrics[-1].get("step") if metrics else None,
-                         newest_checkpoint_step(run_dir)) if s is not None]
+    steps = [s for s in (state.get("step"), metrics[-1].get("step") if metrics else None, checkpoint) if s is not None]
     return max(steps) if steps else None
 
 
@@ -814,7 +813,9 @@ def _run_status(sweep_dir: Path, name: str, submission: dict | None, queue: dict
     state = read_json(state_file, {}) or {}
     results = read_jsonl(run_dir / "results.jsonl")
     last = results[-1] if results else {}
+    checkpoint = newest_checkpoint_step(run_dir)
     submission = submission or {}
+    job_errors = _tail(submission.get("stderr"))
     executor = submission.get("executor")
     job_id = str(submission.get("job_id") or state.get("slurm_job_id") or "") or None
     queued = None
@@ -834,7 +835,7 @@ def _run_status(sweep_dir: Path, name: str, submission: dict | None, queue: dict
     elif queued is None and needs_queue:
         status = f"{saved or 'submitted'} (queue unknown)"   # squeue did not answer
     elif submission and not saved:  # its job ended before training started: an error, or cancelled while queued
-        status = "failed" if _tail(submission.get("stderr")) else "interrupted"
+        status = "failed" if job_errors else "interrupted"
     elif saved in ("running", "preempted"):
         status = "interrupted"   # its job is gone without finishing: launching again resumes it
     else:
@@ -849,13 +850,13 @@ def _run_status(sweep_dir: Path, name: str, submission: dict | None, queue: dict
         elif submission and not saved:
             error.append(f"job {job_id} ended before training started"
                          + ("" if status == "failed" else ", its error log empty (cancelled while queued?)"))
-        error += [f"| {line}" for line in _tail(submission.get("stderr"))]
+        error += [f"| {line}" for line in job_errors]
     if state_file.exists() and not state:
         error.insert(0, f"{state_file} is not readable JSON: the state shown is a guess")
     return {
         "run": name, "run_dir": str(run_dir), "state": status, "job_id": job_id, "queue_state": queued or None,
-        "step": _last_step(run_dir, state), "max_steps": state.get("max_steps"),
-        "checkpoint": newest_checkpoint_step(run_dir), "requeues": state.get("requeues"),
+        "step": _last_step(run_dir, state, checkpoint), "max_steps": state.get("max_steps"),
+        "checkpoint": checkpoint, "requeues": state.get("requeues"),
         "fid": last.get("fid"), "fid_step": last.get("step"), "fid_name": last.get("fid_name"),
         "log": log, "error": error,
     }
