@@ -63,11 +63,12 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, pattern in KERNEL_KINDS if pattern.search(name)), "other")
 
 
-def profile_summary(events, calls: int, wall_ms: float, cuda: bool, rows: int = 12) -> dict:
+def profile_summary(events, calls: int, wall_ms: float, cuda: bool, rows: int = 12, kernel_rows: int = 40) -> dict:
     """Per call: the host-side ops that cost most (by the time of the kernels each launched itself on a GPU,
-    by their own CPU time on a CPU), the GPU's kernel time by kind (`KERNEL_KINDS`) and the share of wall time
-    the GPU spent in kernels. Kernel events are counted once: an op's device time is its kernels' time, and
-    GPU-side annotations span other kernels."""
+    by their own CPU time on a CPU), the GPU's kernel time by kind (`KERNEL_KINDS`), the kernels that cost
+    most (Inductor names its kernels after the ops it fused) and the share of wall time the GPU spent in
+    kernels. Kernel events are counted once: an op's device time is its kernels' time, and GPU-side
+    annotations span other kernels."""
     from torch.autograd import DeviceType
 
     ops = [e for e in events if e.device_type == DeviceType.CPU]
@@ -82,8 +83,11 @@ def profile_summary(events, calls: int, wall_ms: float, cuda: bool, rows: int = 
         kind = kernel_kind(kernel.key)
         by_kind[kind] = by_kind.get(kind, 0.0) + kernel.self_device_time_total / 1e3 / calls
     busy_ms = sum(by_kind.values())
+    costly = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:kernel_rows] if cuda else []
     return {"wall_ms_per_call": wall_ms, "gpu_busy_fraction": busy_ms / wall_ms if cuda else None,
             "kernel_ms_by_kind": dict(sorted(by_kind.items(), key=lambda item: -item[1])) if cuda else None,
+            "kernels": [{"name": e.key[:200], "kind": kernel_kind(e.key), "ms_per_call": e.self_device_time_total / 1e3 / calls,
+                         "launches_per_call": e.count / calls} for e in costly],
             "top": [{"name": e.key[:80], "self_ms_per_call": self_ms(e), "calls_per_call": e.count / calls}
                     for e in top]}
 
@@ -293,6 +297,9 @@ def format_bench(result: dict) -> str:
         if r["kernel_ms_by_kind"]:
             lines.append("  GPU time by kind (ms per step): "
                          + ", ".join(f"{kind} {ms:.2f}" for kind, ms in r["kernel_ms_by_kind"].items()))
+        if r["kernels"]:
+            lines.append("  costliest kernels (ms per step):")
+            lines += [f"  {k['ms_per_call']:8.3f}  x{k['launches_per_call']:<5g} {k['name'][:100]}" for k in r["kernels"][:20]]
         lines.append("  top self times (ms per step):")
         lines += [f"  {e['self_ms_per_call']:8.3f}  x{e['calls_per_call']:<5g} {e['name']}" for e in r["top"]]
     if "sample" in result:

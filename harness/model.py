@@ -56,7 +56,10 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # The conv writes channel-major (N, D, T); left as a transposed view, every residual add after it
+        # keeps that layout and each LayerNorm reduces over strided memory (on an H200, the fused
+        # LayerNorm kernels of a DiT-XL/2 step ran split in two and uncoalesced). Token-major from here on.
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 def sincos_pos_embed_2d(hidden_size: int, grid_size: int) -> torch.Tensor:

@@ -63,6 +63,7 @@ def test_bench_profile_says_where_a_step_goes():
     result = run_bench(TINY, what=("train",), warmup=1, iters=1, profile=True)
     profile = result["train"]["profile"]
     assert profile["wall_ms_per_call"] > 0 and profile["gpu_busy_fraction"] is None  # no GPU here
+    assert profile["kernels"] == []
     assert len(profile["top"]) == 12 and any("mm" in op["name"] for op in profile["top"])
     assert all(op["self_ms_per_call"] >= 0 and op["calls_per_call"] > 0 for op in profile["top"])
     assert "train step profile" in format_bench(result)
@@ -95,6 +96,10 @@ def test_gpu_busy_share_counts_each_kernel_once():
     assert list(summary["kernel_ms_by_kind"])[0] == "gemm"
     assert [op["name"] for op in summary["top"]] == ["aten::mm", "aten::_fused_adamw_"]
     assert summary["top"][0]["self_ms_per_call"] == pytest.approx(1.5)
+    assert [(k["name"], k["kind"]) for k in summary["kernels"][:2]] == [("sm90_gemm", "gemm"),
+                                                                         ("multi_tensor_apply_kernel", "optimizer+ema")]
+    assert len(summary["kernels"]) == 6  # the annotation is not a kernel
+    assert summary["kernels"][0]["ms_per_call"] == pytest.approx(1.5) and summary["kernels"][0]["launches_per_call"] == 1
 
 
 def test_mfu_arithmetic_by_hand():

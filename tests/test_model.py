@@ -264,6 +264,19 @@ def test_patch_embed_token_order_matches_unpatchify():
     torch.testing.assert_close(model.unpatchify(tokens), x)
 
 
+def test_residual_stream_is_token_major_in_every_block():
+    """LayerNorm reduces over D: each block's input must hold a token's D values side by side. The patch
+    conv's channel-major output, left as a transposed view, made every residual add inherit it."""
+    model = perturb(tiny())
+    seen = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda module, args: seen.append((args[0].shape, args[0].stride())))
+    x, t, y = inputs()
+    model(x, t, y)
+    tokens, dim = model.num_patches, model.pos_embed.shape[-1]
+    assert seen == [((3, tokens, dim), (tokens * dim, dim, 1))] * len(model.blocks)
+
+
 # ----------------------------------------------------------------------------- options
 
 def test_gradient_checkpointing_same_gradients():

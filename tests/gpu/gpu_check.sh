@@ -7,11 +7,14 @@
 #   tests/gpu/gpu_check.sh variants   where a step goes and what changes it: profiles with the GPU time by
 #                                     kernel kind, the batch, the SDPA kernel, and the real train loop
 #                                     (`harness train` on a synthetic latent cache) against `harness bench`;
-#   tests/gpu/gpu_check.sh autotune   DiT-XL/2 at batch 128 in the default compile mode, then with
-#                                     trainer.compile_tuning (Inductor tunes its elementwise and reduction
-#                                     kernels): on a card with >= 120 GB (H200) both at batch 256, elsewhere at
-#                                     batch 128, followed by a profile at batch 32. (max-autotune's GEMM search
+#   tests/gpu/gpu_check.sh autotune   DiT-XL/2 in the default compile mode, then with trainer.compile_tuning
+#                                     (Inductor tunes its elementwise and reduction kernels): on a card with
+#                                     >= 120 GB (H200) both at batch 256 (the first profiled), then batch 32;
+#                                     elsewhere both at batch 128, followed by a profile at batch 32. (max-autotune's GEMM search
 #                                     ran past 260 s on an H200 and chose cuBLAS for XL/2's large GEMMs.)
+#   tests/gpu/gpu_check.sh profile    DiT-XL/2 at batch 32 profiled kernel by kernel, with the code Inductor
+#                                     generated for its step packed into $OUT/inductor_code.tgz (where the
+#                                     elementwise time goes, and what each fused kernel reads and writes).
 # Budget: under 8 minutes; each benchmark has its own time limit and a failed one does not stop the rest.
 # Results: one JSON line per benchmark in bench/gpu_<suite>.jsonl ($OUT/... through the device tool).
 #
@@ -22,7 +25,7 @@
 #     hydra-submitit-launcher==1.2.0 torch-fidelity==0.4.0
 set -uo pipefail
 suite=${1:-check}
-[[ $suite =~ ^(check|variants|autotune)$ ]] || { echo "gpu_check.sh: suite '$suite' is not one of check, variants, autotune" >&2; exit 2; }
+[[ $suite =~ ^(check|variants|autotune|profile)$ ]] || { echo "gpu_check.sh: suite '$suite' is not one of check, variants, autotune, profile" >&2; exit 2; }
 cd "$(dirname "$0")/../.."
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -78,12 +81,19 @@ if [[ $suite == check ]]; then
   bench 60 model=DiT-XL/2 trainer.global_batch_size=32 trainer.compile=false trainer.grad_checkpointing=true --what train
   bench 120 model=DiT-XL/2 trainer.global_batch_size=128 --what train
   bench 100 model=DiT-B/2 trainer.global_batch_size=512 --what train
+elif [[ $suite == profile ]]; then
+  export TORCHINDUCTOR_CACHE_DIR=/tmp/harness-inductor-$$
+  python3 -c "import torch._inductor.config as c; print('inductor mix_order_reduction', getattr(c.triton, 'mix_order_reduction', 'absent'))"
+  bench 200 model=DiT-XL/2 trainer.global_batch_size=32 --what train --profile
+  grep -rl --include='*.py' 'async_compile.triton(' "$TORCHINDUCTOR_CACHE_DIR" | tar czf "$out/inductor_code.tgz" -T - \
+    && echo "generated code: $out/inductor_code.tgz"
 elif [[ $suite == autotune ]]; then  # kernel tuning compiles for minutes: the limits allow for it
-  bench 120 model=DiT-XL/2 trainer.global_batch_size=128 --what train
   if (( $(gpu_memory_mib) >= 120000 )); then  # an H200: XL/2 at batch 256 (91.3 GiB by the dry run's estimate) fits
-    bench 150 model=DiT-XL/2 trainer.global_batch_size=256 --what train
+    bench 150 model=DiT-XL/2 trainer.global_batch_size=256 --what train --profile
     bench 280 model=DiT-XL/2 trainer.global_batch_size=256 trainer.compile_tuning=true --what train
+    bench 100 model=DiT-XL/2 trainer.global_batch_size=32 --what train
   else
+    bench 120 model=DiT-XL/2 trainer.global_batch_size=128 --what train
     bench 280 model=DiT-XL/2 trainer.global_batch_size=128 trainer.compile_tuning=true --what train
     bench 150 model=DiT-XL/2 trainer.global_batch_size=32 --what train --profile
   fi
