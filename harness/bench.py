@@ -150,6 +150,7 @@ def bench_train(cfg: DictConfig, device: torch.device, gflops: float, peaks: dic
     _reset_peak_memory(device)
     seconds = _timed(step, device, warmup, iters)
     out = {"batch": batch, "step_s": seconds, **fast, "grad_checkpointing": bool(tc.grad_checkpointing),
+           "residual_precision": str(tc.residual_precision),
            **_throughput(batch / seconds, gflops, 3.0, peaks), "peak_mem_gb": peak_memory_gb(device)}
     if profile:
         out["profile"] = profile_calls(step, device)

@@ -198,6 +198,7 @@ def validate(cfg: DictConfig) -> None:
     one_of(trainer, "grad_checkpointing", (True, False))
     one_of(trainer, "compile_mode", COMPILE_MODES)
     one_of(trainer, "compile_tuning", (True, False))
+    one_of(trainer, "residual_precision", ("fp32", "bf16"))
     one_of(trainer, "attention", ATTENTION_KERNELS)
     one_of(cfg, "on_config_change", ("refuse", "resume", "overwrite"))
     integer(cfg, "seed", low=0)
@@ -226,6 +227,22 @@ def check_eval_values(ev: DictConfig, num_timesteps: int) -> None:
     require(ev.max_forward_batch == "auto" or (isinstance(ev.max_forward_batch, int) and ev.max_forward_batch > 0),
             f"eval.max_forward_batch must be auto or a positive integer, got {ev.max_forward_batch!r}")
     parse_sampler(str(ev.sampler), num_timesteps, key="eval.sampler")
+
+
+# Keys added to the configs after runs may have been saved, each with the value that trains as those runs did:
+# a stored config (a run's config.yaml, a checkpoint's) is read with them filled in, so an older run still
+# resumes, plans and evaluates instead of differing from today's config by a key it never had.
+KEYS_ADDED_LATER = {"trainer.compile_tuning": False, "trainer.residual_precision": "fp32"}
+_ABSENT = object()
+
+
+def with_keys_added_later(cfg: DictConfig) -> DictConfig:
+    """`cfg`, a run's stored config, with the keys of KEYS_ADDED_LATER it lacks set to what it trained with."""
+    for key, value in KEYS_ADDED_LATER.items():
+        parent = key.rsplit(".", 1)[0]
+        if OmegaConf.select(cfg, parent) is not None and OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
+            OmegaConf.update(cfg, key, value, force_add=True)
+    return cfg
 
 
 def to_yaml(cfg: DictConfig) -> str:

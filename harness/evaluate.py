@@ -793,7 +793,7 @@ def checkpoint_config(ckpt: str | os.PathLike, overrides: list[str] | tuple[str,
     "a checkpoint from another config". A released DiT .pt is a bare state_dict: its config comes from the
     overrides (e.g. model=DiT-XL/2 experiment=imagenet256), checked by the strict weight loading.
     """
-    from harness.config import compose
+    from harness.config import compose, with_keys_added_later
     from harness.train import RUN_CONTROL_KEYS, first_difference, run_identity
 
     path = Path(ckpt).expanduser()
@@ -813,7 +813,7 @@ def checkpoint_config(ckpt: str | os.PathLike, overrides: list[str] | tuple[str,
     requested = compose(overrides)
     if not (isinstance(blob, dict) and isinstance(blob.get("config"), str)):
         return requested, {"ours": False, "path": path, "step": None, "run_dir": None}
-    stored = OmegaConf.create(blob["config"])
+    stored = with_keys_added_later(OmegaConf.create(blob["config"]))
     merged = stored.copy()
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")

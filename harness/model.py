@@ -325,6 +325,7 @@ class DiT(nn.Module):
         self.num_heads = num_heads
         self.conditioning = conditioning
         self.grad_checkpointing = False  # recompute each block's activations in backward to save memory
+        self.low_precision_residual = False  # keep the residual stream in autocast's dtype (see forward)
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -392,7 +393,11 @@ class DiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                 force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x: (N, C, H, W) latents, t: (N,) timesteps, y: (N,) labels (num_classes = null label)."""
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        x = self.x_embedder(x)  # (N, T, D)
+        # Under autocast the patch conv returns bf16 and the fp32 pos_embed promotes the residual stream to
+        # fp32 for every block. `low_precision_residual` (trainer.residual_precision=bf16) keeps it in the
+        # conv's dtype instead, as Megatron-LM does by default: less memory traffic, a different rounding.
+        x = x + (self.pos_embed.to(x.dtype) if self.low_precision_residual else self.pos_embed)
         t_emb = self.t_embedder(t)  # (N, D)
         y_emb = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         if self.conditioning in ("adaln_zero", "adaln"):

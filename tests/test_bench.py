@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -10,11 +9,8 @@ import torch
 
 from conftest import TINY
 from harness.bench import format_bench, profile_summary, run_bench
-from harness.config import compose, latent_geometry
-from harness.diffusion import create_diffusion
-from harness.model import build_model
-from harness.train import (achieved_tflops, autocast_forward, build_optimizer, compiled, fast_path_settings, mfu,
-                           train_step)
+from harness.config import compose
+from harness.train import achieved_tflops, autocast_forward, build_training, compiled, fast_path_settings, mfu, train_step
 
 
 def _positive_numbers(node, path=""):
@@ -116,14 +112,8 @@ def _losses(overrides: list[str], steps: int = 3) -> list[float]:
     cfg = compose([*TINY, *overrides])
     device = torch.device("cpu")
     fast = fast_path_settings(cfg.trainer, device)
-    geometry = latent_geometry(cfg)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, geometry)
-    model.grad_checkpointing = bool(cfg.trainer.grad_checkpointing)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = build_optimizer(model, cfg.trainer, device)
+    model, ema, opt, diffusion = build_training(cfg, device)
     forward = autocast_forward(compiled(model, fast), model, fast, device)
-    diffusion = create_diffusion(cfg.diffusion)
     gen = torch.Generator().manual_seed(1)
     losses = []
     for _ in range(steps):
@@ -145,11 +135,27 @@ def _losses(overrides: list[str], steps: int = 3) -> list[float]:
     ("trainer.compile=true trainer.compile_tuning=true", 1e-4),
     # bf16 autocast rounds activations to 8 mantissa bits: losses agree to about 1% (documented tolerance).
     ("trainer.precision=bf16", 2e-2),
+    ("trainer.precision=bf16 trainer.residual_precision=bf16", 2e-2),  # the residual stream rounded too
 ])
 def test_fast_path_matches_plain_path(switch, rel):
     plain = _losses(["trainer.precision=fp32", "trainer.compile=false"])
     fast = _losses(["trainer.precision=fp32", "trainer.compile=false", *switch.split()])
     assert fast == pytest.approx(plain, rel=rel)
+
+
+@pytest.mark.parametrize("residual_precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_residual_precision_sets_the_dtype_between_blocks_in_training_only(residual_precision, dtype):
+    cfg = compose([*TINY, "trainer.precision=bf16", f"trainer.residual_precision={residual_precision}"])
+    model, ema, _, _ = build_training(cfg, torch.device("cpu"))
+    seen = {"model": [], "ema": []}
+    for name, module in (("model", model), ("ema", ema)):
+        for block in module.blocks:
+            block.register_forward_pre_hook(lambda m, args, name=name: seen[name].append(args[0].dtype))
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 500]), torch.tensor([0, 3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x, t, y)
+        ema(x, t, y)  # FIDs sample from the EMA the way `harness eval` does: fp32 between blocks
+    assert seen == {"model": [dtype] * len(model.blocks), "ema": [torch.float32] * len(ema.blocks)}
 
 
 @pytest.mark.parametrize("mode, mode_options", [("default", {}), ("reduce-overhead", {"triton.cudagraphs": True})])

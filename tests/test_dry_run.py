@@ -38,6 +38,19 @@ def test_memory_estimate_by_hand():
     ckpt = estimate_training_memory(10**6, 2, 16, 64, 4, "bf16", True)
     # Checkpointing keeps each block's input (T x d) and one block's activations for the recomputation.
     assert ckpt["activations_gb"] == pytest.approx((2 * 16 * 64 * 2 * 4 + 20 * 16 * 64 * 2 * 4) / 2**30)
+    # A bf16 residual stream: the two LayerNorm inputs per block are kept in one word each, not two.
+    low = estimate_training_memory(10**6, 2, 16, 64, 4, "bf16", False, residual_precision="bf16")
+    assert low["activations_gb"] == pytest.approx(18 / 20 * m["activations_gb"])
+    assert estimate_training_memory(10**6, 2, 16, 64, 4, "fp32", False, residual_precision="bf16") == fp32
+
+
+def test_memory_estimate_of_the_h200_measurements():
+    """Out of sample: XL/2 on an H200 (tests/gpu/results/2026-11-27-h200-*)."""
+    def xl2(batch, residual="fp32"):
+        return estimate_training_memory(675_129_632, 28, 256, 1152, batch, "bf16", False, residual)["total_gb"]
+    assert xl2(256) == pytest.approx(91.16, rel=0.01)
+    assert xl2(320) == pytest.approx(111.08, rel=0.01)
+    assert xl2(256, "bf16") == pytest.approx(83.01, rel=0.01)
 
 
 def test_the_dry_run_estimates_memory_per_gpu():

@@ -124,6 +124,33 @@ def test_an_unreadable_checkpoint_is_set_aside_and_keep_last_counts_only_readabl
     assert messages[-1] == f"no readable checkpoint in {tmp_path / 'checkpoints'}: starting from step 0"
 
 
+def test_a_run_saved_before_a_key_existed_resumes_and_evaluates(tmp_path):
+    """Keys added to the configs later (KEYS_ADDED_LATER) read as the value the older run trained with."""
+    from omegaconf import OmegaConf
+
+    from harness.config import KEYS_ADDED_LATER, to_yaml
+    from harness.evaluate import checkpoint_config
+    from harness.train import run_dir_difference
+
+    cfg = compose([*TINY, "trainer.max_steps=2", "trainer.ckpt_every=2"])
+    train(cfg, tmp_path)
+    older = OmegaConf.load(tmp_path / "config.yaml")
+    for key in KEYS_ADDED_LATER:
+        parent, leaf = key.rsplit(".", 1)
+        del OmegaConf.select(older, parent)[leaf]
+    (tmp_path / "config.yaml").write_text(to_yaml(older))
+    assert run_dir_difference(cfg, tmp_path) == ""
+    bf16 = compose([*TINY, "trainer.max_steps=2", "trainer.residual_precision=bf16"])
+    assert run_dir_difference(bf16, tmp_path) == "trainer.residual_precision: 'fp32' -> 'bf16'"
+    (tmp_path / "config.yaml").unlink()  # the checkpoint's own config, written without the keys
+    path = list_checkpoints(tmp_path)[-1]
+    blob = torch.load(path, weights_only=False)
+    torch.save({**blob, "config": to_yaml(older)}, path)
+    assert run_dir_difference(cfg, tmp_path) == ""
+    merged, _ = checkpoint_config(path)
+    assert merged.trainer.residual_precision == "fp32" and merged.trainer.compile_tuning is False
+
+
 def test_a_checkpoint_of_another_model_is_refused_before_anything_is_written(tmp_path):
     train(compose([*TINY, "trainer.max_steps=2", "trainer.ckpt_every=2"]), tmp_path / "a")
     (tmp_path / "b").mkdir()

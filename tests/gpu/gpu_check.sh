@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmarks of the performance issue, end to end, on a bare GPU machine with PyTorch.
 #   tests/gpu/gpu_check.sh            DiT-XL/2 and DiT-B/2 training at per-GPU batch 32 and at a large batch
-#                                     (XL/2 128, B/2 512) on the CUDA defaults (bf16 + SDPA + compile with
+#                                     (XL/2 320 on an H200, 128 elsewhere; B/2 512) on the CUDA defaults (bf16 + SDPA + compile with
 #                                     CUDA graphs; MFU vs the dense bf16 peak), XL/2 250-step guided sampling
 #                                     throughput, and XL/2 peak memory with and without gradient checkpointing;
 #   tests/gpu/gpu_check.sh variants   where a step goes and what changes it: profiles with the GPU time by
@@ -9,8 +9,9 @@
 #                                     (`harness train` on a synthetic latent cache) against `harness bench`;
 #   tests/gpu/gpu_check.sh autotune   DiT-XL/2 in the default compile mode, then with trainer.compile_tuning
 #                                     (Inductor tunes its elementwise and reduction kernels): on a card with
-#                                     >= 120 GB (H200) both at batch 256 (the first profiled), then batch 32;
-#                                     elsewhere both at batch 128, followed by a profile at batch 32. (max-autotune's GEMM search
+#                                     >= 120 GB (H200) at batch 256 (profiled), 320, 256 with a bf16 residual
+#                                     stream, and 256 tuned (about 9 minutes: give it GPU_CHECK_BUDGET_S=560);
+#                                     elsewhere at batch 128, tuned, and a profile at batch 32. (max-autotune's GEMM search
 #                                     ran past 260 s on an H200 and chose cuBLAS for XL/2's large GEMMs.)
 #   tests/gpu/gpu_check.sh profile    DiT-XL/2 at batch 32 profiled kernel by kernel, with the code Inductor
 #                                     generated for its step packed into $OUT/inductor_code.tgz (where the
@@ -79,7 +80,8 @@ if [[ $suite == check ]]; then
   bench 150 model=DiT-XL/2 eval.batch_size=64 --what sample
   bench 60 model=DiT-XL/2 trainer.global_batch_size=32 trainer.compile=false --what train
   bench 60 model=DiT-XL/2 trainer.global_batch_size=32 trainer.compile=false trainer.grad_checkpointing=true --what train
-  bench 120 model=DiT-XL/2 trainer.global_batch_size=128 --what train
+  # the largest XL/2 batch that fits: 320 on an H200 (111 GiB by the dry run's estimate), 128 elsewhere
+  bench 120 model=DiT-XL/2 trainer.global_batch_size=$( (( $(gpu_memory_mib) >= 120000 )) && echo 320 || echo 128) --what train
   bench 100 model=DiT-B/2 trainer.global_batch_size=512 --what train
 elif [[ $suite == profile ]]; then
   export TORCHINDUCTOR_CACHE_DIR=/tmp/harness-inductor-$$
@@ -90,8 +92,9 @@ elif [[ $suite == profile ]]; then
 elif [[ $suite == autotune ]]; then  # kernel tuning compiles for minutes: the limits allow for it
   if (( $(gpu_memory_mib) >= 120000 )); then  # an H200: XL/2 at batch 256 (91.3 GiB by the dry run's estimate) fits
     bench 150 model=DiT-XL/2 trainer.global_batch_size=256 --what train --profile
+    bench 150 model=DiT-XL/2 trainer.global_batch_size=320 --what train
+    bench 150 model=DiT-XL/2 trainer.global_batch_size=256 trainer.residual_precision=bf16 --what train
     bench 280 model=DiT-XL/2 trainer.global_batch_size=256 trainer.compile_tuning=true --what train
-    bench 100 model=DiT-XL/2 trainer.global_batch_size=32 --what train
   else
     bench 120 model=DiT-XL/2 trainer.global_batch_size=128 --what train
     bench 280 model=DiT-XL/2 trainer.global_batch_size=128 trainer.compile_tuning=true --what train
