@@ -71,6 +71,7 @@ gpu_memory_mib() {  # the first GPU's memory; 0 without one
   mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 | tr -dc 0-9)
   echo "${mib:-0}"
 }
+h200_sized=$(( $(gpu_memory_mib) >= 120000 ))  # 1 on a card with room for XL/2 at batch 320 (111 GiB, the dry run's estimate)
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
@@ -80,8 +81,7 @@ if [[ $suite == check ]]; then
   bench 150 model=DiT-XL/2 eval.batch_size=64 --what sample
   bench 60 model=DiT-XL/2 trainer.global_batch_size=32 trainer.compile=false --what train
   bench 60 model=DiT-XL/2 trainer.global_batch_size=32 trainer.compile=false trainer.grad_checkpointing=true --what train
-  # the largest XL/2 batch that fits: 320 on an H200 (111 GiB by the dry run's estimate), 128 elsewhere
-  bench 120 model=DiT-XL/2 trainer.global_batch_size=$( (( $(gpu_memory_mib) >= 120000 )) && echo 320 || echo 128) --what train
+  bench 120 model=DiT-XL/2 trainer.global_batch_size=$( ((h200_sized)) && echo 320 || echo 128) --what train
   bench 100 model=DiT-B/2 trainer.global_batch_size=512 --what train
 elif [[ $suite == profile ]]; then
   export TORCHINDUCTOR_CACHE_DIR=/tmp/harness-inductor-$$
@@ -90,7 +90,7 @@ elif [[ $suite == profile ]]; then
   grep -rl --include='*.py' 'async_compile.triton(' "$TORCHINDUCTOR_CACHE_DIR" | tar czf "$out/inductor_code.tgz" -T - \
     && echo "generated code: $out/inductor_code.tgz"
 elif [[ $suite == autotune ]]; then  # kernel tuning compiles for minutes: the limits allow for it
-  if (( $(gpu_memory_mib) >= 120000 )); then  # an H200: XL/2 at batch 256 (91.3 GiB by the dry run's estimate) fits
+  if ((h200_sized)); then
     bench 150 model=DiT-XL/2 trainer.global_batch_size=256 --what train --profile
     bench 150 model=DiT-XL/2 trainer.global_batch_size=320 --what train
     bench 150 model=DiT-XL/2 trainer.global_batch_size=256 trainer.residual_precision=bf16 --what train
