@@ -104,7 +104,7 @@ def _sweep(args: argparse.Namespace) -> int:
         return 0
     rows = launch_sweep(args.name, args.overrides)
     print(format_status(rows))
-    return 1 if any(r["state"] == "failed" for r in rows) else 0
+    return 1 if any(r["state"] in ("failed", "interrupted") for r in rows) else 0  # so a script notices
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -389,6 +389,13 @@ def local_job_alive(row: dict) -> bool:
     return b"submitit" in cmdline
 
 
+def live_local_runs(sweep_dir: Path, besides: set[str]) -> list[str]:
+    """Runs of this sweep, other than `besides`, whose local job is alive: started by an earlier launch that is
+    still going, they hold slots of `max_parallel` as much as this launch's own runs do."""
+    return sorted(name for name, row in last_submissions(sweep_dir).items()
+                  if name not in besides and row.get("executor") == "local" and local_job_alive(row))
+
+
 def last_submissions(sweep_dir: Path) -> dict[str, dict]:
     """Run name -> the newest submission record."""
     rows: dict[str, dict] = {}

@@ -290,6 +290,19 @@ def test_a_job_that_ended_before_training_failed_only_if_it_left_an_error(tmp_pa
                                                          "| ImportError: no module named harness"]
 
 
+@pytest.mark.parametrize("states, status", [(["done", "running", "pending"], 0), (["done", "interrupted"], 1),
+                                            (["failed", "done"], 1)])
+def test_harness_sweep_exits_1_when_a_run_failed_or_was_interrupted(monkeypatch, capsys, states, status):
+    from harness.cli import main
+
+    rows = [{"run": f"run-{i}", "run_dir": "", "state": state, "job_id": None, "queue_state": None, "step": 3,
+             "max_steps": 5, "checkpoint": None, "requeues": 0, "fid": None, "fid_step": None, "fid_name": None,
+             "log": None, "error": []} for i, state in enumerate(states)]
+    monkeypatch.setattr(sweep, "launch_sweep", lambda name, overrides: rows)
+    assert main(["sweep", "demo"]) == status
+    assert f"{len(states)} runs: " in capsys.readouterr().out
+
+
 def test_two_points_sharing_a_run_dir_are_refused():
     specs = grid("demo", [*TINY_GRID, "run_name=same"])
     with pytest.raises(HarnessError, match="share the run dir .*/same; put the swept key into run_name"):
@@ -375,7 +388,7 @@ class FakeJob:
         return self.polls < 0
 
 
-def fake_launcher(kind, monkeypatch, wait_s: float, poll_s: float = 0.2):
+def fake_launcher(kind, monkeypatch, wait_s: float, poll_s: float = 0.2, running_elsewhere=()):
     from types import SimpleNamespace
 
     from omegaconf import OmegaConf
@@ -393,7 +406,9 @@ def fake_launcher(kind, monkeypatch, wait_s: float, poll_s: float = 0.2):
 
     launcher._submit = submit
     monkeypatch.setattr(sweep, "local_parallelism", lambda cfg: (2, 1))
-    return launcher, [SimpleNamespace(spec=SimpleNamespace(cfg=None))] * 5, started, unfinished_at_start
+    monkeypatch.setattr(sweep, "live_local_runs", lambda sweep_dir, besides: list(running_elsewhere))
+    todo = [SimpleNamespace(spec=SimpleNamespace(cfg=None, run_name=f"run-{i}")) for i in range(5)]
+    return launcher, todo, started, unfinished_at_start
 
 
 def test_the_local_launcher_keeps_max_parallel_runs_going_until_all_are_done(tmp_path, monkeypatch):
@@ -405,6 +420,38 @@ def test_the_local_launcher_keeps_max_parallel_runs_going_until_all_are_done(tmp
     launcher, todo, started, _ = fake_launcher("HarnessLocalLauncher", monkeypatch, wait_s=0)
     launcher._run(todo, tmp_path)
     assert len(started) == 2
+
+
+def test_runs_an_earlier_launch_still_runs_hold_slots_of_max_parallel(tmp_path, monkeypatch, capsys):
+    launcher, todo, started, unfinished_at_start = fake_launcher("HarnessLocalLauncher", monkeypatch, wait_s=30,
+                                                                  running_elsewhere=["run-x"])
+    launcher._run(todo, tmp_path)
+    assert len(started) == 5 and max(unfinished_at_start) == 0  # one slot of two is taken: one run at a time
+    assert "1 already running from an earlier launch: run-x" in capsys.readouterr().out
+    launcher, todo, started, _ = fake_launcher("HarnessLocalLauncher", monkeypatch, wait_s=0,
+                                               running_elsewhere=["run-x", "run-y"])
+    launcher._run(todo, tmp_path)
+    assert started == []  # no slot free and no time to wait: the next launch starts them
+
+
+def test_live_local_runs_are_the_submissions_whose_process_is_alive(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "submitit"])
+    try:
+        rows = [{"run_name": "alive", "executor": "local", "job_id": alive.pid, "host": socket.gethostname()},
+                {"run_name": "mine", "executor": "local", "job_id": alive.pid, "host": socket.gethostname()},
+                {"run_name": "gone", "executor": "local", "job_id": 2 ** 22 + 1, "host": socket.gethostname()},
+                {"run_name": "elsewhere", "executor": "local", "job_id": alive.pid, "host": "another-host"},
+                {"run_name": "slurm", "executor": "slurm", "job_id": alive.pid, "host": socket.gethostname()}]
+        (tmp_path / sweep.SUBMISSIONS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        assert sweep.live_local_runs(tmp_path, besides={"mine"}) == ["alive"]
+    finally:
+        alive.kill()
+        alive.wait()
+    assert sweep.live_local_runs(tmp_path, besides=set()) == []
 
 
 def test_the_slurm_launcher_waits_for_its_jobs_but_not_past_wait_s(tmp_path, monkeypatch):

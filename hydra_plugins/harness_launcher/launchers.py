@@ -124,7 +124,8 @@ class HarnessSlurmLauncher(HarnessSubmititLauncher):
 
 
 class HarnessLocalLauncher(HarnessSubmititLauncher):
-    """`launcher=local`: local processes, at most `max_parallel` at a time, waited on for at most `wait_s`."""
+    """`launcher=local`: local processes, at most `max_parallel` at a time (counting the runs of this sweep that an
+    earlier launch still runs), waited on for at most `wait_s`."""
 
     _EXECUTOR = "local"
 
@@ -134,13 +135,19 @@ class HarnessLocalLauncher(HarnessSubmititLauncher):
         poll_s = max(0.2, float(self.config.hydra.launcher.poll_s))
         deadline = time.time() + wait_s
         pending, running = list(todo), []
-        print(f"running {len(todo)} runs locally, {parallel} at a time", flush=True)
+        ours = {d.spec.run_name for d in todo}
+        elsewhere = sweep.live_local_runs(sweep_dir, besides=ours)
+        print(f"running {len(todo)} runs locally, {parallel} at a time"
+              + (f" ({len(elsewhere)} already running from an earlier launch: {', '.join(elsewhere)})"
+                 if elsewhere else ""), flush=True)
         first = True
         while pending or running:
             running = [job for job in running if not job.done()]
-            # The first runs always start; later ones only while there is time left to wait for them.
-            while pending and len(running) < parallel and (first or time.time() < deadline):
+            busy = len(running) + len(sweep.live_local_runs(sweep_dir, besides=ours))
+            # The first runs start at once if slots are free; later ones only while there is time left to wait.
+            while pending and busy < parallel and (first or time.time() < deadline):
                 running.append(self._submit(pending.pop(0), sweep_dir))
+                busy += 1
             first = False
             if time.time() >= deadline:
                 ids = ", ".join(str(job.job_id) for job in running)
