@@ -430,10 +430,14 @@ def active_job(spec: RunSpec, submission: dict | None, state: dict, executor: st
 
 
 def newest_checkpoint_step(run_dir: Path) -> int | None:
+    """The step a relaunch resumes from: the newest checkpoint whose zip directory reads (a truncated file's does
+    not; checking it reads a few bytes, where loading one to be sure would read gigabytes)."""
+    import zipfile
+
     from harness.train import checkpoint_step, list_checkpoints
 
-    found = list_checkpoints(run_dir)
-    return checkpoint_step(found[-1]) if found else None
+    return next((checkpoint_step(path) for path in reversed(list_checkpoints(run_dir)) if zipfile.is_zipfile(path)),
+                None)
 
 
 @dataclass

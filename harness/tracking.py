@@ -1,4 +1,4 @@
-"""Where a run's numbers go: `metrics.jsonl` in the run dir, the terminal, and wandb.
+"""Where a run's numbers go: `metrics.jsonl` in the run dir, the terminal and `train.log`, and wandb.
 
 wandb is offline unless `logger.mode` says otherwise, so a run never needs a connection; an offline
 run is synced later with `wandb sync <run_dir>/wandb/offline-run-*`.
@@ -7,18 +7,24 @@ run is synced later with `wandb sync <run_dir>/wandb/offline-run-*`.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from harness.config import slug
-from harness.io import append_jsonl
+from harness.io import append_jsonl, atomic_write_bytes
+
+LOG_FILE = "train.log"                          # the run's own log, across restarts, whatever launched it
+SUPERSEDED_METRICS = "metrics.superseded.jsonl"  # rows of steps that a resumed run trained again
 
 
 class Tracker:
-    """Writes metric rows to `metrics.jsonl`, prints progress, and mirrors both to wandb when enabled."""
+    """Writes metric rows to `metrics.jsonl`, prints progress (to the terminal and `train.log`), and mirrors
+    both to wandb when enabled."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, enabled: bool = True):
         self.run_dir = Path(run_dir)
@@ -46,6 +52,29 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
 
+    def resumed_at(self, step: int) -> None:
+        """The run resumed from its checkpoint of `step`: rows past it were logged by a run killed after that
+        checkpoint, and the steps are trained (and logged) again. They move to `metrics.superseded.jsonl`, so
+        `metrics.jsonl` holds each step once; every other line stays as it was."""
+        path = self.run_dir / "metrics.jsonl"
+        if not self.enabled or not path.exists():
+            return
+        keep, stale = [], []
+        for line in path.read_bytes().splitlines(keepends=True):
+            try:
+                row_step = json.loads(line).get("step")
+            except (ValueError, AttributeError):
+                row_step = None
+            (stale if isinstance(row_step, int) and row_step > step else keep).append(line)
+        if stale:
+            # Aside first: a kill between the two writes leaves a row in both files, never in neither.
+            with open(self.run_dir / SUPERSEDED_METRICS, "ab") as f:
+                f.write(b"".join(line if line.endswith(b"\n") else line + b"\n" for line in stale))
+                f.flush()
+                os.fsync(f.fileno())
+            atomic_write_bytes(path, b"".join(keep))
+            self.print(f"{len(stale)} metrics rows past step {step} moved to {SUPERSEDED_METRICS}")
+
     def log_result(self, row: dict) -> None:
         """An evaluation row (already in results.jsonl) mirrored to wandb."""
         if self.wandb_run is not None:
@@ -53,10 +82,20 @@ class Tracker:
             self.wandb_run.log(numbers, step=row["step"])
 
     def print(self, text: str) -> None:
+        """`text` on the terminal and, time-stamped, in the run's `train.log`."""
+        if not self.enabled:
+            return
         if self.bar is not None:
             self.bar.write(text)
-        elif self.enabled:
+        else:
             print(text, file=sys.stderr if self.interactive else sys.stdout, flush=True)
+        self.write_log(text)
+
+    def write_log(self, text: str) -> None:
+        """`text`, time-stamped, in `train.log` only."""
+        if self.enabled:
+            with open(self.run_dir / LOG_FILE, "a") as log:
+                log.write("".join(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {line}\n" for line in text.splitlines()))
 
     def finish(self) -> None:
         if self.bar is not None:

@@ -644,6 +644,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
     dist.barrier()  # every rank has read its checkpoint
     if dist.is_main:
         set_aside_unreadable(run_dir, step)
+        tracker.resumed_at(step)
     forward, fast = training_forward(model, tc, dist)
 
     max_steps = int(tc.max_steps)
@@ -760,8 +761,9 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
             write_run_state(run_dir, "done", step, max_steps)
     except BaseException as err:
         if dist.is_main and not isinstance(err, SystemExit):
-            write_run_state(run_dir, "failed", step, max_steps,
-                            error="".join(traceback.format_exception_only(type(err), err)).strip()[-2000:])
+            error = "".join(traceback.format_exception_only(type(err), err)).strip()[-2000:]
+            write_run_state(run_dir, "failed", step, max_steps, error=error)
+            tracker.write_log(f"failed at step {step}: {error}")
         raise
     finally:
         preemption.restore()

@@ -18,6 +18,8 @@ import torch
 from conftest import HARNESS, REPO, TINY, harness_env, run_harness
 from harness.config import compose, resolve_device, validate
 from harness.errors import HarnessError
+from harness.io import read_jsonl
+from harness.sweep import newest_checkpoint_step
 from harness.train import (LOGGED_LOSSES, achieved_tflops, checkpoint_step, list_checkpoints, load_latest_checkpoint,
                            step_draws, step_generator, train)
 
@@ -77,6 +79,27 @@ def test_resume_after_sigkill_or_sigterm_is_bitwise_exact(tmp_path):
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         assert f"resumed {run_dir} from step" in resumed.stdout + resumed.stderr
         assert_bitwise_equal(final_weights(run_dir), final_weights(reference))
+        logged = [row["step"] for row in read_jsonl(run_dir / "metrics.jsonl")]
+        assert logged == sorted(set(logged)) and logged[-1] == steps  # each step once, in order, to the end
+        log = (run_dir / "train.log").read_text()  # the run's own log holds both segments
+        assert log.count("training custom") == 2 and f"resumed {run_dir} from step" in log and "step 60/60" in log
+
+
+def test_a_resumed_run_moves_the_metrics_rows_it_trains_again_aside(tmp_path):
+    from harness.tracking import SUPERSEDED_METRICS, Tracker
+
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (5, 10, 15, 20)]
+    (tmp_path / "metrics.jsonl").write_text("".join(lines[:2]) + "not json\n" + "".join(lines[2:]) + '{"step": 25')
+    tracker = Tracker(compose(TINY), tmp_path)
+    tracker.resumed_at(10)
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(lines[:2]) + 'not json\n{"step": 25'  # the rest stays
+    assert (tmp_path / SUPERSEDED_METRICS).read_text() == "".join(lines[2:])
+    assert "2 metrics rows past step 10 moved to metrics.superseded.jsonl" in (tmp_path / "train.log").read_text()
+    tracker.resumed_at(10)  # resumed again from the same checkpoint: nothing more to move
+    assert (tmp_path / SUPERSEDED_METRICS).read_text() == "".join(lines[2:])
+    tracker.log_metrics({"step": 15, "loss": 0.5})
+    with pytest.warns(UserWarning, match="is not a JSON object row"):  # the bad lines, kept as they were
+        assert [row["step"] for row in read_jsonl(tmp_path / "metrics.jsonl")] == [5, 10, 15]
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
@@ -84,6 +107,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
     train(cfg, tmp_path)
     newest = list_checkpoints(tmp_path)[-1]
     newest.write_bytes(newest.read_bytes()[:100])  # truncated, as by a kill during a non-atomic write
+    assert newest_checkpoint_step(tmp_path) == 10  # what a sweep's plan and status say a relaunch resumes from
     messages = []
     state = load_latest_checkpoint(tmp_path, say=messages.append)
     assert state["step"] == 10
