@@ -759,6 +759,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
             evaluate(step)
         if dist.is_main:
             write_run_state(run_dir, "done", step, max_steps)
+            tracker.print(f"done at step {step}: {run_dir}")
     except BaseException as err:
         if dist.is_main and not isinstance(err, SystemExit):
             error = "".join(traceback.format_exception_only(type(err), err)).strip()[-2000:]

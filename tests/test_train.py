@@ -82,7 +82,7 @@ def test_resume_after_sigkill_or_sigterm_is_bitwise_exact(tmp_path):
         logged = [row["step"] for row in read_jsonl(run_dir / "metrics.jsonl")]
         assert logged == sorted(set(logged)) and logged[-1] == steps  # each step once, in order, to the end
         log = (run_dir / "train.log").read_text()  # the run's own log holds both segments
-        assert log.count("training custom") == 2 and f"resumed {run_dir} from step" in log and "step 60/60" in log
+        assert log.count("training custom") == 2 and f"resumed {run_dir} from step" in log and "done at step 60" in log
 
 
 def test_a_resumed_run_moves_the_metrics_rows_it_trains_again_aside(tmp_path):
