@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO
 from fixtures.sweep import expected_runs, make_fixture_sweep
@@ -213,10 +214,10 @@ def test_plan_skips_done_and_queued_runs_and_resumes_the_rest(tmp_path):
     for spec in specs:
         (spec.run_dir / "checkpoints").mkdir(parents=True)
     (done.run_dir / "run_state.json").write_text(json.dumps({"state": "done", "step": 20}))
-    (done.run_dir / "checkpoints" / "step_0000020.pt").write_bytes(b"")
+    torch.save({}, (done.run_dir / "checkpoints" / "step_0000020.pt"))
     (queued.run_dir / "run_state.json").write_text(json.dumps({"state": "preempted", "step": 10, "slurm_job_id": "7"}))
     (interrupted.run_dir / "run_state.json").write_text(json.dumps({"state": "running", "step": 0, "slurm_job_id": "5"}))
-    (interrupted.run_dir / "checkpoints" / "step_0000010.pt").write_bytes(b"")
+    torch.save({}, (interrupted.run_dir / "checkpoints" / "step_0000010.pt"))
     queue = {"7": {"name": "x", "state": "PENDING", "command": ""}}
     decisions = sweep.plan_runs(specs, "slurm", queue)
     assert [(d.submit, d.reason) for d in decisions] == [
@@ -439,7 +440,9 @@ def test_live_local_runs_are_the_submissions_whose_process_is_alive(tmp_path):
     import subprocess
     import sys
 
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "submitit"])
+    alive = subprocess.Popen([sys.executable, "-c", "import time; print(flush=True); time.sleep(60)", "submitit"],
+                             stdout=subprocess.PIPE)
+    alive.stdout.readline()  # exec'd: until then /proc shows the parent's command line
     try:
         rows = [{"run_name": "alive", "executor": "local", "job_id": alive.pid, "host": socket.gethostname()},
                 {"run_name": "mine", "executor": "local", "job_id": alive.pid, "host": socket.gethostname()},
@@ -450,7 +453,7 @@ def test_live_local_runs_are_the_submissions_whose_process_is_alive(tmp_path):
         assert sweep.live_local_runs(tmp_path, besides={"mine"}) == ["alive"]
     finally:
         alive.kill()
-        alive.wait()
+        alive.communicate()
     assert sweep.live_local_runs(tmp_path, besides=set()) == []
 
 

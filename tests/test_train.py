@@ -518,11 +518,9 @@ def test_batch_not_divisible_by_world_size(tmp_path):
 
 
 def test_checkpoint_listing_takes_only_the_harness_names(tmp_path):
-    from harness.sweep import newest_checkpoint_step
-
     (tmp_path / "checkpoints").mkdir()
     for name in ("step_0000010.pt", "step_0000002.pt", "step_final.pt", "step_0000030.pt.unreadable-20260101"):
-        (tmp_path / "checkpoints" / name).write_bytes(b"")
+        torch.save({}, tmp_path / "checkpoints" / name)
     assert [checkpoint_step(p) for p in list_checkpoints(tmp_path)] == [2, 10]
     assert newest_checkpoint_step(tmp_path) == 10 and newest_checkpoint_step(tmp_path / "none") is None
 
