@@ -403,11 +403,13 @@ def fake_launcher(kind, monkeypatch, wait_s: float, poll_s: float = 0.2, running
     def submit(decision, sweep_dir):
         unfinished_at_start.append(sum(job.polls >= 0 for job in started))
         started.append(FakeJob(len(started)))
+        started[-1].run_name = decision.spec.run_name
         return started[-1]
 
     launcher._submit = submit
     monkeypatch.setattr(sweep, "local_parallelism", lambda cfg: (2, 1))
-    monkeypatch.setattr(sweep, "live_local_runs", lambda sweep_dir, besides: list(running_elsewhere))
+    monkeypatch.setattr(sweep, "live_local_runs", lambda sweep_dir, besides: [n for n in running_elsewhere
+                                                                             if n not in besides])
     todo = [SimpleNamespace(spec=SimpleNamespace(cfg=None, run_name=f"run-{i}")) for i in range(5)]
     return launcher, todo, started, unfinished_at_start
 
@@ -433,6 +435,12 @@ def test_runs_an_earlier_launch_still_runs_hold_slots_of_max_parallel(tmp_path, 
                                                running_elsewhere=["run-x", "run-y"])
     launcher._run(todo, tmp_path)
     assert started == []  # no slot free and no time to wait: the next launch starts them
+    # A run of this launch's plan that a concurrent launch started meanwhile is left to it.
+    launcher, todo, started, unfinished_at_start = fake_launcher("HarnessLocalLauncher", monkeypatch, wait_s=30,
+                                                                  running_elsewhere=["run-3"])
+    launcher._run(todo, tmp_path)
+    assert [job.run_name for job in started] == ["run-0", "run-1", "run-2", "run-4"]
+    assert max(unfinished_at_start) == 0 and "run-3: skip (started meanwhile by another launch)" in capsys.readouterr().out
 
 
 def test_live_local_runs_are_the_submissions_whose_process_is_alive(tmp_path):

@@ -134,19 +134,24 @@ class HarnessLocalLauncher(HarnessSubmititLauncher):
         wait_s = float(self.config.hydra.launcher.wait_s or 0)
         poll_s = max(0.2, float(self.config.hydra.launcher.poll_s))
         deadline = time.time() + wait_s
-        pending, running = list(todo), []
-        ours = {d.spec.run_name for d in todo}
-        elsewhere = sweep.live_local_runs(sweep_dir, besides=ours)
+        pending, running, submitted = list(todo), [], set()
+        elsewhere = sweep.live_local_runs(sweep_dir, besides=submitted)
         print(f"running {len(todo)} runs locally, {parallel} at a time"
               + (f" ({len(elsewhere)} already running from an earlier launch: {', '.join(elsewhere)})"
                  if elsewhere else ""), flush=True)
         first = True
         while pending or running:
             running = [job for job in running if not job.done()]
-            busy = len(running) + len(sweep.live_local_runs(sweep_dir, besides=ours))
+            elsewhere = sweep.live_local_runs(sweep_dir, besides=submitted)
+            for decision in [d for d in pending if d.spec.run_name in elsewhere]:  # another launch got there first
+                print(f"  {decision.spec.run_name}: skip (started meanwhile by another launch)", flush=True)
+                pending.remove(decision)
+            busy = len(running) + len(elsewhere)
             # The first runs start at once if slots are free; later ones only while there is time left to wait.
             while pending and busy < parallel and (first or time.time() < deadline):
-                running.append(self._submit(pending.pop(0), sweep_dir))
+                decision = pending.pop(0)
+                running.append(self._submit(decision, sweep_dir))
+                submitted.add(decision.spec.run_name)
                 busy += 1
             first = False
             if time.time() >= deadline:
