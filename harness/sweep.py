@@ -378,15 +378,26 @@ def slurm_queue(strict: bool = True) -> dict[str, dict] | None:
     return jobs
 
 
-def local_job_alive(row: dict) -> bool:
-    """Whether a local submitit job (its controller's pid) still runs on this host."""
-    if row.get("host") != socket.gethostname():
+def _alive_here(host: str | None, pid, *markers: bytes) -> bool:
+    """Whether process `pid` of this host runs a command line holding one of `markers` (a reused pid would not)."""
+    if host != socket.gethostname():
         return False
     try:
-        cmdline = Path(f"/proc/{int(row['job_id'])}/cmdline").read_bytes()
-    except (OSError, ValueError, KeyError):
+        cmdline = Path(f"/proc/{int(pid)}/cmdline").read_bytes()
+    except (OSError, ValueError, TypeError):
         return False
-    return b"submitit" in cmdline
+    return any(marker in cmdline for marker in markers)
+
+
+def local_job_alive(row: dict) -> bool:
+    """Whether a local submitit job (its controller's pid) still runs on this host."""
+    return _alive_here(row.get("host"), row.get("job_id"), b"submitit")
+
+
+def trainer_alive(state: dict) -> bool:
+    """Whether the process that wrote `run_state.json` as running still runs on this host: how a run is seen that
+    no launch of this sweep records (`harness train` by hand into the sweep dir)."""
+    return state.get("state") == "running" and _alive_here(state.get("host"), state.get("pid"), b"submitit", b"harness")
 
 
 def live_local_runs(sweep_dir: Path, besides: set[str]) -> list[str]:
@@ -412,6 +423,8 @@ def job_name(cfg: DictConfig) -> str:
 def active_job(spec: RunSpec, submission: dict | None, state: dict, executor: str,
                queue: dict[str, dict] | None) -> tuple[str, str] | None:
     """(job id, scheduler state) of a job of this run still queued or running, else None."""
+    if trainer_alive(state):
+        return str(state["pid"]), "RUNNING"
     if executor == "local":
         if submission and submission.get("executor") == "local" and local_job_alive(submission):
             return str(submission["job_id"]), "RUNNING"
@@ -834,6 +847,8 @@ def _run_status(sweep_dir: Path, name: str, submission: dict | None, queue: dict
         queued = "RUNNING" if local_job_alive(submission) else ""
     elif queue is not None and job_id:
         queued = queue.get(job_id, {}).get("state", "")
+    if not queued and trainer_alive(state):
+        queued = "RUNNING"
     saved = state.get("state")
     if saved == "done":
         status = "done"

@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 import traceback
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -240,6 +240,31 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> str:
         raise HarnessError(f"{run_dir} holds a run with a different config ({difference}); "
                            "set on_config_change=resume to continue it or on_config_change=overwrite to start over")
     return difference
+
+
+@contextmanager
+def hold_run_dir(run_dir: Path):
+    """This process trains `run_dir` alone: a second trainer of it (a duplicate launch, a second terminal) stops
+    with one line before writing anything. The lock is the kernel's (flock on the directory itself), so it leaves
+    no file and a killed run holds nothing; on a file system without flock (Lustre mounted without it, say) the
+    run goes on unlocked."""
+    import fcntl
+
+    fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            state = read_json(run_dir / "run_state.json", {}) or {}
+            holder = (f"pid {state['pid']} on {state.get('host')}" if state.get("state") == "running" and state.get("pid")
+                      else "another process")
+            raise HarnessError(f"{run_dir} is being trained by {holder}: wait for it to end or stop it, "
+                               "then launch again") from None
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)
 
 
 def claim_run_dir(cfg: DictConfig, run_dir: Path) -> None:
@@ -599,18 +624,25 @@ LOGGED_LOSSES = ("loss", "mse", "vb")  # each a mean over the logging window
 
 
 def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
-    """Train `cfg` in `run_dir` (default: Hydra's output dir, else the cwd), resuming if it holds checkpoints."""
+    """Train `cfg` in `run_dir` (default: Hydra's output dir, else the cwd), resuming if it holds checkpoints;
+    one process at a time trains a run dir (`hold_run_dir`)."""
+    validate(cfg)
+    check_run_inputs(cfg)
+    run_dir = Path(run_dir) if run_dir is not None else _hydra_output_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dist = setup_distributed(cfg.trainer.device)
+    with hold_run_dir(run_dir) if dist.is_main else nullcontext():
+        return _train_held(cfg, run_dir, dist)
+
+
+def _train_held(cfg: DictConfig, run_dir: Path, dist: Dist) -> dict:
+    """`train` once the run dir is this process's: claim it, resume, then the loop with its saves and evaluations."""
     from harness.data import BatchStream, build_dataset
     from harness.flops import count_flops
     from harness.model import count_params
     from harness.tracking import Tracker
 
-    validate(cfg)
-    check_run_inputs(cfg)
-    run_dir = Path(run_dir) if run_dir is not None else _hydra_output_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.trainer
-    dist = setup_distributed(tc.device)
     require(tc.global_batch_size % dist.world_size == 0,
             f"trainer.global_batch_size={tc.global_batch_size} is not divisible by the world size {dist.world_size}")
     local_batch = tc.global_batch_size // dist.world_size

@@ -443,6 +443,30 @@ def test_runs_an_earlier_launch_still_runs_hold_slots_of_max_parallel(tmp_path, 
     assert max(unfinished_at_start) == 0 and "run-3: skip (started meanwhile by another launch)" in capsys.readouterr().out
 
 
+def test_a_run_trained_by_hand_into_the_sweep_dir_is_running_while_its_process_lives(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    (spec,) = grid("demo", [*TINY_GRID, "model.patch_size=8", f"hydra.sweep.dir={tmp_path}"])
+    spec.run_dir.mkdir(parents=True)
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; print(flush=True); time.sleep(60)", "harness"],
+                               stdout=subprocess.PIPE)
+    trainer.stdout.readline()
+    (spec.run_dir / "run_state.json").write_text(json.dumps({"state": "running", "step": 3, "max_steps": 20,
+                                                             "host": socket.gethostname(), "pid": trainer.pid}))
+    try:
+        assert [r["state"] for r in sweep.sweep_status(tmp_path)] == ["running"]
+        (decision,) = sweep.plan_runs([spec], "local", None)
+        assert (decision.submit, decision.reason) == (False, f"job {trainer.pid} is running")
+    finally:
+        trainer.kill()
+        trainer.communicate()
+    assert [r["state"] for r in sweep.sweep_status(tmp_path)] == ["interrupted"]  # gone without finishing
+    (decision,) = sweep.plan_runs([spec], "local", None)
+    assert (decision.submit, decision.reason) == (True, "new")
+
+
 def test_live_local_runs_are_the_submissions_whose_process_is_alive(tmp_path):
     import socket
     import subprocess

@@ -85,6 +85,27 @@ def test_resume_after_sigkill_or_sigterm_is_bitwise_exact(tmp_path):
         assert log.count("training custom") == 2 and f"resumed {run_dir} from step" in log and "done at step 60" in log
 
 
+def test_one_process_at_a_time_trains_a_run_dir_and_a_killed_one_holds_nothing(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from harness.train import hold_run_dir\n"
+                               "with hold_run_dir(Path(sys.argv[1])):\n    print(flush=True); time.sleep(120)",
+                               str(tmp_path)], cwd=REPO, env=harness_env(), stdout=subprocess.PIPE)
+    try:
+        holder.stdout.readline()  # it holds the run dir now, and says so as a trainer does
+        state = json.dumps({"state": "running", "step": 3, "pid": holder.pid, "host": os.uname().nodename})
+        (tmp_path / "run_state.json").write_text(state)
+        second = run_harness(train_args(tmp_path, 10))
+        assert second.returncode == 2
+        assert second.stderr.strip() == (f"harness: error: {tmp_path} is being trained by pid {holder.pid} on "
+                                         f"{os.uname().nodename}: wait for it to end or stop it, then launch again")
+        assert (tmp_path / "run_state.json").read_text() == state  # nothing of the run touched or added
+        assert {p.name for p in tmp_path.iterdir()} == {"run_state.json", ".hydra", "train.log"}
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs, the kernel drops the lock
+        holder.communicate()
+    assert train(compose([*TINY, "trainer.max_steps=10", "trainer.ckpt_every=10"]), tmp_path)["step"] == 10
+
+
 def test_a_resumed_run_moves_the_metrics_rows_it_trains_again_aside(tmp_path):
     from harness.tracking import SUPERSEDED_METRICS, Tracker
 
