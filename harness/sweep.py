@@ -422,9 +422,16 @@ def job_name(cfg: DictConfig) -> str:
 
 def active_job(spec: RunSpec, submission: dict | None, state: dict, executor: str,
                queue: dict[str, dict] | None) -> tuple[str, str] | None:
-    """(job id, scheduler state) of a job of this run still queued or running, else None."""
-    if trainer_alive(state):
+    """(job id, scheduler state) of a job of this run still queued or running, else None; a trainer of the run
+    still alive on this host (started by hand, say) counts as a running job, with its pid as the id."""
+    job = _launched_job(spec, submission, state, executor, queue)
+    if job is None and trainer_alive(state):
         return str(state["pid"]), "RUNNING"
+    return job
+
+
+def _launched_job(spec: RunSpec, submission: dict | None, state: dict, executor: str,
+                  queue: dict[str, dict] | None) -> tuple[str, str] | None:
     if executor == "local":
         if submission and submission.get("executor") == "local" and local_job_alive(submission):
             return str(submission["job_id"]), "RUNNING"
