@@ -136,7 +136,7 @@ class HarnessLocalLauncher(HarnessSubmititLauncher):
         deadline = time.time() + wait_s
         pending, running, submitted = list(todo), [], set()
         elsewhere = sweep.live_local_runs(sweep_dir, besides=submitted)
-        print(f"running {len(todo)} runs locally, {parallel} at a time"
+        print(f"running {len(todo)} run{'' if len(todo) == 1 else 's'} locally, {parallel} at a time"
               + (f" ({len(elsewhere)} already running from an earlier launch: {', '.join(elsewhere)})"
                  if elsewhere else ""), flush=True)
         first = True
