@@ -86,17 +86,21 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 def append_jsonl(path: str | os.PathLike, row: dict) -> None:
     """Append one JSON row as a single write + fsync (a kill can only tear the last line)."""
+    append_lines(path, (json.dumps(row, default=str) + "\n").encode())
+
+
+def append_lines(path: str | os.PathLike, lines: bytes) -> None:
+    """Append whole lines (`lines` ends with a newline) as a single write + fsync."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(row, default=str) + "\n").encode()
     with open(path, "ab") as f:
-        # A torn line from an earlier kill must not swallow this row: start it on a fresh line.
+        # A torn line from an earlier kill must not swallow these: start them on a fresh line.
         if f.tell() > 0:
             with open(path, "rb") as r:
                 r.seek(-1, os.SEEK_END)
                 if r.read(1) != b"\n":
-                    line = b"\n" + line
-        f.write(line)
+                    lines = b"\n" + lines
+        f.write(lines)
         f.flush()
         os.fsync(f.fileno())
 

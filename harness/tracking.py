@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from harness.config import slug
-from harness.io import append_jsonl, atomic_write_bytes
+from harness.io import append_jsonl, append_lines, atomic_write_bytes
 
 LOG_FILE = "train.log"                          # the run's own log, across restarts, whatever launched it
 SUPERSEDED_METRICS = "metrics.superseded.jsonl"  # rows of steps that a resumed run trained again
@@ -68,10 +68,8 @@ class Tracker:
             (stale if isinstance(row_step, int) and row_step > step else keep).append(line)
         if stale:
             # Aside first: a kill between the two writes leaves a row in both files, never in neither.
-            with open(self.run_dir / SUPERSEDED_METRICS, "ab") as f:
-                f.write(b"".join(line if line.endswith(b"\n") else line + b"\n" for line in stale))
-                f.flush()
-                os.fsync(f.fileno())
+            append_lines(self.run_dir / SUPERSEDED_METRICS,
+                         b"".join(line if line.endswith(b"\n") else line + b"\n" for line in stale))
             atomic_write_bytes(path, b"".join(keep))
             self.print(f"{len(stale)} metrics rows past step {step} moved to {SUPERSEDED_METRICS}")
 
