@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from harness.errors import HarnessError, first_line, require
 
@@ -179,3 +179,15 @@ def load_vae(path: str) -> torch.nn.Module:
         reason = first_line(err)[:200]
         where = "offline (HF_HUB_OFFLINE) and not in the hub cache" if offline and local is None else reason
         raise HarnessError(f"autoencoder.path={path!r}: cannot load the AutoencoderKL weights ({where}); {VAE_HINT}") from None
+
+
+_AUTOENCODERS: dict[tuple[str, str], torch.nn.Module] = {}
+
+
+def run_autoencoder(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
+    """The run's autoencoder, built once per (config, device) and shared by training's encoder and
+    evaluation's decoder: a VAE costs seconds and hundreds of MB to load."""
+    key = (OmegaConf.to_yaml(cfg.autoencoder, resolve=True) + OmegaConf.to_yaml(cfg.data, resolve=True), str(device))
+    if key not in _AUTOENCODERS:
+        _AUTOENCODERS[key] = build_autoencoder(cfg.autoencoder, cfg.data, device=device)
+    return _AUTOENCODERS[key]

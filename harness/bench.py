@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from harness.config import compose, latent_geometry, resolve_device, validate
+from harness.config import compose, latent_geometry, resolve_device
+from harness.config.checks import validate
 from harness.errors import require
 from harness.io import append_jsonl, check_output_path
 
@@ -120,7 +121,7 @@ def measured_peak_tflops(device: torch.device, precision: str, size: int | None 
 
 
 def _throughput(images_per_s: float, gflops: float, passes: float, peaks: dict) -> dict:
-    from harness.train import achieved_tflops, mfu
+    from harness.train.runtime import achieved_tflops, mfu
 
     tflops = achieved_tflops(gflops, images_per_s, passes)
     return {"images_per_s": images_per_s, "tflops": tflops,
@@ -130,8 +131,8 @@ def _throughput(images_per_s: float, gflops: float, passes: float, peaks: dict) 
 def bench_train(cfg: DictConfig, device: torch.device, gflops: float, peaks: dict, warmup: int, iters: int,
                 profile: bool = False) -> dict:
     """One training step at `trainer.global_batch_size` on this device, as the train app runs it."""
-    from harness.train import (apply_matmul_settings, autocast_forward, build_training, compiled,
-                               fast_path_settings, peak_memory_gb, train_step)
+    from harness.train.runtime import apply_matmul_settings, autocast_forward, compiled, fast_path_settings, peak_memory_gb
+    from harness.train.step import build_training, train_step
 
     tc = cfg.trainer
     fast = fast_path_settings(tc, device)
@@ -163,7 +164,7 @@ def bench_sample(cfg: DictConfig, device: torch.device, gflops: float, peaks: di
     """One reverse-diffusion step at `eval.batch_size`, without guidance and with scale 1.5 (a doubled batch)."""
     from harness.diffusion import create_diffusion
     from harness.model import build_model
-    from harness.train import apply_matmul_settings, inference_forward, peak_memory_gb
+    from harness.train.runtime import apply_matmul_settings, inference_forward, peak_memory_gb
 
     apply_matmul_settings(cfg.trainer, device)
     geometry = latent_geometry(cfg)
@@ -238,7 +239,7 @@ def run_bench(overrides: list[str], what=WHAT, log: str | None = None, warmup: i
     """Benchmark the config of `overrides`; append the result to the JSONL `log` when given. `profile` adds
     where the training step's time goes (`profile_calls`)."""
     from harness.flops import count_flops
-    from harness.train import datasheet_peak_tflops, fast_path_settings
+    from harness.train.runtime import datasheet_peak_tflops, fast_path_settings
 
     cfg = compose(overrides)
     validate(cfg)

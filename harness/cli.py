@@ -19,13 +19,13 @@ def _names_and_overrides(names: list[str] | None, overrides: list[str]) -> tuple
 
 
 def _train(args: argparse.Namespace) -> int:
-    from harness.train import hydra_train
+    from harness.train.app import hydra_train
 
     return hydra_train(args.overrides)
 
 
 def _dry_run(args: argparse.Namespace) -> int:
-    from harness.train import dry_run, format_dry_run
+    from harness.train.dry_run import dry_run, format_dry_run
 
     print(format_dry_run(dry_run(args.overrides, take_step=not args.no_step)))
     return 0

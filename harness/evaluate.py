@@ -42,6 +42,7 @@ from harness.config import Geometry, resolve_device, slug
 from harness.errors import HarnessError, require
 from harness.io import (append_jsonl, atomic_torch_save, atomic_write_bytes, cache_root, check_output_path, read_jsonl,
                         sha256_file)
+from harness.autoencoders import run_autoencoder
 from harness.tracking import run_id
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -685,20 +686,6 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, max_images: int = 6
 # Evaluating a run: in training, and from a checkpoint file
 # ----------------------------------------------------------------------------------------------------
 
-_AUTOENCODERS: dict[tuple[str, str], nn.Module] = {}
-
-
-def run_autoencoder(cfg: DictConfig, device: torch.device) -> nn.Module:
-    """The run's autoencoder, built once per (config, device) and shared by training's encoder and
-    evaluation's decoder: a VAE costs seconds and hundreds of MB to load."""
-    from harness.autoencoders import build_autoencoder
-
-    key = (OmegaConf.to_yaml(cfg.autoencoder, resolve=True) + OmegaConf.to_yaml(cfg.data, resolve=True), str(device))
-    if key not in _AUTOENCODERS:
-        _AUTOENCODERS[key] = build_autoencoder(cfg.autoencoder, cfg.data, device=device)
-    return _AUTOENCODERS[key]
-
-
 def evaluated_before(run_dir: str | os.PathLike, step: int, eval_cfg: DictConfig) -> bool:
     """Whether the run's results.jsonl already holds `step` evaluated as `eval_cfg` would (extractor, number of
     samples, sampler, guidance, seed): a run launched again after it finished, or resumed from before an
@@ -751,7 +738,7 @@ def evaluate_model(model: nn.Module, cfg: DictConfig, step: int, run_dir: str | 
     rank, ends the evaluation early with SamplingStopped (nothing written).
     """
     from harness.config import latent_geometry
-    from harness.train import inference_forward
+    from harness.train.runtime import inference_forward
 
     start = time.perf_counter()
     rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
@@ -794,13 +781,13 @@ def checkpoint_config(ckpt: str | os.PathLike, overrides: list[str] | tuple[str,
     overrides (e.g. model=DiT-XL/2 experiment=imagenet256), checked by the strict weight loading.
     """
     from harness.config import compose, with_keys_added_later
-    from harness.train import RUN_CONTROL_KEYS, first_difference, run_identity
+    from harness.run_dir import RUN_CONTROL_KEYS, first_difference, run_identity
 
     path = Path(ckpt).expanduser()
     if path.is_dir():  # a run dir: its newest checkpoint
-        from harness.train import list_checkpoints
+        from harness.run_dir import RunDir
 
-        found = list_checkpoints(path)
+        found = RunDir(path).checkpoints()
         require(bool(found), f"ckpt={path} is a directory without checkpoints/step_*.pt")
         path = found[-1]
     require(path.is_file(), f"ckpt={path}: no such file")
@@ -834,9 +821,10 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, overrides: list[str] | tuple[st
     `run_dir` defaults to the checkpoint's run dir (ours) or `runs/eval-<file name>` (released files);
     `step` to the checkpoint's step (released files: 0). Runs under torchrun as a distributed job too.
     """
-    from harness.config import latent_geometry, validate
+    from harness.config import latent_geometry
+    from harness.config.checks import validate
     from harness.model import build_model, load_weights
-    from harness.train import setup_distributed
+    from harness.train.runtime import setup_distributed
     from harness.tracking import Tracker
 
     cfg, info = checkpoint_config(ckpt, overrides)

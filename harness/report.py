@@ -77,7 +77,7 @@ DPI = 150
 def find_run_dirs(sweep_dir: str | Path) -> list[Path]:
     """Every run dir under `sweep_dir` (itself included): a dir holding results.jsonl or run_state.json, except
     the old runs that on_config_change=overwrite moved aside (history, not runs of the sweep)."""
-    from harness.train import OVERWRITTEN_PREFIX
+    from harness.run_dir import OVERWRITTEN_PREFIX
 
     root = Path(sweep_dir)
     require(root.is_dir(), f"sweep dir {root}: does not exist or is not a directory")

@@ -36,7 +36,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config import CONF_DIR, composition_error, validate
+from harness.config import CONF_DIR, composition_error
+from harness.config.checks import validate
 from harness.errors import HarnessError, first_line, require
 from harness.io import append_jsonl, atomic_write_text, read_json, read_jsonl, read_yaml, text_table
 
@@ -274,7 +275,7 @@ def _problem_lines(found: dict[str, list[str]], grid_size: int) -> list[str]:
 def input_problems(specs: list[RunSpec]) -> list[str]:
     """The files the points will read (data, VAE, FID extractor and reference: harness.train.check_run_inputs),
     checked once per distinct setting; one line per problem, naming the points it stops."""
-    from harness.train import check_run_inputs
+    from harness.config.checks import check_run_inputs
 
     checked: dict[str, str | None] = {}
     found: dict[str, list[str]] = {}
@@ -306,10 +307,10 @@ def check_sweep_dir(name: str, specs: list[RunSpec]) -> None:
         old = read_yaml(record).get("name")
         require(old == name, f"{sweep_dir} holds the sweep {old!r}, not {name!r}; launch into another directory "
                              f"(hydra.sweep.dir=DIR) or remove it")
-    from harness.train import run_dir_difference
+    from harness.run_dir import RunDir
 
     changed = [f"{spec.run_name}: {difference}" for spec in specs
-               if (difference := run_dir_difference(spec.cfg, spec.run_dir))]
+               if (difference := RunDir(spec.run_dir).difference(spec.cfg))]
     policy = str(specs[0].cfg.on_config_change)
     if changed and policy == "refuse":
         raise HarnessError(f"{sweep_dir} holds runs of sweep {name!r} with a different config; set "
@@ -452,12 +453,10 @@ def _launched_job(spec: RunSpec, submission: dict | None, state: dict, executor:
 def newest_checkpoint_step(run_dir: Path) -> int | None:
     """The step a relaunch resumes from: the newest checkpoint whose zip directory reads (a truncated file's does
     not; checking it reads a few bytes, where loading one to be sure would read gigabytes)."""
-    import zipfile
+    from harness.run_dir import RunDir, checkpoint_step
 
-    from harness.train import checkpoint_step, list_checkpoints
-
-    return next((checkpoint_step(path) for path in reversed(list_checkpoints(run_dir)) if zipfile.is_zipfile(path)),
-                None)
+    newest = RunDir(run_dir).newest_checkpoint()
+    return checkpoint_step(newest) if newest is not None else None
 
 
 @dataclass
@@ -470,14 +469,14 @@ class Decision:
 def plan_runs(specs: list[RunSpec], executor: str, queue: dict[str, dict] | None) -> list[Decision]:
     """Which runs to submit: not done (or to be started over under on_config_change=overwrite) and no job of
     theirs still queued or running."""
-    from harness.train import run_dir_difference
+    from harness.run_dir import RunDir
 
     submissions = last_submissions(specs[0].sweep_dir) if specs else {}
     decisions = []
     for spec in specs:
         state = read_json(spec.run_dir / "run_state.json", {}) or {}
         max_steps = int(spec.cfg.trainer.max_steps)
-        overwrite = spec.cfg.on_config_change == "overwrite" and run_dir_difference(spec.cfg, spec.run_dir)
+        overwrite = spec.cfg.on_config_change == "overwrite" and RunDir(spec.run_dir).difference(spec.cfg)
         if state.get("state") == "done" and int(state.get("step") or 0) >= max_steps and not overwrite:
             decisions.append(Decision(spec, False, f"done at step {state.get('step')}"))
             continue
@@ -629,7 +628,7 @@ def throughput(table: dict, model: str, gflops: float, kind: str, guided: bool =
         return float(measured[f"{kind}_images_per_s"]) / halve, f"{what} measured ({THROUGHPUT_FILE.name})"
     if (rate := _bench_rate(table, device, model, kind, guided)) is not None:
         return rate, f"{what} measured by harness bench ({table.get('bench_log')})"
-    from harness.train import achieved_tflops
+    from harness.train.runtime import achieved_tflops
 
     spec = table["devices"][device]
     tflops_per_image = achieved_tflops(gflops, images_per_s=1.0, passes=3.0 if kind == "train" else 1.0)
@@ -788,7 +787,7 @@ def launch_sweep(name: str, overrides: list[str] | tuple[str, ...] = ()) -> list
         if executor == "slurm":
             require_slurm_commands()
             slurm_queue(strict=True)  # a controller that does not answer stops the launch before Hydra writes anything
-        from harness.train import train
+        from harness.train.loop import train
         from hydra.core.global_hydra import GlobalHydra
 
         # The jobs run where they are submitted from; an absolute sweep dir keeps them independent of cwd.

@@ -16,10 +16,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from harness.config import slug
-from harness.io import append_jsonl, append_lines, atomic_write_bytes
-
-LOG_FILE = "train.log"                          # the run's own log, across restarts, whatever launched it
-SUPERSEDED_METRICS = "metrics.superseded.jsonl"  # rows of steps that a resumed run trained again
+from harness.io import append_lines, atomic_write_bytes
+from harness.run_dir import SUPERSEDED_METRICS, RunDir
 
 
 class Tracker:
@@ -27,13 +25,13 @@ class Tracker:
     both to wandb when enabled."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, enabled: bool = True):
-        self.run_dir = Path(run_dir)
+        self.run_dir = RunDir(run_dir)
         self.enabled = enabled
         self.interactive = enabled and sys.stderr.isatty()
         self.bar = None
         self.wandb_run = None
         if enabled and cfg.logger.name == "wandb":
-            self.wandb_run = _init_wandb(cfg, self.run_dir)
+            self.wandb_run = _init_wandb(cfg, self.run_dir.path)
 
     def progress(self, step: int, total: int) -> None:
         """Advance the progress bar (interactive terminals only; logs get the periodic lines instead)."""
@@ -48,7 +46,7 @@ class Tracker:
     def log_metrics(self, row: dict) -> None:
         if not self.enabled:
             return
-        append_jsonl(self.run_dir / "metrics.jsonl", row)
+        self.run_dir.append_metrics(row)
         if self.wandb_run is not None:
             self.wandb_run.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
 
@@ -56,7 +54,7 @@ class Tracker:
         """The run resumed from its checkpoint of `step`: rows past it were logged by a run killed after that
         checkpoint, and the steps are trained (and logged) again. They move to `metrics.superseded.jsonl`, so
         `metrics.jsonl` holds each step once; every other line stays as it was."""
-        path = self.run_dir / "metrics.jsonl"
+        path = self.run_dir.metrics_file
         if not self.enabled or not path.exists():
             return
         keep, stale = [], []
@@ -68,7 +66,7 @@ class Tracker:
             (stale if isinstance(row_step, int) and row_step > step else keep).append(line)
         if stale:
             # Aside first: a kill between the two writes leaves a row in both files, never in neither.
-            append_lines(self.run_dir / SUPERSEDED_METRICS,
+            append_lines(self.run_dir.superseded_metrics_file,
                          b"".join(line if line.endswith(b"\n") else line + b"\n" for line in stale))
             atomic_write_bytes(path, b"".join(keep))
             self.print(f"{len(stale)} metrics rows past step {step} moved to {SUPERSEDED_METRICS}")
@@ -92,7 +90,7 @@ class Tracker:
     def write_log(self, text: str) -> None:
         """`text`, time-stamped, in `train.log` only."""
         if self.enabled:
-            with open(self.run_dir / LOG_FILE, "a") as log:
+            with open(self.run_dir.log_file, "a") as log:
                 log.write("".join(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {line}\n" for line in text.splitlines()))
 
     def finish(self) -> None:

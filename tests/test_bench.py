@@ -10,7 +10,8 @@ import torch
 from conftest import TINY
 from harness.bench import format_bench, profile_summary, run_bench
 from harness.config import compose
-from harness.train import achieved_tflops, autocast_forward, build_training, compiled, fast_path_settings, mfu, train_step
+from harness.train.runtime import achieved_tflops, autocast_forward, compiled, fast_path_settings, mfu
+from harness.train.step import build_training, train_step
 
 
 def _positive_numbers(node, path=""):

@@ -7,7 +7,7 @@ import pytest
 from conftest import run_harness
 from harness.config import compose, with_paper_setting
 from harness.cli import main
-from harness.train import dry_run, estimate_training_memory, format_dry_run
+from harness.train.dry_run import dry_run, estimate_training_memory, format_dry_run
 
 
 def test_dry_run_reports_costs_and_takes_a_real_step():

@@ -25,7 +25,8 @@ from harness.evaluate import (DIGITS_CNN, DIGITS_WEIGHTS, INCEPTION_FILE, MAX_SA
                               evaluate_model, generate_samples, load_digits_cnn, reference_floor,
                               to_uint8, train_digits_extractor)
 from harness.report import RESULT_COLUMNS
-from harness.train import InferenceForward, checkpoint_step, list_checkpoints
+from harness.run_dir import RunDir, checkpoint_step
+from harness.train.runtime import InferenceForward
 
 # A DiT that samples 16x16 digits in well under a second: 16 tokens, one block.
 TINY_EVAL = [
@@ -268,7 +269,7 @@ def test_same_seed_same_samples_on_any_number_of_ranks(cfg):
 
 def test_samples_do_not_depend_on_how_model_calls_are_cut(cfg):
     from harness.autoencoders import build_autoencoder
-    from harness.train import inference_forward
+    from harness.train.runtime import inference_forward
 
     model, geometry = tiny_model(cfg), latent_geometry(cfg)
     ae = build_autoencoder(cfg.autoencoder, cfg.data)
@@ -284,7 +285,7 @@ def test_samples_do_not_depend_on_how_model_calls_are_cut(cfg):
 def test_guidance_settings_reach_the_sampler(cfg, monkeypatch):
     from harness.autoencoders import build_autoencoder
     from harness.diffusion import GaussianDiffusion
-    from harness.train import inference_forward
+    from harness.train.runtime import inference_forward
 
     seen, sample = [], GaussianDiffusion.sample
 
@@ -401,7 +402,7 @@ def test_evaluate_model_appends_a_complete_row(cfg, tmp_path, fid_cache, monkeyp
 
 
 def test_training_evaluates_every_n_steps_through_one_sampling_forward(tmp_path, fid_cache, monkeypatch):
-    import harness.train as train_module
+    import harness.train.loop as train_module
 
     built = []
 
@@ -432,7 +433,7 @@ def test_training_evaluates_every_n_steps_through_one_sampling_forward(tmp_path,
 def test_a_kill_during_an_evaluation_keeps_its_checkpoint_and_the_resumed_run_evaluates_that_step(
         tmp_path, fid_cache, monkeypatch):
     import harness.evaluate as evaluate_module
-    import harness.train as train_module
+    import harness.train.loop as train_module
 
     cfg = compose([*TINY_EVAL, "trainer.max_steps=4", "trainer.ckpt_every=2", "trainer.global_batch_size=8",
                    "trainer.device=cpu", "eval.every=2", f"eval.cache_dir={fid_cache}"])
@@ -443,7 +444,7 @@ def test_a_kill_during_an_evaluation_keeps_its_checkpoint_and_the_resumed_run_ev
     monkeypatch.setattr(evaluate_module, "evaluate_model", killed)
     with pytest.raises(KeyboardInterrupt):
         train_module.train(cfg, tmp_path / "run")
-    assert [checkpoint_step(p) for p in list_checkpoints(tmp_path / "run")] == [2]  # saved before evaluating
+    assert [checkpoint_step(p) for p in RunDir(tmp_path / "run").checkpoints()] == [2]  # saved before evaluating
     monkeypatch.undo()
     train_module.train(cfg, tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
@@ -456,7 +457,7 @@ def test_sigterm_during_an_evaluation_stops_sampling_saves_the_step_and_the_resu
     import signal
 
     import harness.evaluate as evaluate_module
-    import harness.train as train_module
+    import harness.train.loop as train_module
 
     cfg = compose([*TINY_EVAL, "trainer.max_steps=4", "trainer.ckpt_every=4", "trainer.global_batch_size=8",
                    "trainer.device=cpu", "eval.every=2", f"eval.cache_dir={fid_cache}"])  # 3 sampling batches
@@ -472,7 +473,7 @@ def test_sigterm_during_an_evaluation_stops_sampling_saves_the_step_and_the_resu
     with pytest.raises(SystemExit) as stopped:
         train_module.train(cfg, tmp_path / "run")
     assert stopped.value.code == 143 and sampled == [0]  # stopped at the next batch, not after all three
-    assert [checkpoint_step(p) for p in list_checkpoints(tmp_path / "run")] == [2]  # step 2 is no save step
+    assert [checkpoint_step(p) for p in RunDir(tmp_path / "run").checkpoints()] == [2]  # step 2 is no save step
     assert json.loads((tmp_path / "run" / "run_state.json").read_text())["state"] == "preempted"
     assert not (tmp_path / "run" / "results.jsonl").exists()
     monkeypatch.undo()
@@ -535,7 +536,7 @@ def test_eval_command_reports_missing_inception_weights_in_one_line(cfg, tmp_pat
 
 def test_a_trained_digits_model_scores_far_below_an_untrained_one(tmp_path, fid_cache):
     from harness.model import build_model
-    from harness.train import train
+    from harness.train.loop import train
 
     cfg = compose([
         "model=custom", "model.depth=2", "model.hidden_size=64", "model.num_heads=4", "model.patch_size=4",

@@ -11,7 +11,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from harness.config import CONDITIONINGS, Geometry, compose, latent_geometry, validate
+from harness.config import CONDITIONINGS, Geometry, compose, latent_geometry
+from harness.config.checks import validate
 from harness.errors import HarnessError
 from harness.model import (
     DiT,

@@ -26,7 +26,7 @@ import torch
 from conftest import REPO, run_harness
 from harness.io import read_jsonl
 from harness.sweep import SUBMISSIONS, last_submissions, sweep_status
-from harness.train import checkpoint_step, list_checkpoints
+from harness.run_dir import RunDir, checkpoint_step
 
 pytestmark = pytest.mark.slurm
 
@@ -90,7 +90,7 @@ def wait_until(condition, what: str, deadline: float, poll_s: float = 0.3):
 
 
 def final_weights(run_dir: Path) -> dict:
-    return torch.load(list_checkpoints(run_dir)[-1], map_location="cpu", weights_only=False)
+    return torch.load(RunDir(run_dir).checkpoints()[-1], map_location="cpu", weights_only=False)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def scenario(tmp_path_factory):
             if p_job is None and 20 <= last_logged_step(p_run) < STEPS - 150:
                 p_job = job_of(p_dir, p_run.name)
                 subprocess.run(["scancel", "--signal=USR2", p_job], check=True, timeout=60)
-            if not killed and list_checkpoints(killed_run):
+            if not killed and RunDir(killed_run).checkpoints():
                 assert last_logged_step(killed_run) < STEPS - 100, "S/patch 8 ran too far to be killed mid-run"
                 # SIGKILL, as a crashed node or the OOM killer would: no checkpoint, no requeue.
                 subprocess.run(["scancel", "--signal=KILL", job_of(s_dir, killed_run.name)], check=True, timeout=60)
@@ -125,7 +125,7 @@ def scenario(tmp_path_factory):
         seen.update(p_job=p_job, requeued_status=preempted)
         wait_until(lambda: not queued(p_dir, s_dir), "the jobs to leave the queue", deadline, poll_s=1.0)
         seen["after_kill"] = {r["run"]: r for r in sweep_status(s_dir)}
-        seen["killed_checkpoint"] = max(checkpoint_step(p) for p in list_checkpoints(killed_run))
+        seen["killed_checkpoint"] = max(checkpoint_step(p) for p in RunDir(killed_run).checkpoints())
 
         relaunch = sweep(s_dir, "model.patch_size=8,4", wait_s=150)
         seen["relaunch"] = relaunch.stdout
@@ -146,7 +146,7 @@ def test_every_run_finishes_with_checkpoints_and_results(scenario):
     for run_dir in (scenario["p_run"], scenario["killed_run"], scenario["twin_run"]):
         state = json.loads((run_dir / "run_state.json").read_text())
         assert (state["state"], state["step"]) == ("done", STEPS)
-        assert list_checkpoints(run_dir)[-1].name == f"step_{STEPS:07d}.pt"
+        assert RunDir(run_dir).checkpoints()[-1].name == f"step_{STEPS:07d}.pt"
         rows = read_jsonl(run_dir / "results.jsonl")
         assert rows and rows[-1]["step"] == STEPS and rows[-1]["fid"] > 0 and rows[-1]["fid_name"] == "fid_digits"
     rows = {r["run"]: r for r in sweep_status(scenario["s_dir"])}

@@ -16,16 +16,19 @@ import pytest
 import torch
 
 from conftest import HARNESS, REPO, TINY, harness_env, run_harness
-from harness.config import compose, resolve_device, validate
+from harness.config import compose, resolve_device
+from harness.config.checks import validate
 from harness.errors import HarnessError
 from harness.io import read_jsonl
 from harness.sweep import newest_checkpoint_step
-from harness.train import (LOGGED_LOSSES, achieved_tflops, checkpoint_step, list_checkpoints, load_latest_checkpoint,
-                           step_draws, step_generator, train)
+from harness.run_dir import RunDir, checkpoint_step
+from harness.train.loop import train
+from harness.train.runtime import achieved_tflops
+from harness.train.step import LOGGED_LOSSES, step_draws, step_generator
 
 
 def final_weights(run_dir: Path) -> dict:
-    state = torch.load(list_checkpoints(run_dir)[-1], map_location="cpu", weights_only=False)
+    state = torch.load(RunDir(run_dir).checkpoints()[-1], map_location="cpu", weights_only=False)
     return {"step": state["step"], "model": state["model"], "ema": state["ema"]}
 
 
@@ -46,7 +49,7 @@ def start_and_signal_after_first_checkpoint(run_dir: Path, steps: int, signum: i
     proc = subprocess.Popen([*HARNESS, *train_args(run_dir, steps)], cwd=REPO, env=harness_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not list_checkpoints(run_dir) and proc.poll() is None:
+    while time.time() < deadline and not RunDir(run_dir).checkpoints() and proc.poll() is None:
         time.sleep(0.01)
     os.kill(proc.pid, signum)
     stderr = proc.communicate(timeout=120)[1]
@@ -62,14 +65,14 @@ def test_resume_after_sigkill_or_sigterm_is_bitwise_exact(tmp_path):
     # SIGKILL, as the OOM killer or a lost node: whatever the last checkpoint holds survives.
     killed = tmp_path / "killed"
     start_and_signal_after_first_checkpoint(killed, steps, signal.SIGKILL)
-    saved = [checkpoint_step(p) for p in list_checkpoints(killed)]
+    saved = [checkpoint_step(p) for p in RunDir(killed).checkpoints()]
     assert saved and max(saved) < steps, f"the run was not killed mid-way (checkpoints {saved})"
 
     # SIGTERM, as `kill` or torchrun stopping its workers: the step it lands in is saved, then exit 143.
     stopped = tmp_path / "stopped"
     status, stderr = start_and_signal_after_first_checkpoint(stopped, steps, signal.SIGTERM)
     state = json.loads((stopped / "run_state.json").read_text())
-    newest = checkpoint_step(list_checkpoints(stopped)[-1])
+    newest = checkpoint_step(RunDir(stopped).checkpoints()[-1])
     assert status == 143, stderr[-2000:]
     assert (state["state"], state["step"]) == ("preempted", newest) and newest < steps
     assert "SIGTERM: stopping at the end of this step" in stderr
@@ -87,8 +90,8 @@ def test_resume_after_sigkill_or_sigterm_is_bitwise_exact(tmp_path):
 
 def test_one_process_at_a_time_trains_a_run_dir_and_a_killed_one_holds_nothing(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from harness.train import hold_run_dir\n"
-                               "with hold_run_dir(Path(sys.argv[1])):\n    print(flush=True); time.sleep(120)",
+                               "from harness.run_dir import RunDir\n"
+                               "with RunDir(Path(sys.argv[1])).lock():\n    print(flush=True); time.sleep(120)",
                                str(tmp_path)], cwd=REPO, env=harness_env(), stdout=subprocess.PIPE)
     try:
         holder.stdout.readline()  # it holds the run dir now, and says so as a trainer does
@@ -126,11 +129,11 @@ def test_a_resumed_run_moves_the_metrics_rows_it_trains_again_aside(tmp_path):
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
     cfg = compose([*TINY, "trainer.max_steps=20", "trainer.ckpt_every=10", "trainer.keep_last=3"])
     train(cfg, tmp_path)
-    newest = list_checkpoints(tmp_path)[-1]
+    newest = RunDir(tmp_path).checkpoints()[-1]
     newest.write_bytes(newest.read_bytes()[:100])  # truncated, as by a kill during a non-atomic write
     assert newest_checkpoint_step(tmp_path) == 10  # what a sweep's plan and status say a relaunch resumes from
     messages = []
-    state = load_latest_checkpoint(tmp_path, say=messages.append)
+    state = RunDir(tmp_path).load_newest_checkpoint(say=messages.append)
     assert state["step"] == 10
     assert any(str(newest) in m and "unreadable" in m for m in messages)
     assert newest.exists(), "a corrupt checkpoint is reported, never deleted"
@@ -141,7 +144,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
     cfg = compose([*TINY, "trainer.max_steps=20", "trainer.ckpt_every=10", "trainer.keep_last=3"])
     result = train(cfg, tmp_path)
     assert result["step"] == 20
-    assert load_latest_checkpoint(tmp_path)["step"] == 20
+    assert RunDir(tmp_path).load_newest_checkpoint()["step"] == 20
     (kept,) = newest.parent.glob(f"{newest.name}.unreadable-*")  # retraining step 20 did not overwrite it
     assert kept.read_bytes() == truncated
     assert not partial.exists()
@@ -149,23 +152,23 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
 
 def test_an_unreadable_checkpoint_is_set_aside_and_keep_last_counts_only_readable_ones(tmp_path, capsys):
     train(compose([*TINY, "trainer.max_steps=20", "trainer.ckpt_every=10", "trainer.keep_last=2"]), tmp_path)
-    first, newest = list_checkpoints(tmp_path)
+    first, newest = RunDir(tmp_path).checkpoints()
     newest.write_bytes(newest.read_bytes()[:100])
     truncated = newest.read_bytes()
     # Resumed from step 10, the next save is step 30: pruning to two must keep 10, not the unreadable 20.
     train(compose([*TINY, "trainer.max_steps=30", "trainer.ckpt_every=1000", "trainer.keep_last=2"]), tmp_path)
-    assert [checkpoint_step(p) for p in list_checkpoints(tmp_path)] == [10, 30]
-    assert load_latest_checkpoint(tmp_path)["step"] == 30 and torch.load(first, weights_only=False)["step"] == 10
+    assert [checkpoint_step(p) for p in RunDir(tmp_path).checkpoints()] == [10, 30]
+    assert RunDir(tmp_path).load_newest_checkpoint()["step"] == 30 and torch.load(first, weights_only=False)["step"] == 10
     (kept,) = newest.parent.glob(f"{newest.name}.unreadable-*")
     assert kept.read_bytes() == truncated
     capsys.readouterr()
     train(compose([*TINY, "trainer.max_steps=20", "trainer.ckpt_every=1000", "trainer.keep_last=2"]), tmp_path)
     assert "already at step 30, trainer.max_steps=20: nothing to train" in capsys.readouterr().out
-    assert [checkpoint_step(p) for p in list_checkpoints(tmp_path)] == [10, 30]
-    for path in list_checkpoints(tmp_path):  # every checkpoint unreadable: said, and training starts over
+    assert [checkpoint_step(p) for p in RunDir(tmp_path).checkpoints()] == [10, 30]
+    for path in RunDir(tmp_path).checkpoints():  # every checkpoint unreadable: said, and training starts over
         path.write_bytes(b"")
     messages = []
-    assert load_latest_checkpoint(tmp_path, say=messages.append) is None
+    assert RunDir(tmp_path).load_newest_checkpoint(say=messages.append) is None
     assert messages[-1] == f"no readable checkpoint in {tmp_path / 'checkpoints'}: starting from step 0"
 
 
@@ -175,7 +178,6 @@ def test_a_run_saved_before_a_key_existed_resumes_and_evaluates(tmp_path):
 
     from harness.config import KEYS_ADDED_LATER, to_yaml
     from harness.evaluate import checkpoint_config
-    from harness.train import run_dir_difference
 
     cfg = compose([*TINY, "trainer.max_steps=2", "trainer.ckpt_every=2"])
     train(cfg, tmp_path)
@@ -184,14 +186,14 @@ def test_a_run_saved_before_a_key_existed_resumes_and_evaluates(tmp_path):
         parent, leaf = key.rsplit(".", 1)
         del OmegaConf.select(older, parent)[leaf]
     (tmp_path / "config.yaml").write_text(to_yaml(older))
-    assert run_dir_difference(cfg, tmp_path) == ""
+    assert RunDir(tmp_path).difference(cfg) == ""
     bf16 = compose([*TINY, "trainer.max_steps=2", "trainer.residual_precision=bf16"])
-    assert run_dir_difference(bf16, tmp_path) == "trainer.residual_precision: 'fp32' -> 'bf16'"
+    assert RunDir(tmp_path).difference(bf16) == "trainer.residual_precision: 'fp32' -> 'bf16'"
     (tmp_path / "config.yaml").unlink()  # the checkpoint's own config, written without the keys
-    path = list_checkpoints(tmp_path)[-1]
+    path = RunDir(tmp_path).checkpoints()[-1]
     blob = torch.load(path, weights_only=False)
     torch.save({**blob, "config": to_yaml(older)}, path)
-    assert run_dir_difference(cfg, tmp_path) == ""
+    assert RunDir(tmp_path).difference(cfg) == ""
     merged, _ = checkpoint_config(path)
     assert merged.trainer.residual_precision == "fp32" and merged.trainer.compile_tuning is False
 
@@ -237,7 +239,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
     # Throughput is per device: the global images/s over the world size.
-    gflops = torch.load(list_checkpoints(ddp)[-1], map_location="cpu", weights_only=False)["meta"]["gflops"]
+    gflops = torch.load(RunDir(ddp).checkpoints()[-1], map_location="cpu", weights_only=False)["meta"]["gflops"]
     logged = {}
     for run_dir, world in ((single, 1), (ddp, 2)):
         first, last = logged[world] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -263,7 +265,7 @@ def test_step_draws_timesteps_noise_and_label_dropout_rate():
 def test_checkpoints_keep_the_last_n_and_every_milestone(tmp_path):
     train(compose([*TINY, "trainer.max_steps=10", "trainer.ckpt_every=2", "trainer.keep_last=2",
                    "trainer.ckpt_milestones=[3,4]"]), tmp_path)
-    assert [checkpoint_step(p) for p in list_checkpoints(tmp_path)] == [3, 4, 8, 10]
+    assert [checkpoint_step(p) for p in RunDir(tmp_path).checkpoints()] == [3, 4, 8, 10]
 
 
 def test_digits_training_lowers_the_loss(tmp_path):
@@ -311,12 +313,12 @@ def test_run_dir_with_a_different_config_is_refused(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     train(compose([*TINY, "trainer.max_steps=4", "trainer.ckpt_every=2"]), tmp_path)
-    before = {p.name: p.read_bytes() for p in list_checkpoints(tmp_path)}
+    before = {p.name: p.read_bytes() for p in RunDir(tmp_path).checkpoints()}
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step [5-8] "):
         train(compose([*TINY, "trainer.max_steps=8", "trainer.ckpt_every=2", "trainer.lr=1e30",
                        "on_config_change=resume"]), tmp_path)
     # Nothing from the diverged run reaches the disk: no new checkpoint, the old ones byte for byte.
-    assert {p.name: p.read_bytes() for p in list_checkpoints(tmp_path)} == before
+    assert {p.name: p.read_bytes() for p in RunDir(tmp_path).checkpoints()} == before
     state = json.loads((tmp_path / "run_state.json").read_text())
     assert state["state"] == "failed" and "non-finite loss at step" in state["error"]
 
@@ -327,7 +329,8 @@ def _nan_on_one_rank_worker(rank, port, out_dir):
     from harness.config import latent_geometry
     from harness.diffusion import create_diffusion
     from harness.model import build_model
-    from harness.train import Dist, NonFiniteWatch, autocast_forward, build_optimizer, fast_path_settings, train_step
+    from harness.train.runtime import Dist, autocast_forward, fast_path_settings
+    from harness.train.step import NonFiniteWatch, build_optimizer, train_step
 
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -385,7 +388,8 @@ def test_a_training_step_reads_nothing_back_to_the_host(monkeypatch):
     from harness.config import latent_geometry
     from harness.diffusion import create_diffusion
     from harness.model import build_model
-    from harness.train import NonFiniteWatch, autocast_forward, build_optimizer, fast_path_settings, train_step
+    from harness.train.runtime import autocast_forward, fast_path_settings
+    from harness.train.step import NonFiniteWatch, build_optimizer, train_step
 
     cfg = compose([*TINY, "trainer.fused_adamw=true", "trainer.grad_clip=1.0"])  # AdamW as on CUDA, clipping on
     cpu = torch.device("cpu")
@@ -410,7 +414,8 @@ def test_a_training_step_reads_nothing_back_to_the_host(monkeypatch):
 
 
 def test_non_finite_watch_keeps_the_first_bad_step():
-    from harness.train import Dist, NonFiniteWatch
+    from harness.train.runtime import Dist
+    from harness.train.step import NonFiniteWatch
 
     watch = NonFiniteWatch(torch.device("cpu"))
     local = Dist(0, 1, 0, torch.device("cpu"))
@@ -542,22 +547,23 @@ def test_checkpoint_listing_takes_only_the_harness_names(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     for name in ("step_0000010.pt", "step_0000002.pt", "step_final.pt", "step_0000030.pt.unreadable-20260101"):
         torch.save({}, tmp_path / "checkpoints" / name)
-    assert [checkpoint_step(p) for p in list_checkpoints(tmp_path)] == [2, 10]
+    assert [checkpoint_step(p) for p in RunDir(tmp_path).checkpoints()] == [2, 10]
     assert newest_checkpoint_step(tmp_path) == 10 and newest_checkpoint_step(tmp_path / "none") is None
 
 
 def test_resume_takes_optimizer_settings_from_the_config_and_restores_the_rngs(tmp_path):
     from harness.data import BatchStream, build_dataset
-    from harness.train import build_training, resume_from_checkpoint
+    from harness.train.checkpoint import resume_from_checkpoint
+    from harness.train.step import build_training
 
     cfg = compose([*TINY, "trainer.max_steps=2", "trainer.ckpt_every=2"])
     train(cfg, tmp_path)
-    saved = torch.load(list_checkpoints(tmp_path)[-1], map_location="cpu", weights_only=False)
+    saved = torch.load(RunDir(tmp_path).checkpoints()[-1], map_location="cpu", weights_only=False)
     changed = compose([*TINY, "trainer.lr=3e-3", "trainer.weight_decay=0.5", "trainer.betas=[0.5,0.6]"])
     model, ema, opt, _ = build_training(changed, torch.device("cpu"))
     stream = BatchStream(build_dataset(changed.data, "train"), 8)
     torch.manual_seed(123)
-    assert resume_from_checkpoint(tmp_path, model, ema, opt, stream, changed.trainer, say=lambda text: None) == 2
+    assert resume_from_checkpoint(RunDir(tmp_path), model, ema, opt, stream, changed.trainer, say=lambda text: None) == 2
     group = opt.param_groups[0]
     assert (group["lr"], group["weight_decay"], group["betas"]) == (3e-3, 0.5, (0.5, 0.6))
     assert torch.equal(torch.get_rng_state(), saved["rng"]["torch"])
@@ -565,20 +571,19 @@ def test_resume_takes_optimizer_settings_from_the_config_and_restores_the_rngs(t
 
 
 def test_run_state_counts_slurm_requeues(tmp_path, monkeypatch):
-    from harness.train import write_run_state
 
     monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
     monkeypatch.setenv("SLURM_JOB_ID", "77")
-    write_run_state(tmp_path, "running", 1, 2)
+    RunDir(tmp_path).write_state("running", 1, 2)
     monkeypatch.delenv("SLURM_RESTART_COUNT")
-    write_run_state(tmp_path, "preempted", 2, 2)  # a later write without the variable keeps the count
+    RunDir(tmp_path).write_state("preempted", 2, 2)  # a later write without the variable keeps the count
     state = json.loads((tmp_path / "run_state.json").read_text())
     assert (state["state"], state["requeues"], state["slurm_job_id"]) == ("preempted", 3, "77")
 
 
 SIGNAL_SCRIPT = """
 import os, signal, sys
-from harness.train import PreemptionFlag
+from harness.train.preemption import PreemptionFlag
 signal.signal(signal.SIGUSR2, lambda *a: print("requeue", flush=True))  # as submitit's handler would
 flag = PreemptionFlag()
 os.kill(os.getpid(), getattr(signal, sys.argv[1]))
@@ -613,8 +618,8 @@ def test_a_logged_loss_is_the_mean_of_its_window(tmp_path):
 
 
 def test_harness_train_flags_with_values_and_the_long_multirun_flag(tmp_path, monkeypatch):
-    import harness.train as train_module
-    from harness.train import hydra_train
+    import harness.train.app as train_module
+    from harness.train.app import hydra_train
 
     started = []
     monkeypatch.setattr(train_module, "_hydra_main", lambda: started.append(list(sys.argv)))

@@ -2,7 +2,7 @@
 
 One place turns Hydra-style overrides into a resolved config (`compose`), derives the DiT's input
 geometry from the data and autoencoder groups (`latent_geometry`), and checks a config before
-anything is built, submitted or written (`validate`). The CLI, the train app, sweeps, notebooks
+anything is built, submitted or written (`harness.config.checks`). The CLI, the train app, sweeps, notebooks
 and tests all go through these functions.
 """
 
@@ -15,9 +15,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from harness.diffusion import parse_sampler
 from harness.errors import HarnessError, first_line, require
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
 CONDITIONINGS = ("adaln_zero", "adaln", "cross_attention", "in_context")
 PRECISIONS = ("auto", "fp32", "bf16")
 ATTENTION_KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
@@ -167,53 +168,9 @@ def resolve_device(spec, key: str):
     return torch.device(spec)
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check every value that would otherwise fail deep inside a job; raise one HarnessError line."""
-    from harness.autoencoders import check_autoencoder_config
-    from harness.model import check_model_config
-
-    check_autoencoder_config(cfg.autoencoder, cfg.data)  # first: a VAE on the wrong images also breaks the geometry
-    check_model_config(cfg.model, latent_geometry(cfg))
-    trainer = cfg.trainer
-    for key in ("max_steps", "global_batch_size", "ckpt_every", "log_every", "keep_last", "gpus"):
-        integer(trainer, key)
-    number(trainer, "lr", "> 0", lambda v: v > 0)
-    number(trainer, "weight_decay", ">= 0", lambda v: v >= 0)
-    number(trainer, "ema_decay", "in [0, 1)", lambda v: 0 <= v < 1)
-    number(trainer, "grad_clip", ">= 0 (0: no clipping)", lambda v: v >= 0)
-    number(trainer, "ddp_bucket_mb", "> 0", lambda v: v > 0)
-    number(trainer, "peak_tflops", "> 0", lambda v: v > 0, optional=True)
-    betas = trainer.betas
-    require(OmegaConf.is_list(betas) and len(betas) == 2
-            and all(_is_number(b) and 0 <= b < 1 for b in betas),
-            f"trainer.betas must be two numbers in [0, 1), got {betas!r}")
-    milestones = trainer.ckpt_milestones
-    require(OmegaConf.is_list(milestones) and all(_is_integer(m) and m > 0 for m in milestones),
-            f"trainer.ckpt_milestones must be a list of positive integers, got {milestones!r}")
-    one_of(trainer, "device", ("auto", "cpu", "cuda"))
-    one_of(trainer, "precision", PRECISIONS)
-    one_of(trainer, "compile", ("auto", True, False))
-    one_of(trainer, "fused_adamw", ("auto", True, False))
-    one_of(trainer, "tf32", (True, False))
-    one_of(trainer, "grad_checkpointing", (True, False))
-    one_of(trainer, "compile_mode", COMPILE_MODES)
-    one_of(trainer, "compile_tuning", (True, False))
-    one_of(trainer, "residual_precision", ("fp32", "bf16"))
-    one_of(trainer, "attention", ATTENTION_KERNELS)
-    one_of(cfg, "on_config_change", ("refuse", "resume", "overwrite"))
-    integer(cfg, "seed", low=0)
-    num_timesteps = integer(cfg.diffusion, "num_timesteps")
-    for key in ("beta_start", "beta_end"):
-        number(cfg.diffusion, key, "in (0, 1)", lambda v: 0 < v < 1)
-    if integer(cfg.eval, "every", low=0, optional=True) is not None:
-        check_eval_values(cfg.eval, num_timesteps)
-
-
 def check_eval_values(ev: DictConfig, num_timesteps: int) -> None:
     """The `eval` values that need no files (sample counts, labels, guidance, sampler); the extractor and its
     weights are checked by `harness.evaluate.check_eval_config`, which calls this too."""
-    from harness.diffusion import parse_sampler
-
     require(_is_integer(ev.num_samples) and ev.num_samples >= 2,
             f"eval.num_samples must be an integer >= 2 for FID, got {ev.num_samples!r}")
     integer(ev, "batch_size")

@@ -1,0 +1,60 @@
+"""`harness train`: the Hydra app around `harness.train.loop.train`, with every check that can run before Hydra
+writes anything into the run dir."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from harness.config import CONF_DIR, compose
+from harness.config.checks import check_run_inputs, validate
+from harness.errors import HarnessError
+from harness.io import check_output_path
+from harness.run_dir import RunDir
+from harness.sweep import check_multirun
+from harness.train.loop import train
+
+HYDRA_FLAGS = ("-m", "--multirun", "-h", "--help", "--hydra-help", "--version", "-c", "--cfg", "--resolve", "-p",
+               "--package", "-i", "--info", "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
+               "--experimental-rerun", "-sc", "--shell-completion")
+
+
+def hydra_train(argv: list[str]) -> int:
+    """`harness train [overrides]`: check the config and its files first (one line on bad input; with -m every
+    point of the grid, as `harness sweep` does), then run the Hydra app."""
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    unknown = [a for a in argv if a.startswith("-") and a.split("=", 1)[0] not in HYDRA_FLAGS]
+    if unknown:
+        raise HarnessError(f"harness train: unknown option {unknown[0]}; Hydra's options are {', '.join(HYDRA_FLAGS)}")
+    if any(a in ("-m", "--multirun") for a in argv):
+        check_multirun(overrides)
+    elif not any(a in ("--help", "-h", "--cfg", "-c", "--info") for a in argv):
+        cfg = compose(overrides, return_hydra_config=True)
+        validate(cfg)
+        check_run_inputs(cfg)
+        try:
+            run_dir = Path(cfg.hydra.run.dir)
+        except OmegaConfBaseException:  # a run dir made of ${hydra:...} values: train() checks it once Hydra has them
+            run_dir = None
+        if run_dir is not None:  # before Hydra writes the run's .hydra/ records into it
+            check_output_path(run_dir, "hydra.run.dir", kind="dir")
+            RunDir(run_dir).check_claim(cfg)
+    sys.argv = ["harness train", *argv]
+    _hydra_main()
+    return 0
+
+
+def _hydra_task(cfg: DictConfig) -> dict:
+    try:
+        return train(cfg)
+    except HarnessError as err:  # bad input found once the job runs (data, world size): one line, exit 2
+        print(f"harness: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def _hydra_main():
+    return hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")(_hydra_task)()

@@ -1,0 +1,233 @@
+"""Training one DiT config: data -> checkpoints, metrics and FID rows.
+
+`Trainer` is assembled from components with hard boundaries, the way torchtitan arranges its trainer: the
+runtime (device, distributed group, fast paths: `harness.train.runtime`), the checkpointer
+(`harness.train.checkpoint`), preemption (`harness.train.preemption`), the step (`harness.train.step`), the
+tracker (`harness.tracking`) and evaluation (`harness.evaluate`). `Trainer.fit` is the loop that calls them,
+meant to be read in one sitting (nanoGPT-style).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+from omegaconf import DictConfig
+
+from harness.autoencoders import run_autoencoder
+from harness.config import latent_geometry
+from harness.config.checks import check_run_inputs, validate
+from harness.data import BatchStream, build_dataset
+from harness.errors import require
+from harness.evaluate import SamplingStopped, evaluate_model, evaluated_before
+from harness.flops import count_flops
+from harness.model import count_params
+from harness.run_dir import RunDir
+from harness.tracking import Tracker
+from harness.train.checkpoint import Checkpointer
+from harness.train.preemption import PreemptionFlag
+from harness.train.runtime import (Dist, achieved_tflops, apply_matmul_settings, datasheet_peak_tflops, inference_forward,
+                                   mfu, peak_memory_gb, setup_distributed, training_forward)
+from harness.train.step import LOGGED_LOSSES, NonFiniteWatch, build_training, step_draws, step_generator, train_step
+
+
+def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
+    """Train `cfg` in `run_dir` (default: Hydra's output dir, else the cwd), resuming if it holds checkpoints;
+    one process at a time trains a run dir (`RunDir.lock`)."""
+    validate(cfg)
+    check_run_inputs(cfg)
+    run_dir = RunDir(run_dir if run_dir is not None else _hydra_output_dir())
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    dist = setup_distributed(cfg.trainer.device)
+    with run_dir.lock() if dist.is_main else nullcontext():
+        return Trainer(cfg, run_dir, dist).fit()
+
+
+def _hydra_output_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig  # Hydra's runtime state: only a run started by Hydra has one
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path.cwd()
+
+
+class ThroughputWindow:
+    """The logging window: images trained and per-sample losses since the last metrics row."""
+
+    def __init__(self):
+        self.start, self.images, self.losses = time.time(), 0, []
+
+    def add(self, images: int, losses: dict) -> None:
+        self.images += images
+        self.losses.append(torch.stack([losses[key].detach() for key in LOGGED_LOSSES]))  # one copy, no sync
+
+    def mean_losses(self, dist: Dist) -> dict:
+        means = torch.stack(self.losses).mean((0, 2))
+        if dist.world_size > 1:  # the global batch's means, as one process logs them (equal shares per rank)
+            torch_dist.all_reduce(means)
+            means /= dist.world_size
+        return dict(zip(LOGGED_LOSSES, means.tolist()))
+
+    def images_per_s(self) -> float:
+        return self.images / max(time.time() - self.start, 1e-9)
+
+
+class Trainer:
+    """One run in one run dir, claimed and resumed: build with the config, the run dir and this process's place
+    in the job, then `fit()`."""
+
+    def __init__(self, cfg: DictConfig, run_dir: RunDir, dist: Dist):
+        tc = self.tc = cfg.trainer
+        self.cfg, self.run_dir, self.dist, self.device = cfg, run_dir, dist, dist.device
+        require(tc.global_batch_size % dist.world_size == 0,
+                f"trainer.global_batch_size={tc.global_batch_size} is not divisible by the world size {dist.world_size}")
+        local_batch = tc.global_batch_size // dist.world_size
+        self.rank_slice = slice(dist.rank * local_batch, (dist.rank + 1) * local_batch)
+        if dist.is_main:
+            run_dir.claim(cfg)
+        dist.barrier()
+        apply_matmul_settings(tc, self.device)
+
+        self.geometry = geometry = latent_geometry(cfg)
+        self.model, self.ema, self.opt, self.diffusion = build_training(cfg, self.device)
+        self.flops = count_flops(cfg.model, geometry)
+        self.params = count_params(self.model)
+        dataset = build_dataset(cfg.data, "train", cfg.autoencoder)
+        self.stream = BatchStream(dataset, local_batch, dist.rank, dist.world_size, cfg.seed, bool(cfg.data.hflip),
+                                  num_workers=int(cfg.data.get("num_workers", 0)), pin_memory=self.device.type == "cuda")
+        # Pixel data through a VAE is encoded on the fly; a latent cache and pixel-space models need nothing.
+        self.encoder = (run_autoencoder(cfg, self.device)
+                        if cfg.data.name != "latents" and cfg.autoencoder.name != "identity" else None)
+
+        self.tracker = Tracker(cfg, run_dir, enabled=dist.is_main)
+        if self.device.type == "cuda" and int(tc.gpus) > dist.world_size:
+            self.tracker.print(f"note: trainer.gpus={tc.gpus} but this job has {dist.world_size} process(es); trainer.gpus "
+                               f"only plans (sweeps, dry runs): start it with torchrun --nproc_per_node={tc.gpus} to use "
+                               f"{tc.gpus} GPUs")
+        self.checkpointer = Checkpointer(run_dir, cfg, dist, meta={
+            "model": cfg.model.name, "params": self.params, "gflops": self.flops["gflops"], "geometry": vars(geometry)})
+        self.step = self.checkpointer.resume(self.model, self.ema, self.opt, self.stream, tc, say=self.tracker.print)
+        if dist.is_main:
+            self.tracker.resumed_at(self.step)
+        self.forward, fast = training_forward(self.model, tc, dist)
+
+        self.max_steps = int(tc.max_steps)
+        self.eval_every = cfg.eval.every
+        self.peak = tc.peak_tflops or datasheet_peak_tflops(self.device, fast["precision"])
+        self.sample_shape = (geometry.in_channels, geometry.input_size, geometry.input_size)
+        self.preemption = PreemptionFlag()
+        self.nonfinite = NonFiniteWatch(self.device)
+        self.sample_forward = inference_forward(self.ema, cfg, self.device) if self.eval_every is not None else None
+
+    # ------------------------------------------------------------------------- the loop
+
+    def fit(self) -> dict:
+        """Train from the resumed step to `trainer.max_steps`, logging, saving and evaluating on schedule."""
+        cfg, tc, dist, step, max_steps = self.cfg, self.tc, self.dist, self.step, self.max_steps
+        if dist.is_main:
+            self.run_dir.write_state("running", step, max_steps)
+            self.tracker.print(f"training {cfg.model.name} ({self.params / 1e6:.2f}M params, "
+                               f"{self.flops['gflops']:.4g} Gflops, {self.geometry.tokens(cfg.model.patch_size)} tokens) "
+                               f"on {self.device} x{dist.world_size}, step {step}/{max_steps}")
+            if step >= max_steps:
+                self.tracker.print(f"already at step {step}, trainer.max_steps={max_steps}: nothing to train")
+        try:
+            if self.eval_every and step % self.eval_every == 0 and 0 < step < max_steps:
+                self.evaluate(step)  # resumed from a checkpoint whose evaluation a kill cut short (one done is skipped)
+            self.model.train()
+            window = ThroughputWindow()
+            while step < max_steps:
+                losses = self.train_one(step)
+                step += 1
+                self.nonfinite.note(losses["loss"], step)
+                self.tracker.progress(step, max_steps)
+                window.add(tc.global_batch_size, losses)
+                if step % tc.log_every == 0 or step == max_steps:
+                    self.log(step, window)
+                    window = ThroughputWindow()
+                if self.checkpointer.is_save_step(step):  # before this step's evaluation: a kill while sampling keeps it
+                    self.save(step)
+                self.stop_if_preempted(step)
+                if self.eval_every and step % self.eval_every == 0 and step < max_steps:
+                    self.evaluate(step)
+            if self.eval_every is not None:
+                self.evaluate(step)
+            if dist.is_main:
+                self.run_dir.write_state("done", step, max_steps)
+                self.tracker.print(f"done at step {step}: {self.run_dir}")
+        except BaseException as err:
+            if dist.is_main and not isinstance(err, SystemExit):
+                error = "".join(traceback.format_exception_only(type(err), err)).strip()[-2000:]
+                self.run_dir.write_state("failed", step, max_steps, error=error)
+                self.tracker.write_log(f"failed at step {step}: {error}")
+            raise
+        finally:
+            self.preemption.restore()
+            self.tracker.finish()
+        return {"run_dir": str(self.run_dir), "step": step, "params": self.params, "gflops": self.flops["gflops"]}
+
+    # ------------------------------------------------------------------------- what the loop calls
+
+    def train_one(self, step: int) -> dict:
+        """The optimizer step that takes the run from `step` to `step + 1`: this rank's batch and draws."""
+        cfg, device = self.cfg, self.device
+        x, y = next(self.stream)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if self.encoder is not None:  # the posterior sample of this rank's images, reproducible on resume
+            x = self.encoder.encode(x, generator=step_generator(cfg.seed, step, device, 1, self.dist.rank))
+        gen = step_generator(cfg.seed, step, device)
+        t, noise, drop = step_draws(gen, self.tc.global_batch_size, self.rank_slice, self.sample_shape,
+                                    self.diffusion.num_timesteps, float(cfg.model.class_dropout_prob), device)
+        return train_step(self.forward, self.diffusion, self.model, self.ema, self.opt, x, y, t, noise, drop, self.tc)
+
+    def log(self, step: int, window: ThroughputWindow) -> None:
+        """One metrics row: the window's mean losses, throughput and MFU."""
+        self.nonfinite.check(self.dist)
+        images_per_s = window.images_per_s()
+        tflops = achieved_tflops(self.flops["gflops"], images_per_s / self.dist.world_size)
+        row = {"step": step, **window.mean_losses(self.dist), "lr": self.opt.param_groups[0]["lr"],
+               "images_per_s": images_per_s, "tflops_per_device": tflops, "mfu": mfu(tflops, self.peak),
+               "peak_mem_gb": peak_memory_gb(self.device), "time": time.time()}
+        self.tracker.log_metrics(row)
+        self.tracker.print(f"step {step}/{self.max_steps} loss {row['loss']:.4f} {images_per_s:.1f} img/s "
+                           f"{tflops:.3g} TFLOP/s" + (f" MFU {row['mfu']:.1%}" if self.peak else ""))
+
+    def save(self, step: int) -> None:
+        self.nonfinite.check(self.dist)  # nothing a non-finite loss touched reaches the disk
+        self.checkpointer.save(step, self.model, self.ema, self.opt, self.stream)
+
+    def stop_if_preempted(self, step: int) -> None:
+        """On SIGUSR2 or SIGTERM (on any rank): `step` saved, the run marked preempted, then requeue or exit."""
+        if not self.dist.any_rank(self.preemption.raised):
+            return
+        if not self.checkpointer.is_save_step(step):
+            self.save(step)
+        if self.dist.is_main:
+            self.run_dir.write_state("preempted", step, self.max_steps)
+            self.tracker.print(f"preempted at step {step}: checkpoint saved, requeueing" if self.preemption.requeues
+                               else f"stopped at step {step} (SIGTERM): checkpoint saved, launching again resumes")
+        self.tracker.finish()
+        self.preemption.requeue_or_exit()
+
+    def evaluate(self, step: int) -> None:
+        """FID of the EMA at `step`, unless results.jsonl has it with this eval config; a preemption while sampling
+        stops at the next batch and saves."""
+        self.nonfinite.check(self.dist)
+        if evaluated_before(self.run_dir, step, self.cfg.eval):
+            self.tracker.print(f"step {step}: already evaluated with this eval config (results.jsonl); not sampled again")
+            return
+        try:
+            row = evaluate_model(self.ema, self.cfg, step, self.run_dir, dist=self.dist, flops=self.flops,
+                                 params=self.params, log_fn=self.tracker.log_result, forward=self.sample_forward,
+                                 stop=lambda: self.dist.any_rank(self.preemption.raised))
+        except SamplingStopped:  # preempted while sampling: the resumed run samples this step again
+            self.stop_if_preempted(step)
+            raise  # not reached: stop_if_preempted exits
+        if row is not None:
+            self.tracker.print(f"step {step}: {row['fid_name']} {row['fid']:.4g} ({row['num_samples']} samples, "
+                               f"{row['sampler']}, cfg {row['cfg_scale']:g})")
