@@ -1,4 +1,4 @@
-"""Autoencoders: what maps images in [-1, 1] to the space the DiT is trained in, and back.
+"""Autoencoders: what maps images in [-1, 1] to the space the DiT is trained in, and back (to uint8 images too).
 
 `identity` trains in pixel space (the embedded digits default). `sd-vae-ft-ema` / `sd-vae-ft-mse` are
 Stable Diffusion's VAE through diffusers' `AutoencoderKL`, as in the DiT paper: the latent is a sample
@@ -41,11 +41,20 @@ class Autoencoder(torch.nn.Module):
     def decode(self, z: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         return _batched(self._decode, z, batch_size)
 
+    def decode_uint8(self, z: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """`decode` to uint8 images: what FID and the sample files take."""
+        return to_uint8(self.decode(z, batch_size))
+
     def _encode(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         raise NotImplementedError
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> uint8, as DiT's sample.py converts them (127.5 x + 128, clamped, truncated)."""
+    return torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8)
 
 
 def _batched(fn, x: torch.Tensor, batch_size: int | None) -> torch.Tensor:

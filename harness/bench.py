@@ -196,7 +196,7 @@ def bench_features(cfg: DictConfig, device: torch.device, warmup: int, iters: in
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
     from harness.errors import HarnessError
-    from harness.evaluate import resolve_extractor
+    from harness.evaluate.fid import resolve_extractor
 
     try:
         extractor = resolve_extractor(cfg.eval, cfg.data)

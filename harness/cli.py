@@ -58,7 +58,7 @@ EVAL_ARGS = ("ckpt", "out", "step")  # `harness eval` arguments that are not con
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from harness.evaluate import evaluate_checkpoint
+    from harness.evaluate.run import evaluate_checkpoint
     from harness.io import check_output_path
 
     named, overrides = {}, []
@@ -84,7 +84,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _train_digits_cnn(args: argparse.Namespace) -> int:
     from harness.config import compose, latent_geometry
-    from harness.evaluate import DIGITS_WEIGHTS, train_digits_extractor
+    from harness.digits_cnn import DIGITS_WEIGHTS, train_digits_extractor
     from harness.io import check_output_path
 
     out = check_output_path(args.out or DIGITS_WEIGHTS, "--out")

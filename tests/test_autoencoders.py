@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.autoencoders import build_autoencoder, check_autoencoder_source
+from harness.autoencoders import build_autoencoder, check_autoencoder_source, to_uint8
 from harness.config import compose, latent_geometry
 from harness.errors import HarnessError
 from helpers import make_image_folder, make_tiny_vae, tiny_vae_overrides
@@ -44,6 +44,11 @@ def test_identity_round_trip():
         with pytest.raises(HarnessError) as err:
             build_autoencoder(bad.autoencoder, bad.data)
         assert str(err.value) == message
+
+
+def test_to_uint8_is_the_released_conversion():
+    x = torch.tensor([-1.0, -0.004, 0.0, 0.999, 1.0, 3.0])
+    assert to_uint8(x).tolist() == [0, 127, 128, 255, 255, 255]  # 127.5 x + 128, clamped, truncated
 
 
 def test_a_relative_vae_path_is_a_local_directory_not_a_hub_id(tmp_path, monkeypatch):

@@ -20,12 +20,12 @@ from harness.cli import main
 from harness.config import compose, latent_geometry, to_yaml
 from harness.data import build_dataset, real_images_uint8
 from harness.errors import HarnessError
-from harness.evaluate import (DIGITS_CNN, DIGITS_WEIGHTS, INCEPTION_FILE, MAX_SAMPLES, DigitsFeatureExtractor,
-                              check_eval_config, classifier_accuracy, compute_fid, eval_labels, evaluate_checkpoint,
-                              evaluate_model, generate_samples, load_digits_cnn, reference_floor,
-                              to_uint8, train_digits_extractor)
-from harness.report import RESULT_COLUMNS
-from harness.run_dir import RunDir, checkpoint_step
+from harness.digits_cnn import (DIGITS_CNN, DIGITS_WEIGHTS, DigitsFeatureExtractor, classifier_accuracy, load_digits_cnn,
+                                train_digits_extractor)
+from harness.evaluate.fid import INCEPTION_FILE, MAX_SAMPLES, check_eval_config, compute_fid, reference_floor
+from harness.evaluate.run import evaluate_checkpoint, evaluate_model
+from harness.evaluate.sampling import eval_labels, generate_samples
+from harness.run_dir import RESULT_COLUMNS, RunDir, checkpoint_step
 from harness.train.runtime import InferenceForward
 
 # A DiT that samples 16x16 digits in well under a second: 16 tokens, one block.
@@ -301,11 +301,6 @@ def test_guidance_settings_reach_the_sampler(cfg, monkeypatch):
     assert seen and all((k["cfg_scale"], k["cfg_channels"], k["sampler"]) == (1.5, 1, "ddim5") for k in seen)
 
 
-def test_to_uint8_is_the_released_conversion():
-    x = torch.tensor([-1.0, -0.004, 0.0, 0.999, 1.0, 3.0])
-    assert to_uint8(x).tolist() == [0, 127, 128, 255, 255, 255]  # 127.5 x + 128, clamped, truncated
-
-
 def test_out_of_memory_halves_the_model_calls_and_remembers():
     class FitsEight(torch.nn.Module):
         learn_sigma, num_classes = False, 10
@@ -432,7 +427,6 @@ def test_training_evaluates_every_n_steps_through_one_sampling_forward(tmp_path,
 
 def test_a_kill_during_an_evaluation_keeps_its_checkpoint_and_the_resumed_run_evaluates_that_step(
         tmp_path, fid_cache, monkeypatch):
-    import harness.evaluate as evaluate_module
     import harness.train.loop as train_module
 
     cfg = compose([*TINY_EVAL, "trainer.max_steps=4", "trainer.ckpt_every=2", "trainer.global_batch_size=8",
@@ -441,7 +435,7 @@ def test_a_kill_during_an_evaluation_keeps_its_checkpoint_and_the_resumed_run_ev
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # what a kill during hours of FID sampling leaves: nothing after this point
 
-    monkeypatch.setattr(evaluate_module, "evaluate_model", killed)
+    monkeypatch.setattr(train_module, "evaluate_model", killed)  # the name the trainer calls
     with pytest.raises(KeyboardInterrupt):
         train_module.train(cfg, tmp_path / "run")
     assert [checkpoint_step(p) for p in RunDir(tmp_path / "run").checkpoints()] == [2]  # saved before evaluating
@@ -456,20 +450,20 @@ def test_sigterm_during_an_evaluation_stops_sampling_saves_the_step_and_the_resu
     import os
     import signal
 
-    import harness.evaluate as evaluate_module
+    import harness.evaluate.sampling as sampling_module
     import harness.train.loop as train_module
 
     cfg = compose([*TINY_EVAL, "trainer.max_steps=4", "trainer.ckpt_every=4", "trainer.global_batch_size=8",
                    "trainer.device=cpu", "eval.every=2", f"eval.cache_dir={fid_cache}"])  # 3 sampling batches
     sampled = []
-    real_sample_batch = evaluate_module._sample_batch
+    real_sample_batch = sampling_module._sample_batch
 
     def sample_batch_then_sigterm(*args, **kwargs):
         sampled.append(args[5])  # the batch index
         os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or `scancel` would, while the first batch samples
         return real_sample_batch(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate_module, "_sample_batch", sample_batch_then_sigterm)
+    monkeypatch.setattr(sampling_module, "_sample_batch", sample_batch_then_sigterm)
     with pytest.raises(SystemExit) as stopped:
         train_module.train(cfg, tmp_path / "run")
     assert stopped.value.code == 143 and sampled == [0]  # stopped at the next batch, not after all three
@@ -495,7 +489,7 @@ def test_eval_cli_on_our_checkpoint_and_refusals(cfg, tmp_path, fid_cache, monke
     ckpt = tmp_path / "run" / "checkpoints" / "step_0000030.pt"
     _write_checkpoint(run_cfg, ckpt, tiny_model(run_cfg))
     evaluated = []
-    monkeypatch.setattr("harness.evaluate.evaluate_model",
+    monkeypatch.setattr("harness.evaluate.run.evaluate_model",
                         lambda model, *a, _real=evaluate_model, **k: evaluated.append(model) or _real(model, *a, **k))
     assert main(["eval", f"ckpt={ckpt}", "eval.num_samples=16", f"eval.cache_dir={fid_cache}"]) == 0
     ema = torch.load(ckpt, map_location="cpu", weights_only=False)["ema"]

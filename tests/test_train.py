@@ -177,7 +177,7 @@ def test_a_run_saved_before_a_key_existed_resumes_and_evaluates(tmp_path):
     from omegaconf import OmegaConf
 
     from harness.config import KEYS_ADDED_LATER, to_yaml
-    from harness.evaluate import checkpoint_config
+    from harness.evaluate.run import checkpoint_config
 
     cfg = compose([*TINY, "trainer.max_steps=2", "trainer.ckpt_every=2"])
     train(cfg, tmp_path)

@@ -10,7 +10,7 @@ from harness.config import (ATTENTION_KERNELS, COMPILE_MODES, PRECISIONS, _is_in
                             latent_geometry, number, one_of)
 from harness.data import check_data_source
 from harness.errors import require
-from harness.evaluate import check_eval_config
+from harness.evaluate.fid import check_eval_config
 from harness.model import check_model_config
 
 

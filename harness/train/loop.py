@@ -24,7 +24,8 @@ from harness.config import latent_geometry
 from harness.config.checks import check_run_inputs, validate
 from harness.data import BatchStream, build_dataset
 from harness.errors import require
-from harness.evaluate import SamplingStopped, evaluate_model, evaluated_before
+from harness.evaluate.run import evaluate_model, evaluated_before
+from harness.evaluate.sampling import SamplingStopped
 from harness.flops import count_flops
 from harness.model import count_params
 from harness.run_dir import RunDir
