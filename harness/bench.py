@@ -19,11 +19,22 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from harness.config import compose, latent_geometry, resolve_device
 from harness.config.checks import validate
-from harness.errors import require
+from harness.data import BatchStream, LatentDataset, write_synthetic_latent_cache
+from harness.diffusion import create_diffusion
+from harness.errors import HarnessError, require
+from harness.evaluate.fid import resolve_extractor
+from harness.flops import count_flops
 from harness.io import append_jsonl, check_output_path
+from harness.model import build_model
+from harness.train.runtime import (achieved_tflops, apply_matmul_settings, autocast_forward, compiled, datasheet_peak_tflops,
+                                   fast_path_settings, inference_forward, mfu, peak_memory_gb)
+from harness.train.step import build_training, train_step
 
 WHAT = ("train", "sample", "features", "latents")
 
@@ -70,8 +81,6 @@ def profile_summary(events, calls: int, wall_ms: float, cuda: bool, rows: int = 
     most (Inductor names its kernels after the ops it fused) and the share of wall time the GPU spent in
     kernels. Kernel events are counted once: an op's device time is its kernels' time, and GPU-side
     annotations span other kernels."""
-    from torch.autograd import DeviceType
-
     # CUPTI's "Command Buffer Full" is the host waiting for room in the launch queue: the host running ahead of
     # the GPU, not an op (on an H200 at XL/2 batch 256 it showed as seconds per step).
     ops = [e for e in events if e.device_type == DeviceType.CPU and e.key != "Command Buffer Full"]
@@ -98,8 +107,6 @@ def profile_summary(events, calls: int, wall_ms: float, cuda: bool, rows: int = 
 def profile_calls(fn, device: torch.device, calls: int = 5) -> dict:
     """Where the time of `fn` goes: torch.profiler over `calls` calls, summarised by `profile_summary`. A GPU
     busy share well below 1 means the host (Python, kernel launches, syncs) keeps the GPU waiting."""
-    from torch.profiler import ProfilerActivity, profile
-
     cuda = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
         start = time.perf_counter()
@@ -121,8 +128,6 @@ def measured_peak_tflops(device: torch.device, precision: str, size: int | None 
 
 
 def _throughput(images_per_s: float, gflops: float, passes: float, peaks: dict) -> dict:
-    from harness.train.runtime import achieved_tflops, mfu
-
     tflops = achieved_tflops(gflops, images_per_s, passes)
     return {"images_per_s": images_per_s, "tflops": tflops,
             "mfu_measured": mfu(tflops, peaks["measured"]), "mfu_datasheet": mfu(tflops, peaks["datasheet"])}
@@ -131,9 +136,6 @@ def _throughput(images_per_s: float, gflops: float, passes: float, peaks: dict) 
 def bench_train(cfg: DictConfig, device: torch.device, gflops: float, peaks: dict, warmup: int, iters: int,
                 profile: bool = False) -> dict:
     """One training step at `trainer.global_batch_size` on this device, as the train app runs it."""
-    from harness.train.runtime import apply_matmul_settings, autocast_forward, compiled, fast_path_settings, peak_memory_gb
-    from harness.train.step import build_training, train_step
-
     tc = cfg.trainer
     fast = fast_path_settings(tc, device)
     apply_matmul_settings(tc, device)
@@ -162,10 +164,6 @@ def bench_train(cfg: DictConfig, device: torch.device, gflops: float, peaks: dic
 
 def bench_sample(cfg: DictConfig, device: torch.device, gflops: float, peaks: dict, warmup: int, iters: int) -> dict:
     """One reverse-diffusion step at `eval.batch_size`, without guidance and with scale 1.5 (a doubled batch)."""
-    from harness.diffusion import create_diffusion
-    from harness.model import build_model
-    from harness.train.runtime import apply_matmul_settings, inference_forward, peak_memory_gb
-
     apply_matmul_settings(cfg.trainer, device)
     geometry = latent_geometry(cfg)
     model = build_model(cfg.model, geometry, device=device).eval().requires_grad_(False)
@@ -193,11 +191,6 @@ def bench_sample(cfg: DictConfig, device: torch.device, gflops: float, peaks: di
 
 def bench_features(cfg: DictConfig, device: torch.device, warmup: int, iters: int) -> dict:
     """torch-fidelity feature extraction per image with the config's FID extractor."""
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-
-    from harness.errors import HarnessError
-    from harness.evaluate.fid import resolve_extractor
-
     try:
         extractor = resolve_extractor(cfg.eval, cfg.data)
     except HarnessError as err:
@@ -216,8 +209,6 @@ def bench_features(cfg: DictConfig, device: torch.device, warmup: int, iters: in
 
 def bench_latents(cfg: DictConfig, warmup: int, iters: int) -> dict:
     """Loading from a latent cache (synthetic, same format and shape) into training batches, on one core."""
-    from harness.data import BatchStream, LatentDataset, write_synthetic_latent_cache
-
     geometry = latent_geometry(cfg)
     shape = (geometry.in_channels, geometry.input_size, geometry.input_size)
     batch = int(cfg.trainer.global_batch_size)
@@ -238,9 +229,6 @@ def run_bench(overrides: list[str], what=WHAT, log: str | None = None, warmup: i
               profile: bool = False) -> dict:
     """Benchmark the config of `overrides`; append the result to the JSONL `log` when given. `profile` adds
     where the training step's time goes (`profile_calls`)."""
-    from harness.flops import count_flops
-    from harness.train.runtime import datasheet_peak_tflops, fast_path_settings
-
     cfg = compose(overrides)
     validate(cfg)
     unknown = [w for w in what if w not in WHAT]

@@ -25,8 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from harness.autoencoders import build_autoencoder, check_autoencoder_source
+from harness.config import latent_geometry, resolve_device
 from harness.errors import HarnessError, require
 from harness.io import atomic_write_bytes, atomic_write_json, check_output_path, read_json, sha256_file
 
@@ -76,7 +79,7 @@ class TensorImageDataset(Dataset):
 @functools.lru_cache(maxsize=8)
 def _digits_split(image_size: int, held_out_fraction: float, split_seed: int) -> dict:
     """Processed digits per split: float images in [-1, 1], the uint8 version, labels (cached: tiny)."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # scikit-learn takes a second to import: only the digits data need it
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
@@ -117,8 +120,6 @@ def _digits(data_cfg: DictConfig, split: str) -> tuple[torch.Tensor, torch.Tenso
 
 def center_crop_arr(image, image_size: int) -> np.ndarray:
     """ADM's centre crop: halve with BOX while the short side is >= 2x the target, BICUBIC to the target, crop."""
-    from PIL import Image
-
     while min(*image.size) >= 2 * image_size:
         image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
     scale = image_size / min(*image.size)
@@ -131,8 +132,6 @@ def center_crop_arr(image, image_size: int) -> np.ndarray:
 
 def _header_ok(path: str) -> bool:
     """Whether PIL recognises the file (reads the header only; full decoding happens when loaded)."""
-    from PIL import Image
-
     try:
         with Image.open(path) as image:
             return image.size[0] > 0 and image.size[1] > 0
@@ -183,8 +182,6 @@ class ImageFolderDataset(Dataset):
 
     def load_uint8(self, i: int, flip: bool = False) -> np.ndarray | None:
         """The cropped image as uint8 HxWxC, or None when it cannot be decoded and bad images are skipped."""
-        from PIL import Image
-
         path = self.samples[i][0]
         try:
             with Image.open(path) as image:
@@ -640,9 +637,6 @@ def extract_latents(cfg: DictConfig, out_dir: str | os.PathLike, rank: int = 0, 
     complete (record present, checksum matching) are skipped, so a killed extraction resumes where it
     stopped. Whoever finds every shard complete writes `index.json`. Returns a summary dict.
     """
-    from harness.autoencoders import build_autoencoder, check_autoencoder_source
-    from harness.config import latent_geometry, resolve_device
-
     require(out_dir not in (None, ""), "out is not set: give out=DIR, the directory to write the latent cache to")
     require(str(cfg.data.name) == "imagefolder", f"extract-latents reads data=imagefolder, got data={cfg.data.name}")
     require(world_size > 0 and 0 <= rank < world_size, f"rank {rank} is not in a world of {world_size}")

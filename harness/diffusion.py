@@ -24,6 +24,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from harness.errors import HarnessError, require
 
@@ -421,8 +422,6 @@ class GaussianDiffusion:
         coefs = [process._step_coefs(i) for i in range(process.num_timesteps)]
         steps = range(process.num_timesteps - 1, -1, -1)
         if progress:
-            from tqdm.auto import tqdm
-
             steps = tqdm(steps, desc=f"sampling {sampler}")
 
         x = _randn(shape, generator, device)

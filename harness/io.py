@@ -8,12 +8,17 @@ last line left by a kill mid-append.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Collection, Iterator
+
+from omegaconf import OmegaConf
 
 from harness.errors import HarnessError, first_line, require
 
@@ -108,8 +113,6 @@ def append_lines(path: str | os.PathLike, lines: bytes) -> None:
 def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
     """Rows of a JSONL file, skipping a last line torn by a kill (one the file does not end with a newline);
     any other line that is not a JSON object is skipped with a warning naming the file and line."""
-    import warnings
-
     path = Path(path)
     if not path.exists():
         return
@@ -132,8 +135,6 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 def sha256_file(path: str | os.PathLike) -> str:
     """The sha256 hex digest of a file, read in 4 MiB blocks."""
-    import hashlib
-
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -156,8 +157,6 @@ def check_output_path(path: str | os.PathLike, key: str, kind: str = "file") -> 
 def staging_dir(target: Path) -> Path:
     """A fresh sibling of `target` to build its new contents in, for `replace_dir`. A previous `replace_dir` killed
     between its two renames is finished first (its old directory is put back), and its leftovers are removed."""
-    import shutil
-
     target.parent.mkdir(parents=True, exist_ok=True)
     olds = sorted(target.parent.glob(f".{target.name}.old-*"))
     if olds and not target.exists():
@@ -172,8 +171,6 @@ def staging_dir(target: Path) -> Path:
 def replace_dir(staged: Path, target: Path) -> None:
     """Put the finished directory `staged` in place of `target` with two renames, so a kill never leaves a mix of
     old and new files: the old directory stays whole (as .<name>.old-<pid> for an instant) until the new one is in."""
-    import shutil
-
     old = target.parent / f".{target.name}.old-{os.getpid()}"
     if target.exists():
         os.rename(target, old)
@@ -185,8 +182,6 @@ def replace_dir(staged: Path, target: Path) -> None:
 def read_yaml(path: str | os.PathLike):
     """A YAML file the harness wrote (a run's config.yaml, a sweep's sweep.yaml) as a DictConfig; one error line
     naming the file when it is not readable YAML."""
-    from omegaconf import OmegaConf
-
     try:
         return OmegaConf.load(path)
     except Exception as err:  # noqa: BLE001 - yaml and OmegaConf raise many types

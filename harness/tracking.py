@@ -38,7 +38,7 @@ class Tracker:
         if not self.interactive:
             return
         if self.bar is None:
-            from tqdm import tqdm
+            from tqdm import tqdm  # only an interactive terminal draws a progress bar
 
             self.bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True)
         self.bar.update(step - self.bar.n)
@@ -108,7 +108,7 @@ def run_id(cfg: DictConfig, run_dir: str | os.PathLike) -> str:
 
 
 def _init_wandb(cfg: DictConfig, run_dir: Path):
-    import wandb
+    import wandb  # heavy (a second or more) and optional: runs with logger=none never import it
 
     logger = cfg.logger
     os.environ.setdefault("WANDB_SILENT", "true")

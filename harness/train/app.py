@@ -49,8 +49,10 @@ def hydra_train(argv: list[str]) -> int:
 
 
 def _hydra_task(cfg: DictConfig) -> dict:
+    """The task Hydra runs for each run: every way to it (`harness train`, `-m`, `harness sweep`'s launchers)
+    checked the config and its files before Hydra started."""
     try:
-        return train(cfg)
+        return train(cfg, checked=True)
     except HarnessError as err:  # bad input found once the job runs (data, world size): one line, exit 2
         print(f"harness: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

@@ -37,11 +37,13 @@ from harness.train.runtime import (Dist, achieved_tflops, apply_matmul_settings,
 from harness.train.step import LOGGED_LOSSES, NonFiniteWatch, build_training, step_draws, step_generator, train_step
 
 
-def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
+def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None, checked: bool = False) -> dict:
     """Train `cfg` in `run_dir` (default: Hydra's output dir, else the cwd), resuming if it holds checkpoints;
-    one process at a time trains a run dir (`RunDir.lock`)."""
-    validate(cfg)
-    check_run_inputs(cfg)
+    one process at a time trains a run dir (`RunDir.lock`). `checked`: the launch that started this run has
+    already checked the config and its files (`harness train`, `harness sweep`), so they are not checked again."""
+    if not checked:
+        validate(cfg)
+        check_run_inputs(cfg)
     run_dir = RunDir(run_dir if run_dir is not None else _hydra_output_dir())
     run_dir.path.mkdir(parents=True, exist_ok=True)
     dist = setup_distributed(cfg.trainer.device)
