@@ -115,7 +115,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from harness.report import write_report
+    from harness.report.render import write_report
 
     paths = write_report(args.sweep_dirs, args.out, step=args.step, overlay_paper=args.overlay_paper,
                          mix_extractors=args.mix_extractors)

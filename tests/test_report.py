@@ -13,8 +13,14 @@ import pytest
 
 from conftest import run_harness
 from fixtures.sweep import BATCH, MAX_STEPS, SLOPE, STEPS, expected_runs, make_fixture_sweep
-from harness import report
 from harness.errors import HarnessError
+from harness.report import render
+from harness.report.collect import (RUN_COLUMNS, _config_labels, collect_results, default_step, last_samples,
+                                    load_paper_table4, pick_step, rows_at_step)
+from harness.report.figures import plot_fid_vs_gflops, plot_fid_vs_steps, plot_sample_grid
+from harness.report.render import write_report, write_results_csv
+from harness.report.stats import BOOTSTRAP_RESAMPLES, compute_frontier, fit_power_law, predict_fid
+from harness.run_dir import RESULT_COLUMNS, find_run_dirs
 
 FIGURES = ("fid_vs_gflops", "fid_vs_steps", "fid_vs_compute", "samples")
 
@@ -26,7 +32,7 @@ def sweep(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def df(sweep):
-    return report.collect_results(sweep)
+    return collect_results(sweep)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +42,7 @@ def inception_sweep(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def written(sweep, tmp_path_factory):
-    return report.write_report([sweep], tmp_path_factory.mktemp("report"))
+    return write_report([sweep], tmp_path_factory.mktemp("report"))
 
 
 # ---- results table ---------------------------------------------------------------------------
@@ -44,7 +50,7 @@ def written(sweep, tmp_path_factory):
 
 def test_results_table_rows_columns_and_states(df):
     runs = expected_runs()
-    assert set(report.RESULT_COLUMNS + report.RUN_COLUMNS) <= set(df.columns)
+    assert set(RESULT_COLUMNS + RUN_COLUMNS) <= set(df.columns)
     # One row per run x evaluated step; the torn last line of the running run is skipped.
     assert len(df) == sum(last // 1000 for _, last in runs.values()) == 15
     assert not (df["run_id"] == "torn by a kill").any()
@@ -66,7 +72,7 @@ def test_a_step_evaluated_twice_keeps_the_fid_from_the_most_samples(sweep, tmp_p
     with open(results, "a") as f:
         for fid, samples in ((1.5, more), (2.5, more), (99.0, 20)):  # FID-50K twice after training, then a quick look
             f.write(json.dumps({**last, "fid": fid, "num_samples": samples}) + "\n")
-    df = report.collect_results(copy)
+    df = collect_results(copy)
     row = df[(df["run_path"] == str(results.parent)) & (df["step"] == last["step"])]
     assert len(row) == 1 and (row["fid"].item(), row["num_samples"].item()) == (2.5, more)
 
@@ -75,12 +81,12 @@ def test_a_run_moved_aside_by_overwrite_is_not_a_run_of_the_sweep(sweep, df, tmp
     copy = shutil.copytree(sweep, tmp_path / "sweep")
     run = Path(df["run_path"].iloc[0].replace(str(sweep), str(copy)))
     shutil.copytree(run, run / "overwritten-20260101-000000", ignore=shutil.ignore_patterns("overwritten-*"))
-    assert report.find_run_dirs(copy) == sorted(Path(p.replace(str(sweep), str(copy))) for p in df["run_path"].unique())
-    assert len(report.collect_results(copy)) == len(df)
+    assert find_run_dirs(copy) == sorted(Path(p.replace(str(sweep), str(copy))) for p in df["run_path"].unique())
+    assert len(collect_results(copy)) == len(df)
 
 
 def test_results_csv_round_trip(df, tmp_path):
-    path = report.write_results_csv(df, tmp_path / "out" / "results.csv")
+    path = write_results_csv(df, tmp_path / "out" / "results.csv")
     back = pd.read_csv(path)
     assert list(back.columns) == list(df.columns) and len(back) == len(df)
     np.testing.assert_allclose(back["fid"], df["fid"])
@@ -95,13 +101,13 @@ def test_runs_without_state_or_results_are_listed(sweep, tmp_path):
     (early / "config.yaml").write_text("model:\n  name: mini-B/8\n  size: mini-B\n  patch_size: 8\n"
                                        "  conditioning: adaln_zero\n")
     (early / "run_state.json").write_text(json.dumps({"state": "preempted", "step": 200, "max_steps": 3000}))
-    df = report.collect_results(copy)
+    df = collect_results(copy)
     assert set(df.loc[df["config"] == "mini-S/4", "state"]) == {"unknown"}
     row = df[df["config"] == "mini-B/8"]
     assert len(row) == 1 and row["state"].iloc[0] == "preempted" and row["fid"].isna().all()
     assert row["patch"].iloc[0] == 8
     # Neither the unknown-state run nor the unevaluated one counts as finished for the default step.
-    assert report.default_step(df)[0] == MAX_STEPS
+    assert default_step(df)[0] == MAX_STEPS
 
 
 def test_a_re_evaluated_step_keeps_the_latest_row(sweep, tmp_path):
@@ -111,7 +117,7 @@ def test_a_re_evaluated_step_keeps_the_latest_row(sweep, tmp_path):
     del last["train_compute_flops"]  # an older row format: computed from gflops, batch and step
     with open(results, "a") as f:
         f.write(json.dumps({**last, "fid": 1.25}) + "\n")
-    df = report.collect_results(copy)
+    df = collect_results(copy)
     rows = df[(df["config"] == "mini-B/2") & (df["step"] == MAX_STEPS)]
     assert list(rows["fid"]) == [1.25]
     assert rows["train_compute_flops"].iloc[0] == pytest.approx(last["gflops"] * 1e9 * BATCH * MAX_STEPS * 3)
@@ -124,7 +130,7 @@ def test_a_value_that_is_not_a_number_is_missing_with_a_warning(sweep, tmp_path)
     rows[0]["fid"], rows[1]["fid"] = "12.5x", [3.0]
     results.write_text("".join(json.dumps(row) + "\n" for row in rows))
     with pytest.warns(UserWarning) as caught:
-        df = report.collect_results(copy)
+        df = collect_results(copy)
     messages = [str(w.message) for w in caught]
     assert any(f"{results}: fid='12.5x' is not a number" in m for m in messages), messages
     assert any(f"{results}: fid=[3.0] is not a number" in m for m in messages), messages
@@ -137,11 +143,11 @@ def test_a_value_that_is_not_a_number_is_missing_with_a_warning(sweep, tmp_path)
 
 
 def test_default_and_chosen_step(df):
-    step, why = report.default_step(df)
+    step, why = default_step(df)
     assert step == MAX_STEPS and "finished" in why
-    assert len(report.rows_at_step(df, MAX_STEPS)) == 4  # the done runs
-    assert len(report.rows_at_step(df, STEPS[0])) == 6
-    assert report.pick_step(df, 2000)[0] == 2000
+    assert len(rows_at_step(df, MAX_STEPS)) == 4  # the done runs
+    assert len(rows_at_step(df, STEPS[0])) == 6
+    assert pick_step(df, 2000)[0] == 2000
 
 
 # ---- fits --------------------------------------------------------------------------------------
@@ -153,21 +159,21 @@ def test_fit_recovers_a_known_power_law():
     slope, intercept, sigma = -0.36, 2.1, 0.05
     x = np.log10(gflops)
     fid = 10 ** (intercept + slope * x + rng.normal(0, sigma, x.size))
-    fit = report.fit_power_law(gflops, fid, seed=0)
+    fit = fit_power_law(gflops, fid, seed=0)
     r_true = slope * x.std() / np.sqrt(slope**2 * x.var() + sigma**2)
-    assert fit.n == 12 and fit.n_boot == report.BOOTSTRAP_RESAMPLES
+    assert fit.n == 12 and fit.n_boot == BOOTSTRAP_RESAMPLES
     assert abs(fit.slope - slope) < 0.03 and abs(fit.intercept - intercept) < 0.05
     assert abs(fit.r - r_true) < 0.03 and fit.r2 == pytest.approx(fit.r**2)
     assert fit.slope_ci[0] < slope < fit.slope_ci[1]
     assert fit.r_ci[0] < r_true < fit.r_ci[1] and fit.r_ci[0] < fit.r < fit.r_ci[1]
     assert re.fullmatch(r"Gflops vs FID: r = -0\.9\d{2} \[-[01]\.\d{3}, -0\.9\d{2}\], slope = -0\.3\d{2}", fit.summary())
     # Seeded: the same seed gives the same interval.
-    assert report.fit_power_law(gflops, fid, seed=0).r_ci == fit.r_ci
+    assert fit_power_law(gflops, fid, seed=0).r_ci == fit.r_ci
 
 
 def test_fit_of_an_exact_power_law_is_exact():
     gflops = np.array([0.5, 2.0, 8.0, 30.0])
-    fit = report.fit_power_law(gflops, 50 * gflops**-0.5, n_boot=200)
+    fit = fit_power_law(gflops, 50 * gflops**-0.5, n_boot=200)
     assert fit.slope == pytest.approx(-0.5) and 10**fit.intercept == pytest.approx(50)
     assert fit.r == pytest.approx(-1.0) and fit.resid_std == pytest.approx(0, abs=1e-9)
 
@@ -176,15 +182,15 @@ def test_predict_fid_interval_covers_the_truth_and_widens_outside_the_grid():
     rng = np.random.default_rng(2)
     gflops = np.geomspace(1, 100, 10)
     fid = 80 * gflops**-0.4 * 10 ** rng.normal(0, 0.03, gflops.size)
-    fit = report.fit_power_law(gflops, fid)
-    mid, lo, hi = report.predict_fid(fit, 10.0)
+    fit = fit_power_law(gflops, fid)
+    mid, lo, hi = predict_fid(fit, 10.0)
     assert lo < mid < hi and lo < 80 * 10**-0.4 < hi
-    _, far_lo, far_hi = report.predict_fid(fit, 1e4)
+    _, far_lo, far_hi = predict_fid(fit, 1e4)
     assert np.log(far_hi / far_lo) > np.log(hi / lo)
-    arr = report.predict_fid(fit, np.array([5.0, 50.0]))
+    arr = predict_fid(fit, np.array([5.0, 50.0]))
     assert all(a.shape == (2,) for a in arr)
     with pytest.raises(HarnessError, match="positive"):
-        report.predict_fid(fit, 0.0)
+        predict_fid(fit, 0.0)
 
 
 def test_prediction_interval_and_bootstrap_by_hand():
@@ -194,14 +200,14 @@ def test_prediction_interval_and_bootstrap_by_hand():
     rng = np.random.default_rng(3)
     gflops = np.geomspace(0.5, 80, 9)
     fid = 60 * gflops**-0.3 * 10 ** rng.normal(0, 0.05, gflops.size)
-    fit = report.fit_power_law(gflops, fid, n_boot=500, seed=4)
+    fit = fit_power_law(gflops, fid, n_boot=500, seed=4)
     x, y = np.log10(gflops), np.log10(fid)
     n, s = len(x), np.sqrt(((y - (fit.intercept + fit.slope * x)) ** 2).sum() / (len(x) - 2))
     assert fit.resid_std == pytest.approx(s, rel=1e-12)
     x0 = np.log10(200.0)
     half = stats.t.ppf(0.975, n - 2) * s * np.sqrt(1 + 1 / n + (x0 - x.mean()) ** 2 / ((x - x.mean()) ** 2).sum())
     y0 = fit.intercept + fit.slope * x0
-    assert report.predict_fid(fit, 200.0) == pytest.approx((10**y0, 10 ** (y0 - half), 10 ** (y0 + half)), rel=1e-9)
+    assert predict_fid(fit, 200.0) == pytest.approx((10**y0, 10 ** (y0 - half), 10 ** (y0 + half)), rel=1e-9)
     idx = np.random.default_rng(4).integers(0, n, size=(500, n))
     slopes = [np.polyfit(x[i], y[i], 1)[0] for i in idx if np.ptp(x[i]) > 0]
     assert fit.slope_ci == pytest.approx(tuple(np.quantile(slopes, [0.025, 0.975])), rel=1e-6)
@@ -210,13 +216,13 @@ def test_prediction_interval_and_bootstrap_by_hand():
 def test_default_step_is_the_last_every_finished_run_reached():
     rows = [{"run_path": run, "state": "done", "step": step, "fid": 10.0 - step / 10}
             for run, steps in (("a", (10, 20)), ("b", (10, 20, 40))) for step in steps]
-    assert report.default_step(pd.DataFrame(rows))[0] == 20
+    assert default_step(pd.DataFrame(rows))[0] == 20
 
 
 def test_labels_of_one_model_in_two_sweeps_name_the_sweep():
     df = pd.DataFrame([{"run_path": f"/s/{sweep}/run", "model": "mini-S/4", "conditioning": "adaln_zero",
                         "sweep": sweep, "sweep_dir": f"/s/{sweep}"} for sweep in ("a", "b")])
-    assert list(report._config_labels(df)) == ["mini-S/4 (a)", "mini-S/4 (b)"]
+    assert list(_config_labels(df)) == ["mini-S/4 (a)", "mini-S/4 (b)"]
 
 
 def test_frontier_per_fid_kind_keeps_the_best_of_equal_budgets():
@@ -224,7 +230,7 @@ def test_frontier_per_fid_kind_keeps_the_best_of_equal_budgets():
             for kind, points in (("fid_digits", [(1e12, 5.0), (1e12, 3.0), (2e12, 4.0), (3e12, 2.0)]),
                                  ("fid_inception", [(1e12, 50.0), (4e12, 30.0)]))
             for c, f in points]
-    front = report.compute_frontier(pd.DataFrame(rows))
+    front = compute_frontier(pd.DataFrame(rows))
     digits, inception = (front[front["fid_name"] == k] for k in ("fid_digits", "fid_inception"))
     assert list(zip(digits["train_compute_flops"], digits["fid"])) == [(1e12, 3.0), (3e12, 2.0)]
     assert list(zip(inception["train_compute_flops"], inception["fid"])) == [(1e12, 50.0), (4e12, 30.0)]
@@ -237,11 +243,11 @@ def test_frontier_per_fid_kind_keeps_the_best_of_equal_budgets():
 ])
 def test_fit_refuses_bad_input(gflops, fid, match):
     with pytest.raises(HarnessError, match=match):
-        report.fit_power_law(gflops, fid)
+        fit_power_law(gflops, fid)
 
 
 def test_compute_frontier(df):
-    front = report.compute_frontier(df)
+    front = compute_frontier(df)
     assert front["train_compute_flops"].is_monotonic_increasing and front["fid"].is_monotonic_decreasing
     for row in front.itertuples():
         within = df[df["train_compute_flops"] <= row.train_compute_flops]
@@ -287,34 +293,34 @@ def test_report_without_samples_skips_the_grid(sweep, tmp_path):
     copy = shutil.copytree(sweep, tmp_path / "sweep")
     for png in copy.glob("*/samples/*.png"):
         png.unlink()
-    df = report.collect_results(copy)
-    assert report.last_samples(df) == {}
+    df = collect_results(copy)
+    assert last_samples(df) == {}
     with pytest.raises(HarnessError, match="samples"):
-        report.plot_sample_grid(df)
-    written = report.write_report(copy, tmp_path / "out")
+        plot_sample_grid(df)
+    written = write_report(copy, tmp_path / "out")
     assert "samples.png" not in written and "fid_vs_gflops.png" in written
 
 
 def test_a_report_is_replaced_whole_or_not_at_all(sweep, tmp_path, monkeypatch):
     out = tmp_path / "report"
-    report.write_report(sweep, out)
+    write_report(sweep, out)
     files = lambda: {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}  # noqa: E731
     before = files()
 
     def killed(*args, **kwargs):  # as a kill would, once results.csv, the figures and report.md are written
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(report, "_html_page", killed)
+    monkeypatch.setattr(render, "render_html", killed)
     with pytest.raises(KeyboardInterrupt):
-        report.write_report(sweep, out, step=STEPS[0])
+        write_report(sweep, out, step=STEPS[0])
     assert files() == before
     monkeypatch.undo()
-    written = report.write_report(sweep, out, step=STEPS[0])
+    written = write_report(sweep, out, step=STEPS[0])
     assert f"at step {STEPS[0]:,}" in written["md"].read_text() and written["md"] == out / "report.md"
     assert [p.name for p in tmp_path.iterdir()] == ["report"]  # the killed run's staging directory is gone
     (out / "notes.txt").write_text("mine")
     with pytest.raises(HarnessError, match=r"-o=.*report holds files that are not part of a report \(notes.txt\)"):
-        report.write_report(sweep, out)
+        write_report(sweep, out)
 
 
 def test_a_directory_swap_killed_between_its_renames_is_finished_next_time(tmp_path):
@@ -333,13 +339,13 @@ def test_a_directory_swap_killed_between_its_renames_is_finished_next_time(tmp_p
 
 
 def test_overlay_of_the_paper_points_on_an_inception_sweep(inception_sweep):
-    df = report.collect_results(inception_sweep)
-    fig = report.plot_fid_vs_gflops(df, overlay_paper=True)
+    df = collect_results(inception_sweep)
+    fig = plot_fid_vs_gflops(df, overlay_paper=True)
     ax = fig.axes[0]
     assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
     assert ax.get_xlim()[1] > 118.64  # the paper's DiT-XL/2 is on the axis
     assert "Inception" in ax.get_ylabel()
-    assert len(report.load_paper_table4()) == 12
+    assert len(load_paper_table4()) == 12
 
 
 # ---- bad input -------------------------------------------------------------------------------
@@ -350,32 +356,32 @@ def test_a_sweep_dir_without_results_is_refused(tmp_path):
     (empty / "some_run").mkdir(parents=True)
     (empty / "some_run" / "results.jsonl").write_text("")
     with pytest.raises(HarnessError, match="empty_sweep.*no results"):
-        report.collect_results(empty)
+        collect_results(empty)
     with pytest.raises(HarnessError, match="does not exist"):
-        report.collect_results(tmp_path / "missing")
+        collect_results(tmp_path / "missing")
 
 
 def test_mixed_feature_extractors_are_refused_unless_asked(sweep, inception_sweep, tmp_path):
-    df = report.collect_results([sweep, inception_sweep])
+    df = collect_results([sweep, inception_sweep])
     with pytest.raises(HarnessError, match=r"fid_digits \(digits-cnn\), fid_inception \(inception-v3-compat\)"):
-        report.plot_fid_vs_gflops(df)
+        plot_fid_vs_gflops(df)
     with pytest.raises(HarnessError, match="mix"):
-        report.write_report([sweep, inception_sweep], tmp_path / "out")
-    fig = report.plot_fid_vs_steps(df, mix_extractors=True)
+        write_report([sweep, inception_sweep], tmp_path / "out")
+    fig = plot_fid_vs_steps(df, mix_extractors=True)
     assert "mixed" in fig.axes[0].get_ylabel()
     assert df["config"].nunique() == 12  # the same models in two sweeps keep distinct names
 
 
 def test_a_step_no_run_reached_is_refused(df, sweep, tmp_path):
     with pytest.raises(HarnessError, match="step 2,500.*steps available: 1,000, 2,000, 3,000"):
-        report.plot_fid_vs_gflops(df, step=2500)
+        plot_fid_vs_gflops(df, step=2500)
     with pytest.raises(HarnessError, match="steps available"):
-        report.write_report(sweep, tmp_path / "out", step=10**6)
+        write_report(sweep, tmp_path / "out", step=10**6)
 
 
 def test_the_paper_overlay_is_refused_for_digits_fid(df):
     with pytest.raises(HarnessError, match="overlay_paper.*fid_digits"):
-        report.plot_fid_vs_gflops(df, overlay_paper=True)
+        plot_fid_vs_gflops(df, overlay_paper=True)
 
 
 def test_cli_report_reports_bad_input_in_one_line(sweep, tmp_path, capsys):
