@@ -1,8 +1,9 @@
 """Write the analysis notebooks (outputs empty): `python analysis/make_notebooks.py`.
 
-The notebooks only call `harness.report`; every figure and fit lives there, so the CLI report,
-the notebooks and the tests show the same thing. Each notebook's first code cell sets SWEEP_DIR,
-which the environment variable HARNESS_SWEEP_DIR overrides (the tests point it at a fixture sweep).
+The notebooks only call `harness.report` (its collect, stats and figures modules); every figure and
+fit lives there, so the CLI report, the notebooks and the tests show the same thing. Each notebook's
+first code cell sets SWEEP_DIR, which the environment variable HARNESS_SWEEP_DIR overrides (the tests
+point it at a fixture sweep).
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ STEP = None  # training step for the Gflops figure; None: the last step every fi
 
 SETUP = '''\
 %matplotlib inline
-from harness import report
+from harness.report import collect, figures, stats
 
-df = report.collect_results(SWEEP_DIR)
-report.check_extractors(df)  # refuses to mix FIDs of different feature extractors
-print(report.fid_description(df))'''
+df = collect.collect_results(SWEEP_DIR)
+collect.check_extractors(df)  # refuses to mix FIDs of different feature extractors
+print(collect.fid_description(df))'''
 
 NOTEBOOKS = {
     "gflops_vs_fid.ipynb": [
@@ -38,13 +39,13 @@ NOTEBOOKS = {
         ),
         new_code_cell(PARAMETERS, metadata={"tags": ["parameters"]}),
         new_code_cell(SETUP),
-        new_code_cell('step, why = report.pick_step(df, STEP)\nprint(why)\nreport.run_table(df, step)'),
-        new_code_cell('at = report.rows_at_step(df, step)\nfit = report.fit_power_law(at["gflops"], at["fid"])\n'
+        new_code_cell('step, why = collect.pick_step(df, STEP)\nprint(why)\ncollect.run_table(df, step)'),
+        new_code_cell('at = collect.rows_at_step(df, step)\nfit = stats.fit_power_law(at["gflops"], at["fid"])\n'
                       'print(fit.summary())\nfit'),
-        new_code_cell("report.plot_fid_vs_gflops(df, step)"),
+        new_code_cell("figures.plot_fid_vs_gflops(df, step)"),
         new_code_cell('# A config not in the grid: twice the largest Gflops evaluated. The interval is a\n'
-                      '# regression prediction interval (report.PREDICTION_INTERVAL).\n'
-                      'gflops = 2 * at["gflops"].max()\nfid, lo, hi = report.predict_fid(fit, gflops)\n'
+                      '# regression prediction interval (stats.PREDICTION_INTERVAL).\n'
+                      'gflops = 2 * at["gflops"].max()\nfid, lo, hi = stats.predict_fid(fit, gflops)\n'
                       'print(f"Gflops {gflops:.3g}: predicted FID {fid:.2f} [{lo:.2f}, {hi:.2f}]")'),
     ],
     "training_compute.ipynb": [
@@ -56,10 +57,10 @@ NOTEBOOKS = {
         ),
         new_code_cell(PARAMETERS, metadata={"tags": ["parameters"]}),
         new_code_cell(SETUP),
-        new_code_cell("report.plot_fid_vs_compute(df)"),
-        new_code_cell("report.compute_frontier(df)"),
-        new_code_cell("report.plot_fid_vs_steps(df)"),
-        new_code_cell("report.plot_sample_grid(df)"),
+        new_code_cell("figures.plot_fid_vs_compute(df)"),
+        new_code_cell("stats.compute_frontier(df)"),
+        new_code_cell("figures.plot_fid_vs_steps(df)"),
+        new_code_cell("figures.plot_sample_grid(df)"),
     ],
 }
 
