@@ -8,6 +8,6 @@
 - `harness.evaluate.run`: evaluating a run's in-memory EMA model (training) or a checkpoint file
   (`harness eval`), each appending one `harness.run_dir.ResultRow` to the run dir.
 
-Nothing is imported here: import the module you need (a package that imports its modules would make
-`harness.config.checks`, which needs only `fid`, import the trainer through `run`).
+Nothing is imported here: import the module you need. `harness.config.checks` needs only `fid`, and `run`
+imports `harness.config.checks`; importing `run` here would close that circle.
 """
