@@ -230,6 +230,11 @@ class RunDir:
         """`samples/step_NNNNNNN.<suffix>` (png: the grid, npz: the samples)."""
         return self.path / SAMPLES / f"step_{int(step):07d}.{suffix}"
 
+    def started(self) -> bool:
+        """Whether a run began here: a trainer wrote its config, state or checkpoints, or a launched job's Hydra
+        wrote its records (.hydra/) before the trainer got that far."""
+        return any(p.exists() for p in (self.config_file, self.state_file, self.checkpoints_dir, self.path / ".hydra"))
+
     # --- checkpoints
     def checkpoints(self) -> list[Path]:
         """Checkpoints of the run, oldest first (`step_<digits>.pt`; files named otherwise are not the harness's)."""
