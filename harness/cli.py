@@ -97,7 +97,9 @@ def _train_digits_cnn(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from harness.sweep import format_plan, format_status, launch_sweep, plan_sweep
+    from harness.sweep.launch import launch_sweep, plan_sweep
+    from harness.sweep.plan import format_plan
+    from harness.sweep.status import format_status
 
     if args.dry_run:
         print(format_plan(plan_sweep(args.name, args.overrides)))
@@ -108,7 +110,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from harness.sweep import format_status, sweep_status
+    from harness.sweep.status import format_status, sweep_status
 
     print(format_status(sweep_status(args.sweep_dir)))
     return 0

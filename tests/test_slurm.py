@@ -25,8 +25,9 @@ import torch
 
 from conftest import REPO, run_harness
 from harness.io import read_jsonl
-from harness.sweep import SUBMISSIONS, last_submissions, sweep_status
 from harness.run_dir import RunDir, checkpoint_step
+from harness.sweep.schedulers import SUBMISSIONS, last_submissions
+from harness.sweep.status import sweep_status
 
 pytestmark = pytest.mark.slurm
 

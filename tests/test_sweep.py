@@ -18,7 +18,7 @@ import torch
 
 from conftest import REPO
 from fixtures.sweep import expected_runs, make_fixture_sweep
-from harness import sweep
+from harness.sweep import launch, plan, schedulers, status
 from harness.config import config_groups
 from harness.errors import HarnessError
 from harness.io import read_json
@@ -30,20 +30,20 @@ TINY_GRID = [
 ]
 
 
-def grid(name: str, overrides: list[str]) -> list[sweep.RunSpec]:
-    with sweep.hydra_context():
-        _, specs = sweep.expand_grid(name, overrides)
+def grid(name: str, overrides: list[str]) -> list[plan.RunSpec]:
+    with plan.hydra_context():
+        _, specs = plan.expand_grid(name, overrides)
     return specs
 
 
 def test_every_sweep_expands_to_its_grid():
-    assert {"paper_grid", "conditioning_ablation", "demo", "demo_long"} <= set(sweep.available_sweeps())
-    with sweep.hydra_context():
+    assert {"paper_grid", "conditioning_ablation", "demo", "demo_long"} <= set(plan.available_sweeps())
+    with plan.hydra_context():
         # The paper grid's 12 points are checked by the dry run below; here its recipe, on one point.
-        paper = sweep.expand_grid("paper_grid", ["model=DiT-B/4"])[1]
-        ablation = sweep.expand_grid("conditioning_ablation", [])[1]
-        demo = sweep.expand_grid("demo", [])[1]
-        demo_long = sweep.expand_grid("demo_long", [])[1]
+        paper = plan.expand_grid("paper_grid", ["model=DiT-B/4"])[1]
+        ablation = plan.expand_grid("conditioning_ablation", [])[1]
+        demo = plan.expand_grid("demo", [])[1]
+        demo_long = plan.expand_grid("demo_long", [])[1]
     cfg = paper[0].cfg
     assert (cfg.data.name, cfg.autoencoder.name, cfg.data.image_size) == ("latents", "sd-vae-ft-ema", 256)
     assert (cfg.trainer.global_batch_size, cfg.trainer.max_steps) == (256, 400_000)
@@ -55,13 +55,13 @@ def test_every_sweep_expands_to_its_grid():
     assert {s.cfg.data.name for s in demo} == {"digits"} and {s.cfg.trainer.device for s in demo} == {"cpu"}
     assert [s.cfg.model.name for s in demo_long] == [s.cfg.model.name for s in demo]
     assert demo_long[0].cfg.trainer.max_steps > demo[0].cfg.trainer.max_steps
-    assert sweep.executor_kind(paper[0].cfg) == "slurm" and sweep.executor_kind(demo[0].cfg) == "local"
+    assert schedulers.executor_kind(paper[0].cfg) == "slurm" and schedulers.executor_kind(demo[0].cfg) == "local"
 
 
 def test_paper_grid_requests_gpus_and_time_per_model_size():
     two = "model=DiT-S/8,DiT-XL/2"
     specs = {s.cfg.model.name: s for s in grid("paper_grid", [two])}
-    small, large = (sweep.slurm_parameters(specs[m].cfg) for m in ("DiT-S/8", "DiT-XL/2"))
+    small, large = (schedulers.slurm_parameters(specs[m].cfg) for m in ("DiT-S/8", "DiT-XL/2"))
     assert (small["gpus_per_node"], small["ntasks_per_node"], small["nodes"]) == (1, 1, 1)
     assert (large["gpus_per_node"], large["ntasks_per_node"], large["nodes"]) == (8, 8, 1)
     assert large["time"] > small["time"] and specs["DiT-XL/2"].cfg.trainer.gpus == 8
@@ -69,18 +69,18 @@ def test_paper_grid_requests_gpus_and_time_per_model_size():
     specs = {s.cfg.model.name: s for s in grid("paper_grid", [two, "hydra.launcher.by_size.XL.gpus=16",
                                                               "hydra.launcher.partition=gpu", "hydra.launcher.qos=high",
                                                               "+hydra.launcher.additional_parameters.mail-type=END"])}
-    params = sweep.slurm_parameters(specs["DiT-XL/2"].cfg)
+    params = schedulers.slurm_parameters(specs["DiT-XL/2"].cfg)
     assert (params["gpus_per_node"], params["ntasks_per_node"], params["nodes"]) == (8, 8, 2)
     assert (params["partition"], params["qos"], params["additional_parameters"]) == ("gpu", "high", {"mail-type": "END"})
     assert specs["DiT-XL/2"].cfg.trainer.gpus == 16 and specs["DiT-S/8"].cfg.trainer.gpus == 1
     # CPU runs ask for no GPU and one task.
-    demo = sweep.slurm_parameters(grid("demo", ["launcher=slurm"])[0].cfg)
+    demo = schedulers.slurm_parameters(grid("demo", ["launcher=slurm"])[0].cfg)
     assert "gpus_per_node" not in demo and demo["ntasks_per_node"] == 1 and demo["cpus_per_task"] == 1
 
 
 def test_dry_run_of_the_paper_grid_prints_12_runs_with_the_papers_gflops(tmp_path):
     out_dir = tmp_path / "paper"
-    text = sweep.format_plan(sweep.plan_sweep("paper_grid", [f"hydra.sweep.dir={out_dir}"]))
+    text = plan.format_plan(launch.plan_sweep("paper_grid", [f"hydra.sweep.dir={out_dir}"]))
     with open(REPO / "harness" / "reference" / "paper_table4.csv") as f:
         paper = {row["model"]: float(row["gflops"]) for row in csv.DictReader(f)}
     lines = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith("latents-DiT-")}
@@ -95,13 +95,13 @@ def test_dry_run_of_the_paper_grid_prints_12_runs_with_the_papers_gflops(tmp_pat
     assert "#SBATCH --gpus-per-node=1" in text and "submitit.core._submit" in text
     assert not out_dir.exists()                               # nothing written, nothing submitted
     # Not the paper's architecture (MLP ratio 2): no paper number beside ours.
-    plan = sweep.plan_sweep("paper_grid", [f"hydra.sweep.dir={out_dir}", "model.mlp_ratio=2"])
-    assert len(plan["rows"]) == 12 and all(row["paper_gflops"] is None for row in plan["rows"])
+    planned = launch.plan_sweep("paper_grid", [f"hydra.sweep.dir={out_dir}", "model.mlp_ratio=2"])
+    assert len(planned["rows"]) == 12 and all(row["paper_gflops"] is None for row in planned["rows"])
 
 
 def test_unknown_sweep_lists_the_sweeps():
     with pytest.raises(HarnessError, match=r"unknown sweep 'nope'.*paper_grid"):
-        sweep.launch_sweep("nope", [])
+        launch.launch_sweep("nope", [])
 
 
 def test_invalid_points_are_all_listed_before_anything_is_written(tmp_path):
@@ -109,7 +109,7 @@ def test_invalid_points_are_all_listed_before_anything_is_written(tmp_path):
     overrides = [*TINY_GRID, "model.hidden_size=30,32", "model.num_heads=4", "model.patch_size=3,4",
                  f"hydra.sweep.dir={out_dir}"]
     with pytest.raises(HarnessError) as err:
-        sweep.launch_sweep("demo", overrides)
+        launch.launch_sweep("demo", overrides)
     lines = str(err.value).splitlines()
     assert "2 problems in a grid of 4 runs; nothing was submitted" in lines[0]
     errors = lines[1:]
@@ -120,12 +120,12 @@ def test_invalid_points_are_all_listed_before_anything_is_written(tmp_path):
     assert errors[1].startswith("  - model.patch_size=4 model.hidden_size=30: model.hidden_size=30 is not divisible")
     assert not out_dir.exists()
     with pytest.raises(HarnessError) as err:  # a problem of every point is one line
-        sweep.launch_sweep("demo", [*TINY_GRID, "trainer.max_steps=0", f"hydra.sweep.dir={out_dir}"])
+        launch.launch_sweep("demo", [*TINY_GRID, "trainer.max_steps=0", f"hydra.sweep.dir={out_dir}"])
     assert str(err.value) == ("sweep demo: every run: trainer.max_steps must be a positive integer, got 0 "
                               "(nothing was submitted)")  # one problem: one line
     # A point that does not even compose is listed with the others.
     with pytest.raises(HarnessError) as err:
-        sweep.launch_sweep("demo", ["model=mini-S/4,no-such-model", "model.hidden_size=30", f"hydra.sweep.dir={out_dir}"])
+        launch.launch_sweep("demo", ["model=mini-S/4,no-such-model", "model.hidden_size=30", f"hydra.sweep.dir={out_dir}"])
     assert "2 problems in a grid of 2 runs" in str(err.value)
     assert "  - model=no-such-model: model=no-such-model is not one of DiT-B/2," in str(err.value)
     assert "  - model=mini-S/4: model.hidden_size=30 is not divisible" in str(err.value)
@@ -136,12 +136,12 @@ def test_a_grid_whose_data_is_missing_is_refused_before_anything_is_submitted(tm
     overrides = [*TINY_GRID, "data=latents", f"data.root={tmp_path / 'no_cache'}", "eval.every=null",
                  "launcher=local", f"hydra.sweep.dir={out_dir}"]
     with pytest.raises(HarnessError) as err:
-        sweep.launch_sweep("demo", overrides)
+        launch.launch_sweep("demo", overrides)
     assert str(err.value) == (f"sweep demo: every run: data.root='{tmp_path / 'no_cache'}' is not a directory (a cache "
                               "written by harness extract-latents) (nothing was submitted)")
     assert not out_dir.exists()
     # A dry run plans it all the same (the data may live on the cluster) and says a launch here would refuse.
-    text = sweep.format_plan(sweep.plan_sweep("demo", overrides))
+    text = plan.format_plan(launch.plan_sweep("demo", overrides))
     assert "not ready to launch here: 1 problem(s)" in text and "is not a directory" in text
     assert not out_dir.exists()
 
@@ -149,11 +149,11 @@ def test_a_grid_whose_data_is_missing_is_refused_before_anything_is_submitted(tm
 def test_train_multirun_checks_every_point_before_hydra_writes(tmp_path):
     out_dir = tmp_path / "multirun"
     with pytest.raises(HarnessError) as err:
-        sweep.check_multirun(["model=mini-S/8,no-such-model", "trainer.max_steps=0", f"hydra.sweep.dir={out_dir}"])
+        launch.check_multirun(["model=mini-S/8,no-such-model", "trainer.max_steps=0", f"hydra.sweep.dir={out_dir}"])
     assert str(err.value).splitlines()[1:] == [
         "  - model=mini-S/8: trainer.max_steps must be a positive integer, got 0",
         "  - model=no-such-model: model=no-such-model is not one of " + ", ".join(config_groups("model"))]
-    sweep.check_multirun(["model=mini-S/8,mini-S/4", f"hydra.sweep.dir={out_dir}"])  # a good grid passes
+    launch.check_multirun(["model=mini-S/8,mini-S/4", f"hydra.sweep.dir={out_dir}"])  # a good grid passes
     assert not out_dir.exists()
 
 
@@ -173,27 +173,27 @@ def test_status_names_a_sweep_record_that_is_not_yaml(tmp_path):
     (tmp_path / "run" / "config.yaml").write_text("model: {}\n")
     (tmp_path / "sweep.yaml").write_text("name: [unclosed\n")
     with pytest.raises(HarnessError, match=r"sweep.yaml is not readable YAML \(.*\); restore it or move it aside"):
-        sweep.sweep_status(tmp_path)
+        status.sweep_status(tmp_path)
     (tmp_path / "sweep.yaml").unlink()
     (tmp_path / "run" / "run_state.json").write_text("{not json")
-    (row,) = sweep.sweep_status(tmp_path)
+    (row,) = status.sweep_status(tmp_path)
     assert row["error"][0] == f"{tmp_path / 'run' / 'run_state.json'} is not readable JSON: the state shown is a guess"
 
 
 def test_no_sbatch_on_path_with_the_slurm_launcher(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))   # nothing on PATH
     with pytest.raises(HarnessError, match="launcher=slurm needs the SLURM commands sbatch"):
-        sweep.launch_sweep("demo", [*TINY_GRID, "launcher=slurm", f"hydra.sweep.dir={tmp_path / 'out'}"])
+        launch.launch_sweep("demo", [*TINY_GRID, "launcher=slurm", f"hydra.sweep.dir={tmp_path / 'out'}"])
     assert not (tmp_path / "out").exists()
 
 
 def test_a_sweep_dir_of_another_sweep_is_refused_by_a_launch_and_listed_by_a_dry_run(tmp_path):
-    (tmp_path / sweep.SWEEP_RECORD).write_text("name: paper_grid\n")
+    (tmp_path / status.SWEEP_RECORD).write_text("name: paper_grid\n")
     with pytest.raises(HarnessError, match=r"holds the sweep 'paper_grid', not 'demo'"):
-        sweep.launch_sweep("demo", [*TINY_GRID, f"hydra.sweep.dir={tmp_path}"])
-    assert os.listdir(tmp_path) == [sweep.SWEEP_RECORD]
-    plan = sweep.plan_sweep("demo", [*TINY_GRID, f"hydra.sweep.dir={tmp_path}"])
-    assert len(plan["rows"]) == 2 and plan["problems"][-1].startswith(f"{tmp_path} holds the sweep 'paper_grid'")
+        launch.launch_sweep("demo", [*TINY_GRID, f"hydra.sweep.dir={tmp_path}"])
+    assert os.listdir(tmp_path) == [status.SWEEP_RECORD]
+    planned = launch.plan_sweep("demo", [*TINY_GRID, f"hydra.sweep.dir={tmp_path}"])
+    assert len(planned["rows"]) == 2 and planned["problems"][-1].startswith(f"{tmp_path} holds the sweep 'paper_grid'")
 
 
 def test_a_run_whose_config_changed_is_refused(tmp_path):
@@ -201,10 +201,10 @@ def test_a_run_whose_config_changed_is_refused(tmp_path):
 
     spec = grid("demo", [*TINY_GRID, f"hydra.sweep.dir={tmp_path}"])[0]
     spec.run_dir.mkdir(parents=True)
-    (spec.run_dir / "config.yaml").write_text(to_yaml(sweep.task_config(spec.cfg)).replace("lr: 0.001", "lr: 0.002"))
+    (spec.run_dir / "config.yaml").write_text(to_yaml(plan.task_config(spec.cfg)).replace("lr: 0.001", "lr: 0.002"))
     with pytest.raises(HarnessError, match=r"different config.*\n.*trainer.lr: 0.002 -> 0.001"):
-        sweep.launch_sweep("demo", [*TINY_GRID, f"hydra.sweep.dir={tmp_path}"])
-    text = sweep.format_plan(sweep.plan_sweep("demo", [*TINY_GRID, f"hydra.sweep.dir={tmp_path}"]))
+        launch.launch_sweep("demo", [*TINY_GRID, f"hydra.sweep.dir={tmp_path}"])
+    text = plan.format_plan(launch.plan_sweep("demo", [*TINY_GRID, f"hydra.sweep.dir={tmp_path}"]))
     assert f"{spec.run_name}: trainer.lr: 0.002 -> 0.001" in text and "not ready to launch here: 1 problem(s)" in text
 
 
@@ -219,45 +219,45 @@ def test_plan_skips_done_and_queued_runs_and_resumes_the_rest(tmp_path):
     (interrupted.run_dir / "run_state.json").write_text(json.dumps({"state": "running", "step": 0, "slurm_job_id": "5"}))
     torch.save({}, (interrupted.run_dir / "checkpoints" / "step_0000010.pt"))
     queue = {"7": {"name": "x", "state": "PENDING", "command": ""}}
-    decisions = sweep.plan_runs(specs, "slurm", queue)
+    decisions = plan.plan_runs(specs, "slurm", queue)
     assert [(d.submit, d.reason) for d in decisions] == [
         (False, "done at step 20"), (False, "job 7 is pending"), (True, "resume from step 10")]
     # A job submitted but never recorded is found by its name and script path.
     (queued.run_dir / "run_state.json").unlink()
-    queue = {"9": {"name": sweep.job_name(queued.cfg), "state": "RUNNING",
-                   "command": str(tmp_path / sweep.SUBMITIT_DIR / "9" / "submission.sh")}}
-    assert sweep.plan_runs(specs, "slurm", queue)[1].reason == "job 9 is running"
+    queue = {"9": {"name": schedulers.job_name(queued.cfg), "state": "RUNNING",
+                   "command": str(tmp_path / schedulers.SUBMITIT_DIR / "9" / "submission.sh")}}
+    assert plan.plan_runs(specs, "slurm", queue)[1].reason == "job 9 is running"
     # A run that failed before its first checkpoint is retried from scratch.
     (interrupted.run_dir / "checkpoints" / "step_0000010.pt").unlink()
     (interrupted.run_dir / "run_state.json").write_text(json.dumps({"state": "failed", "step": 3}))
-    assert sweep.plan_runs(specs, "slurm", {})[2].reason == "retry (failed before its first checkpoint)"
+    assert plan.plan_runs(specs, "slurm", {})[2].reason == "retry (failed before its first checkpoint)"
     # More steps than the finished run had: it continues.
     longer = grid("demo", [*TINY_GRID, "trainer.max_steps=40", f"hydra.sweep.dir={tmp_path}"])
-    assert sweep.plan_runs(longer[:1], "slurm", {})[0].reason == "resume from step 20"
+    assert plan.plan_runs(longer[:1], "slurm", {})[0].reason == "resume from step 20"
     # A finished run whose config changed, under on_config_change=overwrite: started over, not skipped.
     from harness.config import to_yaml
 
-    (done.run_dir / "config.yaml").write_text(to_yaml(sweep.task_config(done.cfg)).replace("lr: 0.001", "lr: 0.002"))
+    (done.run_dir / "config.yaml").write_text(to_yaml(plan.task_config(done.cfg)).replace("lr: 0.001", "lr: 0.002"))
     overwrite = grid("demo", [*TINY_GRID, "model.patch_size=8", "on_config_change=overwrite", f"hydra.sweep.dir={tmp_path}"])
-    (decision,) = sweep.plan_runs(overwrite, "slurm", {})
+    (decision,) = plan.plan_runs(overwrite, "slurm", {})
     assert decision.submit and decision.reason == ("start over: on_config_change=overwrite moves the old run aside "
                                                    "(trainer.lr: 0.002 -> 0.001)")
 
 
 def test_status_of_a_sweep_dir(tmp_path):
     sweep_dir = make_fixture_sweep(tmp_path / "fixture")
-    rows = {r["run"]: r for r in sweep.sweep_status(sweep_dir)}
+    rows = {r["run"]: r for r in status.sweep_status(sweep_dir)}
     expected = expected_runs()
     assert rows.keys() == expected.keys()
     for name, (state, last_step) in expected.items():
         row = rows[name]
         assert row["fid_step"] == last_step and row["fid"] > 0
         assert row["state"] == {"done": "done", "failed": "failed", "running": "interrupted"}[state]
-    text = sweep.format_status(list(rows.values()))
+    text = status.format_status(list(rows.values()))
     assert "6 runs: 4 done, 1 failed, 1 interrupted" in text
     assert "RuntimeError: CUDA error: an illegal memory access" in text   # a failed run shows its error
     with pytest.raises(HarnessError, match="holds no runs"):
-        sweep.sweep_status(tmp_path)
+        status.sweep_status(tmp_path)
 
 
 @pytest.mark.parametrize("queue_state, saved, requeues, expected", [
@@ -270,51 +270,51 @@ def test_status_of_a_slurm_run_from_its_state_and_the_queue(tmp_path, monkeypatc
     run.mkdir()
     (run / "run_state.json").write_text(json.dumps({"state": saved, "step": 5, "slurm_job_id": "7",
                                                      "requeues": requeues}))
-    (tmp_path / sweep.SUBMISSIONS).write_text(json.dumps({"run_name": "run", "executor": "slurm", "job_id": "7"}) + "\n")
+    (tmp_path / schedulers.SUBMISSIONS).write_text(json.dumps({"run_name": "run", "executor": "slurm", "job_id": "7"}) + "\n")
     queue = {"7": {"name": "run", "state": queue_state, "command": ""}} if queue_state else {}
-    monkeypatch.setattr(sweep, "slurm_queue", lambda strict=True: queue)
-    (row,) = sweep.sweep_status(tmp_path)
+    monkeypatch.setattr(schedulers, "slurm_queue", lambda strict=True: queue)
+    (row,) = status.sweep_status(tmp_path)
     assert row["state"] == expected
 
 
 def test_a_job_that_ended_before_training_failed_only_if_it_left_an_error(tmp_path, monkeypatch):
     (tmp_path / "run").mkdir()
     stderr = tmp_path / "7.err"
-    (tmp_path / sweep.SUBMISSIONS).write_text(json.dumps({"run_name": "run", "executor": "slurm", "job_id": "7",
+    (tmp_path / schedulers.SUBMISSIONS).write_text(json.dumps({"run_name": "run", "executor": "slurm", "job_id": "7",
                                                           "stderr": str(stderr)}) + "\n")
-    monkeypatch.setattr(sweep, "slurm_queue", lambda strict=True: {})  # the job has left the queue
-    (row,) = sweep.sweep_status(tmp_path)  # no error log: cancelled while pending, say
+    monkeypatch.setattr(schedulers, "slurm_queue", lambda strict=True: {})  # the job has left the queue
+    (row,) = status.sweep_status(tmp_path)  # no error log: cancelled while pending, say
     assert row["state"] == "interrupted" and "cancelled while queued?" in row["error"][0]
     stderr.write_text("ImportError: no module named harness\n")
-    (row,) = sweep.sweep_status(tmp_path)
+    (row,) = status.sweep_status(tmp_path)
     assert row["state"] == "failed" and row["error"] == ["job 7 ended before training started",
                                                          "| ImportError: no module named harness"]
 
 
-@pytest.mark.parametrize("states, status", [(["done", "running", "pending"], 0), (["done", "interrupted"], 1),
+@pytest.mark.parametrize("states, exit_status", [(["done", "running", "pending"], 0), (["done", "interrupted"], 1),
                                             (["failed", "done"], 1)])
-def test_harness_sweep_exits_1_when_a_run_failed_or_was_interrupted(monkeypatch, capsys, states, status):
+def test_harness_sweep_exits_1_when_a_run_failed_or_was_interrupted(monkeypatch, capsys, states, exit_status):
     from harness.cli import main
 
     rows = [{"run": f"run-{i}", "run_dir": "", "state": state, "job_id": None, "queue_state": None, "step": 3,
              "max_steps": 5, "checkpoint": None, "requeues": 0, "fid": None, "fid_step": None, "fid_name": None,
              "log": None, "error": []} for i, state in enumerate(states)]
-    monkeypatch.setattr(sweep, "launch_sweep", lambda name, overrides: rows)
-    assert main(["sweep", "demo"]) == status
+    monkeypatch.setattr(launch, "launch_sweep", lambda name, overrides: rows)
+    assert main(["sweep", "demo"]) == exit_status
     assert f"{len(states)} runs: " in capsys.readouterr().out
 
 
 def test_two_points_sharing_a_run_dir_are_refused():
     specs = grid("demo", [*TINY_GRID, "run_name=same"])
     with pytest.raises(HarnessError, match="share the run dir .*/same; put the swept key into run_name"):
-        sweep.check_grid("demo", specs, "local", inputs=False)
+        plan.check_grid("demo", specs, "local", inputs=False)
 
 
 def test_gpu_hours_wall_hours_and_requeues_of_a_planned_run(tmp_path):
     (spec,) = grid("paper_grid", ["model=DiT-XL/2", f"hydra.sweep.dir={tmp_path}"])
     table = {"device": "H100", "devices": {"H100": {"peak_tflops": 1000.0, "train_mfu": 0.5, "sample_mfu": 0.25}},
              "measured": {}, "bench_log": None}
-    row = sweep.plan_row(spec, table)
+    row = plan.plan_row(spec, table)
     train_rate = 1000e12 * 0.5 / (2 * 3 * row["gflops"] * 1e9)
     sample_rate = 1000e12 * 0.25 / (2 * row["gflops"] * 1e9)
     assert row["train_gpu_hours"] == pytest.approx(400_000 * 256 / train_rate / 3600)
@@ -324,58 +324,58 @@ def test_gpu_hours_wall_hours_and_requeues_of_a_planned_run(tmp_path):
 
 
 def test_local_runs_share_the_cores(monkeypatch):
-    monkeypatch.setattr(sweep.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(schedulers.os, "cpu_count", lambda: 16)
     (gpu_run,) = grid("demo", ["model=mini-S/8", "trainer.device=cuda", "hydra.launcher.cpus_per_task=null"])
-    assert sweep.local_parallelism(gpu_run.cfg) == (1, 16)      # GPU runs one at a time
+    assert schedulers.local_parallelism(gpu_run.cfg) == (1, 16)      # GPU runs one at a time
     (cpu_run,) = grid("demo", ["model=mini-S/8", "hydra.launcher.cpus_per_task=4"])
-    assert sweep.local_parallelism(cpu_run.cfg) == (4, 4)      # CPU runs side by side, 4 threads each
+    assert schedulers.local_parallelism(cpu_run.cfg) == (4, 4)      # CPU runs side by side, 4 threads each
 
 
 def test_throughput_comes_from_the_table_the_bench_log_or_an_assumed_mfu(tmp_path):
     table = {"device": "H100", "devices": {"H100": {"peak_tflops": 1000.0, "train_mfu": 0.5, "sample_mfu": 0.25}},
              "measured": {}, "bench_log": str(tmp_path / "bench.jsonl")}
-    rate, source = sweep.throughput(table, "DiT-B/2", 10.0, "train")
+    rate, source = plan.throughput(table, "DiT-B/2", 10.0, "train")
     assert rate == pytest.approx(1000e12 * 0.5 / (2 * 3 * 10e9)) and "assumed 50% MFU" in source
-    rate, _ = sweep.throughput(table, "DiT-B/2", 10.0, "sample", guided=True)
+    rate, _ = plan.throughput(table, "DiT-B/2", 10.0, "sample", guided=True)
     assert rate == pytest.approx(1000e12 * 0.25 / (2 * 10e9) / 2)
     rows = [{"device": "NVIDIA H100 80GB HBM3", "model": "DiT-B/2", "train": {"images_per_s": 900.0},
              "sample": {"no_guidance": {"images_per_s": 5000.0}, "cfg_1.5": {"images_per_s": 2600.0}}}]
     Path(table["bench_log"]).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert sweep.throughput(table, "DiT-B/2", 10.0, "train")[0] == 900.0
-    assert sweep.throughput(table, "DiT-B/2", 10.0, "sample", guided=True)[0] == 2600.0
-    assert "harness bench" in sweep.throughput(table, "DiT-B/2", 10.0, "train")[1]
-    assert "assumed" in sweep.throughput(table, "DiT-S/2", 10.0, "train")[1]    # no row for that model
+    assert plan.throughput(table, "DiT-B/2", 10.0, "train")[0] == 900.0
+    assert plan.throughput(table, "DiT-B/2", 10.0, "sample", guided=True)[0] == 2600.0
+    assert "harness bench" in plan.throughput(table, "DiT-B/2", 10.0, "train")[1]
+    assert "assumed" in plan.throughput(table, "DiT-S/2", 10.0, "train")[1]    # no row for that model
     table["measured"] = {"H100": {"DiT-B/2": {"train_images_per_s": 700.0}}}
-    assert sweep.throughput(table, "DiT-B/2", 10.0, "train") == (700.0, "training measured (throughput.yaml)")
+    assert plan.throughput(table, "DiT-B/2", 10.0, "train") == (700.0, "training measured (throughput.yaml)")
     no_log = {**table, "measured": {}, "bench_log": None}  # a throughput.yaml without a bench log
-    assert "assumed" in sweep.throughput(no_log, "DiT-B/2", 10.0, "train")[1]
+    assert "assumed" in plan.throughput(no_log, "DiT-B/2", 10.0, "train")[1]
 
 
 def test_local_launcher_waits_boundedly_and_skips_runs_that_are_running_or_done(tmp_path, capsys):
     args = [*TINY_GRID, "model.patch_size=8", "trainer.max_steps=40", "trainer.ckpt_every=20",
             f"hydra.sweep.dir={tmp_path}", "hydra.launcher.wait_s=1", "hydra.launcher.poll_s=0.2"]
     run_dir = tmp_path / "digits-custom-d2-h32-8-adaln_zero"
-    assert [r["state"] for r in sweep.launch_sweep("demo", args)] == ["running"]  # back after ~1 s, the run going on
+    assert [r["state"] for r in launch.launch_sweep("demo", args)] == ["running"]  # back after ~1 s, the run going on
     out = capsys.readouterr().out
     assert "1 of 1 runs to submit (local)" in out and "stopped waiting after 1 s" in out
-    record = json.loads((tmp_path / sweep.SUBMISSIONS).read_text())
+    record = json.loads((tmp_path / schedulers.SUBMISSIONS).read_text())
     assert (record["run_name"], record["executor"], record["reason"]) == (run_dir.name, "local", "new")
-    assert record["run_dir"] == str(run_dir) and Path(record["stdout"]).parent.parent == tmp_path / sweep.SUBMITIT_DIR
+    assert record["run_dir"] == str(run_dir) and Path(record["stdout"]).parent.parent == tmp_path / schedulers.SUBMITIT_DIR
     pid = record["job_id"]
-    sweep.launch_sweep("demo", args)
+    launch.launch_sweep("demo", args)
     assert f"skip (job {pid} is running)" in capsys.readouterr().out
     deadline = time.time() + 120
     while (read_json(run_dir / "run_state.json", {}) or {}).get("state") != "done":
         assert time.time() < deadline, "the local run did not finish"
         time.sleep(0.5)
-    record = (tmp_path / sweep.SWEEP_RECORD).read_text()
-    rows = sweep.launch_sweep("demo", [*args, "eval.num_samples=30"])  # eval settings may change between launches
+    record = (tmp_path / status.SWEEP_RECORD).read_text()
+    rows = launch.launch_sweep("demo", [*args, "eval.num_samples=30"])  # eval settings may change between launches
     assert "skip (done at step 40)" in capsys.readouterr().out
-    assert "1 run: 1 done" in sweep.format_status(rows) and rows[0]["checkpoint"] == 40  # where a relaunch resumes
-    assert len((tmp_path / sweep.SUBMISSIONS).read_text().splitlines()) == 1
-    assert (tmp_path / sweep.SWEEP_RECORD).read_text() == record  # nothing submitted: the record stays
+    assert "1 run: 1 done" in status.format_status(rows) and rows[0]["checkpoint"] == 40  # where a relaunch resumes
+    assert len((tmp_path / schedulers.SUBMISSIONS).read_text().splitlines()) == 1
+    assert (tmp_path / status.SWEEP_RECORD).read_text() == record  # nothing submitted: the record stays
     with pytest.raises(HarnessError, match=f"^{run_dir} is a run dir, not a sweep dir: give the sweep dir above it"):
-        sweep.sweep_status(run_dir)
+        status.sweep_status(run_dir)
 
 
 class FakeJob:
@@ -407,8 +407,8 @@ def fake_launcher(kind, monkeypatch, wait_s: float, poll_s: float = 0.2, running
         return started[-1]
 
     launcher._submit = submit
-    monkeypatch.setattr(sweep, "local_parallelism", lambda cfg: (2, 1))
-    monkeypatch.setattr(sweep, "live_local_runs", lambda sweep_dir, besides: [n for n in running_elsewhere
+    monkeypatch.setattr(schedulers, "local_parallelism", lambda cfg: (2, 1))
+    monkeypatch.setattr(schedulers, "live_local_runs", lambda sweep_dir, besides: [n for n in running_elsewhere
                                                                              if n not in besides])
     todo = [SimpleNamespace(spec=SimpleNamespace(cfg=None, run_name=f"run-{i}")) for i in range(5)]
     return launcher, todo, started, unfinished_at_start
@@ -456,14 +456,14 @@ def test_a_run_trained_by_hand_into_the_sweep_dir_is_running_while_its_process_l
     (spec.run_dir / "run_state.json").write_text(json.dumps({"state": "running", "step": 3, "max_steps": 20,
                                                              "host": socket.gethostname(), "pid": trainer.pid}))
     try:
-        assert [r["state"] for r in sweep.sweep_status(tmp_path)] == ["running"]
-        (decision,) = sweep.plan_runs([spec], "local", None)
+        assert [r["state"] for r in status.sweep_status(tmp_path)] == ["running"]
+        (decision,) = plan.plan_runs([spec], "local", None)
         assert (decision.submit, decision.reason) == (False, f"job {trainer.pid} is running")
     finally:
         trainer.kill()
         trainer.communicate()
-    assert [r["state"] for r in sweep.sweep_status(tmp_path)] == ["interrupted"]  # gone without finishing
-    (decision,) = sweep.plan_runs([spec], "local", None)
+    assert [r["state"] for r in status.sweep_status(tmp_path)] == ["interrupted"]  # gone without finishing
+    (decision,) = plan.plan_runs([spec], "local", None)
     assert (decision.submit, decision.reason) == (True, "new")
 
 
@@ -481,21 +481,21 @@ def test_live_local_runs_are_the_submissions_whose_process_is_alive(tmp_path):
                 {"run_name": "gone", "executor": "local", "job_id": 2 ** 22 + 1, "host": socket.gethostname()},
                 {"run_name": "elsewhere", "executor": "local", "job_id": alive.pid, "host": "another-host"},
                 {"run_name": "slurm", "executor": "slurm", "job_id": alive.pid, "host": socket.gethostname()}]
-        (tmp_path / sweep.SUBMISSIONS).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        assert sweep.live_local_runs(tmp_path, besides={"mine"}) == ["alive"]
+        (tmp_path / schedulers.SUBMISSIONS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        assert schedulers.live_local_runs(tmp_path, besides={"mine"}) == ["alive"]
     finally:
         alive.kill()
         alive.communicate()
-    assert sweep.live_local_runs(tmp_path, besides=set()) == []
+    assert schedulers.live_local_runs(tmp_path, besides=set()) == []
 
 
 def test_the_slurm_launcher_waits_for_its_jobs_but_not_past_wait_s(tmp_path, monkeypatch):
     launcher, todo, started, _ = fake_launcher("HarnessSlurmLauncher", monkeypatch, wait_s=1.5, poll_s=1.0)
-    monkeypatch.setattr(sweep, "slurm_queue", lambda strict=True: {})   # the jobs have left the queue
+    monkeypatch.setattr(schedulers, "slurm_queue", lambda strict=True: {})   # the jobs have left the queue
     begin = time.time()
     launcher._run(todo, tmp_path)
     assert len(started) == 5 and time.time() - begin < 0.5
-    monkeypatch.setattr(sweep, "slurm_queue", lambda strict=True: None)  # squeue does not answer: keep waiting
+    monkeypatch.setattr(schedulers, "slurm_queue", lambda strict=True: None)  # squeue does not answer: keep waiting
     begin = time.time()
     launcher._run(todo, tmp_path)
     assert 1.4 < time.time() - begin < 5

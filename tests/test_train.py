@@ -20,7 +20,7 @@ from harness.config import compose, resolve_device
 from harness.config.checks import validate
 from harness.errors import HarnessError
 from harness.io import read_jsonl
-from harness.sweep import newest_checkpoint_step
+from harness.sweep.status import newest_checkpoint_step
 from harness.run_dir import RunDir, checkpoint_step
 from harness.train.loop import train
 from harness.train.runtime import achieved_tflops

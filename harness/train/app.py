@@ -15,7 +15,7 @@ from harness.config.checks import check_run_inputs, validate
 from harness.errors import HarnessError
 from harness.io import check_output_path
 from harness.run_dir import RunDir
-from harness.sweep import check_multirun
+from harness.sweep.launch import check_multirun
 from harness.train.loop import train
 
 HYDRA_FLAGS = ("-m", "--multirun", "-h", "--help", "--hydra-help", "--version", "-c", "--cfg", "--resolve", "-p",

@@ -6,8 +6,9 @@ live here; `conf/hydra/launcher/harness_{slurm,local}.yaml` name them by `_targe
 which submits one job array and then blocks until every job returns (forever, if a job dies where
 accounting cannot see it):
 
-- before anything is submitted, every job's config is validated (all errors at once) and the sweep
-  dir is checked (harness.sweep.check_grid / check_sweep_dir);
+- it launches the points that `harness sweep` or `harness train -m` checked before Hydra started
+  (every job's config, its files and the sweep dir: harness.sweep.plan), handed over as they were
+  checked rather than composed and checked again;
 - runs that are done, or whose job is still queued or running (squeue; a live pid for local runs),
   are skipped; the others are submitted and resume from their checkpoints;
 - each run is its own job with its own resources (GPUs, nodes, time from its config), recorded in
@@ -31,7 +32,8 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 
-from harness import sweep
+from harness.sweep import plan, schedulers
+from harness.sweep.plan import Decision
 
 
 class HarnessSubmititLauncher(BaseSubmititLauncher):
@@ -50,19 +52,12 @@ class HarnessSubmititLauncher(BaseSubmititLauncher):
         return result
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        assert self.config is not None and self.hydra_context is not None
+        assert self.config is not None
         name = str(self.config.hydra.job.config_name)
-        sweep._set_hydra_config(self.config)  # jobs may read ${hydra:launcher...} (e.g. GPUs per model size)
-        specs = []
-        for offset, overrides in enumerate(job_overrides):
-            spec = sweep.RunSpec(initial_job_idx + offset, list(overrides))
-            spec.cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-            specs.append(spec)
-        sweep.label_points(specs)
-        sweep.check_grid(name, specs, self._EXECUTOR)
-        sweep.check_sweep_dir(name, specs)
-        queue = sweep.slurm_queue(strict=True) if self._EXECUTOR == "slurm" else None
-        decisions = sweep.plan_runs(specs, self._EXECUTOR, queue)
+        schedulers.set_hydra_config(self.config)  # jobs may read ${hydra:launcher...} (e.g. GPUs per model size)
+        specs = plan.checked_specs(job_overrides)
+        queue = schedulers.slurm_queue(strict=True) if self._EXECUTOR == "slurm" else None
+        decisions = plan.plan_runs(specs, self._EXECUTOR, queue)
         sweep_dir = specs[0].sweep_dir
         for d in decisions:
             print(f"  {d.spec.run_name}: {'submit' if d.submit else 'skip'} ({d.reason})", flush=True)
@@ -70,31 +65,31 @@ class HarnessSubmititLauncher(BaseSubmititLauncher):
         print(f"sweep {name}: {len(todo)} of {len(decisions)} runs to submit ({self._EXECUTOR}); "
               f"sweep dir {sweep_dir}", flush=True)
         if todo:  # the record describes the last launch that submitted something
-            sweep.write_sweep_record(name, self.config, specs, [str(o) for o in self.config.hydra.overrides.task])
+            plan.write_sweep_record(name, self.config, specs, [str(o) for o in self.config.hydra.overrides.task])
             self._run(todo, sweep_dir)
         return []
 
-    def _submit(self, decision: sweep.Decision, sweep_dir: Path):
+    def _submit(self, decision: Decision, sweep_dir: Path):
         """One run as one submitit job; returns the job handle (after recording it)."""
         import submitit
 
         spec = decision.spec
-        folder = sweep_dir / sweep.SUBMITIT_DIR / "%j"
+        folder = sweep_dir / schedulers.SUBMITIT_DIR / "%j"
         max_timeouts = int(spec.cfg.hydra.launcher.max_num_timeout)
         if self._EXECUTOR == "slurm":
             executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_timeouts)
-            executor.update_parameters(**sweep.slurm_parameters(spec.cfg))
+            executor.update_parameters(**schedulers.slurm_parameters(spec.cfg))
         else:
             executor = submitit.LocalExecutor(folder=folder, max_num_timeout=max_timeouts)
-            executor.update_parameters(**sweep.local_parameters(spec.cfg))
+            executor.update_parameters(**schedulers.local_parameters(spec.cfg))
         # The same arguments hydra-submitit-launcher gives each job: the job composes its config from them.
         job = executor.submit(self, list(spec.overrides), "hydra.sweep.dir", spec.index, f"job_id_for_{spec.index}",
                               Singleton.get_state())
-        sweep.record_submission(spec, self._EXECUTOR, job, decision.reason)
+        schedulers.record_submission(spec.cfg, sweep_dir, spec.run_dir, self._EXECUTOR, job, decision.reason)
         print(f"  submitted {spec.run_name}: job {job.job_id} ({decision.reason}), log {job.paths.stdout}", flush=True)
         return job
 
-    def _run(self, todo: list[sweep.Decision], sweep_dir: Path) -> None:
+    def _run(self, todo: list[Decision], sweep_dir: Path) -> None:
         raise NotImplementedError
 
 
@@ -103,7 +98,7 @@ class HarnessSlurmLauncher(HarnessSubmititLauncher):
 
     _EXECUTOR = "slurm"
 
-    def _run(self, todo: list[sweep.Decision], sweep_dir: Path) -> None:
+    def _run(self, todo: list[Decision], sweep_dir: Path) -> None:
         job_ids = [str(self._submit(d, sweep_dir).job_id) for d in todo]
         wait_s = float(self.config.hydra.launcher.wait_s or 0)
         if wait_s <= 0:
@@ -112,7 +107,7 @@ class HarnessSlurmLauncher(HarnessSubmititLauncher):
         poll_s = max(1.0, float(self.config.hydra.launcher.poll_s))
         deadline = time.time() + wait_s
         while True:
-            queue = sweep.slurm_queue(strict=False)
+            queue = schedulers.slurm_queue(strict=False)
             left = [j for j in job_ids if queue is None or j in queue]
             if not left:
                 return
@@ -129,20 +124,20 @@ class HarnessLocalLauncher(HarnessSubmititLauncher):
 
     _EXECUTOR = "local"
 
-    def _run(self, todo: list[sweep.Decision], sweep_dir: Path) -> None:
-        parallel, _ = sweep.local_parallelism(todo[0].spec.cfg)
+    def _run(self, todo: list[Decision], sweep_dir: Path) -> None:
+        parallel, _ = schedulers.local_parallelism(todo[0].spec.cfg)
         wait_s = float(self.config.hydra.launcher.wait_s or 0)
         poll_s = max(0.2, float(self.config.hydra.launcher.poll_s))
         deadline = time.time() + wait_s
         pending, running, submitted = list(todo), [], set()
-        elsewhere = sweep.live_local_runs(sweep_dir, besides=submitted)
+        elsewhere = schedulers.live_local_runs(sweep_dir, besides=submitted)
         print(f"running {len(todo)} run{'' if len(todo) == 1 else 's'} locally, {parallel} at a time"
               + (f" ({len(elsewhere)} already running from an earlier launch: {', '.join(elsewhere)})"
                  if elsewhere else ""), flush=True)
         first = True
         while pending or running:
             running = [job for job in running if not job.done()]
-            elsewhere = sweep.live_local_runs(sweep_dir, besides=submitted)
+            elsewhere = schedulers.live_local_runs(sweep_dir, besides=submitted)
             for decision in [d for d in pending if d.spec.run_name in elsewhere]:  # another launch got there first
                 print(f"  {decision.spec.run_name}: skip (started meanwhile by another launch)", flush=True)
                 pending.remove(decision)
