@@ -143,15 +143,38 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def check_output_path(path: str | os.PathLike, key: str, kind: str = "file") -> Path:
-    """`path` can be written as a `kind` ("file" or "dir"): it is not the other kind and its nearest existing
-    parent is a directory. Checked before any work whose result would go there."""
+    """`path` can be written as a `kind` ("file" or "dir"): it is not the other kind, its nearest existing parent is
+    a directory, and this process can write there (an existing file: append to it). Checked before any work whose
+    result would go there, so an unwritable output costs one line, not the work."""
     path = Path(path).expanduser()
     wrong = path.is_dir() if kind == "file" else path.exists() and not path.is_dir()
     require(not wrong, f"{key}={path} is a {'directory' if kind == 'file' else 'file'}; "
                        f"give {'a file' if kind == 'file' else 'a directory'} path")
     parent = next(p for p in path.parents if p.exists())
     require(parent.is_dir(), f"{key}={path}: {parent} is a file, not a directory")
+    where = path if path.is_dir() else parent
+    problem = _unwritable(where) or (_unappendable(path) if path.is_file() else None)
+    require(problem is None, f"{key}={path}: cannot write {path if path.is_file() else where} ({problem})")
     return path
+
+
+def _unwritable(directory: Path) -> str | None:
+    """Why no file can be created in `directory` (None if one can). The probe is an unnamed temp file
+    (O_TMPFILE): nothing appears in the directory. Mode bits alone would not do: root passes them, and an
+    immutable directory, a read-only mount or /proc refuse anyway."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            return None
+    except OSError as err:
+        return err.strerror or type(err).__name__
+
+
+def _unappendable(path: Path) -> str | None:
+    try:
+        with open(path, "ab"):
+            return None
+    except OSError as err:
+        return err.strerror or type(err).__name__
 
 
 def staging_dir(target: Path) -> Path:

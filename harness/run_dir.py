@@ -342,14 +342,17 @@ class RunDir:
         return difference
 
     def claim(self, cfg: DictConfig) -> None:
-        """Make the dir `cfg`'s run: refuse a different run unless told to resume it or start over (the old run then
-        moves aside: starting over never deletes), then write config.yaml."""
+        """Make room for `cfg`'s run: refuse a different run unless told to resume it or start over (the old run then
+        moves aside: starting over never deletes). config.yaml is written once the run has resumed
+        (`write_config`), so a resume that fails leaves the dir as it was."""
         if self.check_claim(cfg) and cfg.on_config_change == "overwrite":
             aside = self.path / f"{OVERWRITTEN_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
             aside.mkdir()
             for item in self.path.iterdir():
                 if item != aside and not item.name.startswith((OVERWRITTEN_PREFIX, ".hydra")) and not item.name.endswith(".log"):
                     item.rename(aside / item.name)
+
+    def write_config(self, cfg: DictConfig) -> None:
         atomic_write_text(self.config_file, to_yaml(cfg))
 
     @contextmanager
@@ -357,7 +360,12 @@ class RunDir:
         """This process trains the dir alone: a second trainer of it (a duplicate launch, a second terminal) stops
         with one line before writing anything. The lock is the kernel's (flock on the directory itself), so it
         leaves no file and a killed run holds nothing; on a file system without flock (Lustre mounted without it,
-        say) the run goes on unlocked."""
+        say) the run goes on unlocked. Re-entrant within a process: `harness train` takes it before Hydra writes
+        into the dir, and the trainer Hydra then runs holds it already."""
+        key = self.path.resolve()
+        if key in _HELD:
+            yield
+            return
         fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             try:
@@ -370,9 +378,14 @@ class RunDir:
                                    "then launch again") from None
             except OSError:
                 pass
+            _HELD.add(key)
             yield
         finally:
+            _HELD.discard(key)
             os.close(fd)
+
+
+_HELD: set[Path] = set()  # run dirs this process holds the lock of
 
 
 def find_run_dirs(root: str | os.PathLike) -> list[Path]:

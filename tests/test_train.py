@@ -102,7 +102,7 @@ def test_one_process_at_a_time_trains_a_run_dir_and_a_killed_one_holds_nothing(t
         assert second.stderr.strip() == (f"harness: error: {tmp_path} is being trained by pid {holder.pid} on "
                                          f"{os.uname().nodename}: wait for it to end or stop it, then launch again")
         assert (tmp_path / "run_state.json").read_text() == state  # nothing of the run touched or added
-        assert {p.name for p in tmp_path.iterdir()} == {"run_state.json", ".hydra", "train.log"}
+        assert {p.name for p in tmp_path.iterdir()} == {"run_state.json"}  # not even Hydra's .hydra/ records
     finally:
         holder.kill()  # SIGKILL: no cleanup runs, the kernel drops the lock
         holder.communicate()

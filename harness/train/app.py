@@ -3,14 +3,14 @@ writes anything into the run dir."""
 
 from __future__ import annotations
 
+import os
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from harness.config import CONF_DIR, compose
+from harness.config import CONF_DIR, compose, resolve_device
 from harness.config.checks import check_run_inputs, validate
 from harness.errors import HarnessError
 from harness.io import check_output_path
@@ -30,21 +30,28 @@ def hydra_train(argv: list[str]) -> int:
     unknown = [a for a in argv if a.startswith("-") and a.split("=", 1)[0] not in HYDRA_FLAGS]
     if unknown:
         raise HarnessError(f"harness train: unknown option {unknown[0]}; Hydra's options are {', '.join(HYDRA_FLAGS)}")
+    run_dir = None
     if any(a in ("-m", "--multirun") for a in argv):
         check_multirun(overrides)
     elif not any(a in ("--help", "-h", "--cfg", "-c", "--info") for a in argv):
         cfg = compose(overrides, return_hydra_config=True)
         validate(cfg)
         check_run_inputs(cfg)
+        resolve_device(cfg.trainer.device, "trainer.device")
         try:
-            run_dir = Path(cfg.hydra.run.dir)
+            run_dir = RunDir(cfg.hydra.run.dir)
         except OmegaConfBaseException:  # a run dir made of ${hydra:...} values: train() checks it once Hydra has them
-            run_dir = None
+            pass
         if run_dir is not None:  # before Hydra writes the run's .hydra/ records into it
-            check_output_path(run_dir, "hydra.run.dir", kind="dir")
-            RunDir(run_dir).check_claim(cfg)
+            check_output_path(run_dir.path, "hydra.run.dir", kind="dir")
+            run_dir.check_claim(cfg)
     sys.argv = ["harness train", *argv]
-    _hydra_main()
+    if run_dir is None or int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 trains the dir alone
+        _hydra_main()
+        return 0
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    with run_dir.lock():  # before Hydra writes into the dir: a second `harness train` of it changes nothing
+        _hydra_main()
     return 0
 
 

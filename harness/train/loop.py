@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import time
 import traceback
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as torch_dist
@@ -44,9 +45,9 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None, checked: bo
     if not checked:
         validate(cfg)
         check_run_inputs(cfg)
+    dist = setup_distributed(cfg.trainer.device)  # a device that is not there is refused before the run dir is made
     run_dir = RunDir(run_dir if run_dir is not None else _hydra_output_dir())
     run_dir.path.mkdir(parents=True, exist_ok=True)
-    dist = setup_distributed(cfg.trainer.device)
     with run_dir.lock() if dist.is_main else nullcontext():
         return Trainer(cfg, run_dir, dist).fit()
 
@@ -78,6 +79,15 @@ class ThroughputWindow:
 
     def images_per_s(self) -> float:
         return self.images / max(time.time() - self.start, 1e-9)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """The time spent inside does not count: the window's rate is training's alone."""
+        began = time.time()
+        try:
+            yield
+        finally:
+            self.start += time.time() - began
 
 
 class Trainer:
@@ -115,7 +125,8 @@ class Trainer:
         self.checkpointer = Checkpointer(run_dir, cfg, dist, meta={
             "model": cfg.model.name, "params": self.params, "gflops": self.flops["gflops"], "geometry": vars(geometry)})
         self.step = self.checkpointer.resume(self.model, self.ema, self.opt, self.stream, tc, say=self.tracker.print)
-        if dist.is_main:
+        if dist.is_main:  # the checkpoint fits: the dir is this config's run now
+            run_dir.write_config(cfg)
             self.tracker.resumed_at(self.step)
         self.forward, fast = training_forward(self.model, tc, dist)
 
@@ -153,11 +164,14 @@ class Trainer:
                 if step % tc.log_every == 0 or step == max_steps:
                     self.log(step, window)
                     window = ThroughputWindow()
+                elif step == self.step + 1:  # a first line at once, not after log_every steps (no metrics row)
+                    self.log(step, window, row=False)
                 if self.checkpointer.is_save_step(step):  # before this step's evaluation: a kill while sampling keeps it
                     self.save(step)
                 self.stop_if_preempted(step)
                 if self.eval_every and step % self.eval_every == 0 and step < max_steps:
-                    self.evaluate(step)
+                    with window.paused():  # sampling time is not training time
+                        self.evaluate(step)
             if self.eval_every is not None:
                 self.evaluate(step)
             if dist.is_main:
@@ -188,17 +202,18 @@ class Trainer:
                                     self.diffusion.num_timesteps, float(cfg.model.class_dropout_prob), device)
         return train_step(self.forward, self.diffusion, self.model, self.ema, self.opt, x, y, t, noise, drop, self.tc)
 
-    def log(self, step: int, window: ThroughputWindow) -> None:
-        """One metrics row: the window's mean losses, throughput and MFU."""
+    def log(self, step: int, window: ThroughputWindow, row: bool = True) -> None:
+        """One metrics row (with `row`; else only the printed line): the window's mean losses, throughput and MFU."""
         self.nonfinite.check(self.dist)
         images_per_s = window.images_per_s()
         tflops = achieved_tflops(self.flops["gflops"], images_per_s / self.dist.world_size)
-        row = {"step": step, **window.mean_losses(self.dist), "lr": self.opt.param_groups[0]["lr"],
-               "images_per_s": images_per_s, "tflops_per_device": tflops, "mfu": mfu(tflops, self.peak),
-               "peak_mem_gb": peak_memory_gb(self.device), "time": time.time()}
-        self.tracker.log_metrics(row)
-        self.tracker.print(f"step {step}/{self.max_steps} loss {row['loss']:.4f} {images_per_s:.1f} img/s "
-                           f"{tflops:.3g} TFLOP/s" + (f" MFU {row['mfu']:.1%}" if self.peak else ""))
+        metrics = {"step": step, **window.mean_losses(self.dist), "lr": self.opt.param_groups[0]["lr"],
+                   "images_per_s": images_per_s, "tflops_per_device": tflops, "mfu": mfu(tflops, self.peak),
+                   "peak_mem_gb": peak_memory_gb(self.device), "time": time.time()}
+        if row:
+            self.tracker.log_metrics(metrics)
+        self.tracker.print(f"step {step}/{self.max_steps} loss {metrics['loss']:.4f} {images_per_s:.1f} img/s "
+                           f"{tflops:.3g} TFLOP/s" + (f" MFU {metrics['mfu']:.1%}" if self.peak else ""))
 
     def save(self, step: int) -> None:
         self.nonfinite.check(self.dist)  # nothing a non-finite loss touched reaches the disk
@@ -224,6 +239,7 @@ class Trainer:
         if evaluated_before(self.run_dir, step, self.cfg.eval):
             self.tracker.print(f"step {step}: already evaluated with this eval config (results.jsonl); not sampled again")
             return
+        self.preemption.sampling = True
         try:
             row = evaluate_model(self.ema, self.cfg, step, self.run_dir, dist=self.dist, flops=self.flops,
                                  params=self.params, log_fn=self.tracker.log_result, forward=self.sample_forward,
@@ -231,6 +247,8 @@ class Trainer:
         except SamplingStopped:  # preempted while sampling: the resumed run samples this step again
             self.stop_if_preempted(step)
             raise  # not reached: stop_if_preempted exits
+        finally:
+            self.preemption.sampling = False
         if row is not None:
             self.tracker.print(f"step {step}: {row['fid_name']} {row['fid']:.4g} ({row['num_samples']} samples, "
                                f"{row['sampler']}, cfg {row['cfg_scale']:g})")

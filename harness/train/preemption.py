@@ -22,6 +22,7 @@ class PreemptionFlag:
 
     def __init__(self):
         self.received: list[int] = []
+        self.sampling = False  # set by the trainer while it samples an FID: a stop comes after the current batch
         self.previous: dict[int, object] = {}
         if _in_main_thread():
             self.previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
@@ -41,7 +42,8 @@ class PreemptionFlag:
             os.kill(os.getpid(), signum)
         self.received.append(signum)
         if signum == signal.SIGTERM:  # os.write: print() may be mid-write on the same stream
-            os.write(2, b"SIGTERM: stopping at the end of this step with a checkpoint (again to stop now)\n")
+            where = b"after this sampling batch" if self.sampling else b"at the end of this step"
+            os.write(2, b"SIGTERM: stopping " + where + b" with a checkpoint (again to stop now)\n")
 
     def requeue_or_exit(self) -> None:
         previous = self.previous.get(getattr(signal, "SIGUSR2", None))
