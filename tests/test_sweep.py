@@ -36,6 +36,21 @@ def grid(name: str, overrides: list[str]) -> list[plan.RunSpec]:
     return specs
 
 
+@pytest.mark.parametrize("package", ["hydra-core", "hydra-submitit-launcher", "submitit"])
+def test_the_scheduler_adapters_run_against_the_pinned_hydra_and_submitit(package):
+    import importlib.metadata
+    import tomllib
+
+    with open(REPO / "pyproject.toml", "rb") as f:
+        dependencies = tomllib.load(f)["project"]["dependencies"]
+    pins = dict(d.split("==", 1) for d in dependencies if "==" in d)
+    installed = importlib.metadata.version(package)
+    assert installed == pins.get(package), (
+        f"{package} {installed} is installed, pyproject.toml pins {pins.get(package)}: harness/sweep/schedulers.py and "
+        "hydra_plugins/harness_launcher/launchers.py use its internals, so re-check those adapters against the new "
+        "version whenever its pin moves (and keep the pin exact)")
+
+
 def test_every_sweep_expands_to_its_grid():
     assert {"paper_grid", "conditioning_ablation", "demo", "demo_long"} <= set(plan.available_sweeps())
     with plan.hydra_context():
