@@ -16,11 +16,27 @@ from harness.errors import HarnessError
 from harness.io import check_output_path
 from harness.run_dir import RunDir
 from harness.sweep.launch import check_multirun
+from harness.train.checkpoint import check_checkpoint_fits
 from harness.train.loop import train
 
 HYDRA_FLAGS = ("-m", "--multirun", "-h", "--help", "--hydra-help", "--version", "-c", "--cfg", "--resolve", "-p",
                "--package", "-i", "--info", "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
                "--experimental-rerun", "-sc", "--shell-completion")
+# Hydra options followed by a value of their own (`-cn train`); --info's value is optional and one of its topics.
+HYDRA_VALUE_FLAGS = ("-p", "--package", "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
+                     "--experimental-rerun", "-sc", "--shell-completion")
+HYDRA_INFO_TOPICS = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+
+
+def stray_argument(argv: list[str]) -> str | None:
+    """The first argument that is neither an override (`key=value`, `~key`) nor a Hydra option or its value."""
+    previous = None
+    for arg in argv:
+        is_value = previous in HYDRA_VALUE_FLAGS or (previous in ("-i", "--info") and arg in HYDRA_INFO_TOPICS)
+        if not (is_value or arg.startswith(("-", "~")) or "=" in arg):
+            return arg
+        previous = arg
+    return None
 
 
 def hydra_train(argv: list[str]) -> int:
@@ -30,6 +46,10 @@ def hydra_train(argv: list[str]) -> int:
     unknown = [a for a in argv if a.startswith("-") and a.split("=", 1)[0] not in HYDRA_FLAGS]
     if unknown:
         raise HarnessError(f"harness train: unknown option {unknown[0]}; Hydra's options are {', '.join(HYDRA_FLAGS)}")
+    stray = stray_argument(argv)
+    if stray is not None:
+        raise HarnessError(f"harness train: {stray!r} is not an override; give key=value (e.g. model=mini-S/2), "
+                           "+key=value to add a key or ~key to remove one")
     run_dir = None
     if any(a in ("-m", "--multirun") for a in argv):
         check_multirun(overrides)
@@ -44,7 +64,8 @@ def hydra_train(argv: list[str]) -> int:
             pass
         if run_dir is not None:  # before Hydra writes the run's .hydra/ records into it
             check_output_path(run_dir.path, "hydra.run.dir", kind="dir")
-            run_dir.check_claim(cfg)
+            if run_dir.check_claim(cfg):  # resuming a changed config: its weights must still fit
+                check_checkpoint_fits(cfg, run_dir)
     sys.argv = ["harness train", *argv]
     if run_dir is None or int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 trains the dir alone
         _hydra_main()

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from harness.config import to_yaml
+from harness.config import latent_geometry, to_yaml
 from harness.errors import HarnessError, first_line
+from harness.model import build_model
 from harness.run_dir import RunDir
 from harness.train.runtime import Dist
 
@@ -34,6 +35,29 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _does_not_fit(path, err_text: str) -> HarnessError:
+    return HarnessError(f"{path} does not fit this run's model ({err_text[:200]}); use another run dir or "
+                        "on_config_change=overwrite")
+
+
+def check_checkpoint_fits(cfg: DictConfig, run_dir: RunDir) -> None:
+    """The newest checkpoint's weights have the names and shapes of `cfg`'s model: checked before a launch with
+    on_config_change=resume writes anything, from a weightless (meta) model and the file's mmapped tensors."""
+    path = run_dir.newest_checkpoint()
+    if path is None:
+        return
+    saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("model", {})
+    expected = build_model(cfg.model, latent_geometry(cfg), device="meta").state_dict()
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    mismatched = [k for k in sorted(set(expected) & set(saved)) if tuple(expected[k].shape) != tuple(saved[k].shape)]
+    if missing or unexpected or mismatched:
+        key = (mismatched or missing or unexpected)[0]
+        what = (f"{key}: {tuple(saved[key].shape)} in the file, {tuple(expected[key].shape)} in the model" if mismatched
+                else f"missing {key}" if missing else f"unexpected {key}")
+        raise _does_not_fit(path, what)
+
+
 def resume_from_checkpoint(run_dir: RunDir, model, ema, opt, stream, tc: DictConfig,
                            say: Callable[[str], None] = print) -> int:
     """Load the newest readable checkpoint of `run_dir` into the model, EMA, optimizer, data stream and RNGs;
@@ -46,8 +70,7 @@ def resume_from_checkpoint(run_dir: RunDir, model, ema, opt, stream, tc: DictCon
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
     except (RuntimeError, KeyError, ValueError) as err:
-        raise HarnessError(f"{run_dir.checkpoint_file(int(state['step']))} does not fit this run's model "
-                           f"({first_line(err)[:200]}); use another run dir or on_config_change=overwrite") from None
+        raise _does_not_fit(run_dir.checkpoint_file(int(state["step"])), first_line(err)) from None
     for group in opt.param_groups:
         group.update(lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas))
     stream.load_state_dict(state["data_state"])
