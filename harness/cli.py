@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+from pathlib import Path
 
 from harness.errors import HarnessError, require
+
+# Each subcommand imports the modules it runs when it runs: `harness status` and `harness report` then start
+# without importing torch, Hydra's launchers and torch-fidelity (seconds on a busy login node).
 
 
 def _names_and_overrides(names: list[str] | None, overrides: list[str]) -> tuple[list[str], list[str]]:
@@ -205,9 +210,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _harness_warnings_in_one_line() -> None:
     """The harness's own warnings (a skipped row, a value read as missing) as `harness: warning: ...`."""
-    import warnings
-    from pathlib import Path
-
     package, default = Path(__file__).parent, warnings.formatwarning
     if getattr(default, "harness_one_line", False):
         return
