@@ -14,15 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException, ValidationError
 
-from harness.diffusion import parse_sampler
+from harness.config import schema  # noqa: F401  (registers the schema in Hydra's ConfigStore)
+from harness.config.values import (ATTENTION_KERNELS, COMPILE_MODES, CONDITIONINGS, PRECISIONS,  # noqa: F401
+                                   check_eval_values, integer, number, one_of, rule_error)
 from harness.errors import HarnessError, first_line, require
 
 CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
-CONDITIONINGS = ("adaln_zero", "adaln", "cross_attention", "in_context")
-PRECISIONS = ("auto", "fp32", "bf16")
-ATTENTION_KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
-COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def slug(text: str) -> str:
@@ -63,7 +62,6 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "tra
     with `return_hydra_config`, its `hydra` node too (e.g. hydra.run.dir)."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -84,49 +82,16 @@ def composition_error(err: Exception) -> str:
     unknown = re.search(r"Could not override '([^']+)'\.\s*To append to your config use (\S+)", text)
     if unknown:
         return f"{unknown.group(1)} is not a config key (check its spelling; a new key is added as {unknown.group(2)})"
+    cause = err if isinstance(err, OmegaConfBaseException) else err.__cause__
+    if isinstance(cause, ValidationError) and cause.full_key:  # an override of the wrong type
+        # Worded as the key's rule words a bad value, so the line is the same whether the type or the range is wrong.
+        return rule_error(cause.full_key, cause.value) or f"{cause.full_key}: {first_line(cause)}"
+    in_file = re.match(r"In '([^']+)': (\w+) raised while composing config:\n(.*)\n\s*full_key: (\S+)", text)
+    if in_file:  # a config file with a key the schema lacks, or a value of the wrong type
+        config, kind, message, key = in_file.groups()
+        what = "is not a config key" if kind == "ConfigKeyError" else "has a value of the wrong type"
+        return f"{key} {what} (conf/{config}.yaml: {message})"
     return first_line(err)
-
-
-def _is_integer(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # YAML's true is an int to Python
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def integer(node: DictConfig, key: str, low: int = 1, optional: bool = False, section: str | None = None) -> int | None:
-    """`node[key]` as an integer >= `low` (None allowed when `optional`), else one error line naming the key
-    (`section.key` when the node is not part of a full config, e.g. a model config on its own)."""
-    value = node.get(key)
-    if optional and value is None:
-        return None
-    kind = "a positive integer" if low == 1 else f"an integer >= {low}"
-    require(_is_integer(value) and value >= low,
-            f"{_full_key(node, key, section)} must be {kind}{' or null' if optional else ''}, got {value!r}")
-    return value
-
-
-def number(node: DictConfig, key: str, allowed: str, test=lambda v: True, optional: bool = False) -> float | None:
-    """`node[key]` as a number passing `test` (described by `allowed`, e.g. "in [0, 1)"), else one error line."""
-    value = node.get(key)
-    if optional and value is None:
-        return None
-    ok = _is_number(value) and test(value)
-    require(ok, f"{_full_key(node, key)} must be a number {allowed}{' or null' if optional else ''}, got {value!r}")
-    return float(value)
-
-
-def one_of(node: DictConfig, key: str, allowed: tuple) -> None:
-    """`node[key]` is one of `allowed`, of the same type (1 is not true), else one error line naming the key."""
-    value = node.get(key)
-    require(any(value == a and type(value) is type(a) for a in allowed),
-            f"{_full_key(node, key)}={value!r} is not one of {', '.join(map(str, allowed))}")
-
-
-def _full_key(node: DictConfig, key: str, section: str | None = None) -> str:
-    parent = section or (node._get_full_key(None) if isinstance(node, DictConfig) else "")
-    return f"{parent}.{key}" if parent else key
 
 
 @dataclass(frozen=True)
@@ -166,24 +131,6 @@ def resolve_device(spec, key: str):
         local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
         return torch.device("cuda", local % torch.cuda.device_count())
     return torch.device(spec)
-
-
-def check_eval_values(ev: DictConfig, num_timesteps: int) -> None:
-    """The `eval` values that need no files (sample counts, labels, guidance, sampler); the extractor and its
-    weights are checked by `harness.evaluate.check_eval_config`, which calls this too."""
-    require(_is_integer(ev.num_samples) and ev.num_samples >= 2,
-            f"eval.num_samples must be an integer >= 2 for FID, got {ev.num_samples!r}")
-    integer(ev, "batch_size")
-    integer(ev, "seed", low=0)
-    integer(ev, "reference_limit", low=2, optional=True)
-    integer(ev, "cfg_channels", optional=True)
-    one_of(ev, "labels", ("balanced", "uniform"))
-    number(ev, "cfg_scale", ">= 1 (1 = no guidance)", lambda v: v >= 1)
-    number(ev, "ddim_eta", ">= 0", lambda v: v >= 0)
-    one_of(ev, "precision", PRECISIONS)
-    require(ev.max_forward_batch == "auto" or (isinstance(ev.max_forward_batch, int) and ev.max_forward_batch > 0),
-            f"eval.max_forward_batch must be auto or a positive integer, got {ev.max_forward_batch!r}")
-    parse_sampler(str(ev.sampler), num_timesteps, key="eval.sampler")
 
 
 # Keys added to the configs after runs may have been saved, each with the value that trains as those runs did:

@@ -3,54 +3,28 @@ files a run will read (`check_run_inputs`). One error line naming the key or fil
 
 from __future__ import annotations
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from harness.autoencoders import check_autoencoder_config, check_autoencoder_source
-from harness.config import (ATTENTION_KERNELS, COMPILE_MODES, PRECISIONS, _is_integer, _is_number, check_eval_values, integer,
-                            latent_geometry, number, one_of)
+from harness.config import latent_geometry
+from harness.config.values import check_eval_values, check_values
 from harness.data import check_data_source
-from harness.errors import require
 from harness.evaluate.fid import check_eval_config
 from harness.model import check_model_config
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check every value that would otherwise fail deep inside a job; raise one HarnessError line."""
+    """Check every value that would otherwise fail deep inside a job; raise one HarnessError line. The schema
+    has checked the keys and their types at composition; this checks ranges, choices and what keys imply together."""
     check_autoencoder_config(cfg.autoencoder, cfg.data)  # first: a VAE on the wrong images also breaks the geometry
+    for section in ("data", "autoencoder", "model"):
+        check_values(cfg[section], section)
     check_model_config(cfg.model, latent_geometry(cfg))
-    trainer = cfg.trainer
-    for key in ("max_steps", "global_batch_size", "ckpt_every", "log_every", "keep_last", "gpus"):
-        integer(trainer, key)
-    number(trainer, "lr", "> 0", lambda v: v > 0)
-    number(trainer, "weight_decay", ">= 0", lambda v: v >= 0)
-    number(trainer, "ema_decay", "in [0, 1)", lambda v: 0 <= v < 1)
-    number(trainer, "grad_clip", ">= 0 (0: no clipping)", lambda v: v >= 0)
-    number(trainer, "ddp_bucket_mb", "> 0", lambda v: v > 0)
-    number(trainer, "peak_tflops", "> 0", lambda v: v > 0, optional=True)
-    betas = trainer.betas
-    require(OmegaConf.is_list(betas) and len(betas) == 2
-            and all(_is_number(b) and 0 <= b < 1 for b in betas),
-            f"trainer.betas must be two numbers in [0, 1), got {betas!r}")
-    milestones = trainer.ckpt_milestones
-    require(OmegaConf.is_list(milestones) and all(_is_integer(m) and m > 0 for m in milestones),
-            f"trainer.ckpt_milestones must be a list of positive integers, got {milestones!r}")
-    one_of(trainer, "device", ("auto", "cpu", "cuda"))
-    one_of(trainer, "precision", PRECISIONS)
-    one_of(trainer, "compile", ("auto", True, False))
-    one_of(trainer, "fused_adamw", ("auto", True, False))
-    one_of(trainer, "tf32", (True, False))
-    one_of(trainer, "grad_checkpointing", (True, False))
-    one_of(trainer, "compile_mode", COMPILE_MODES)
-    one_of(trainer, "compile_tuning", (True, False))
-    one_of(trainer, "residual_precision", ("fp32", "bf16"))
-    one_of(trainer, "attention", ATTENTION_KERNELS)
-    one_of(cfg, "on_config_change", ("refuse", "resume", "overwrite"))
-    integer(cfg, "seed", low=0)
-    num_timesteps = integer(cfg.diffusion, "num_timesteps")
-    for key in ("beta_start", "beta_end"):
-        number(cfg.diffusion, key, "in (0, 1)", lambda v: 0 < v < 1)
-    if integer(cfg.eval, "every", low=0, optional=True) is not None:
-        check_eval_values(cfg.eval, num_timesteps)
+    check_values(cfg.trainer, "trainer")
+    check_values(cfg, "")
+    check_values(cfg.diffusion, "diffusion")
+    if cfg.eval.every is not None:
+        check_eval_values(cfg.eval, cfg.diffusion.num_timesteps)
 
 
 def check_run_inputs(cfg: DictConfig) -> None:
