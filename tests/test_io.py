@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
 import warnings
 
 import pytest
 
 from harness import io
+from harness.errors import HarnessError
 
 
 def test_an_atomic_write_cut_short_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
@@ -47,3 +49,23 @@ def test_a_broken_line_is_warned_about_unless_a_kill_tore_it(tmp_path):
     path.write_text("garbage{{{\n")  # a whole line, newline and all: not torn by a kill
     with pytest.warns(UserWarning, match=f"{path}:1 is not a JSON object row"):
         assert io.read_jsonl(path) == []
+
+
+def test_an_output_path_that_cannot_be_written_is_one_line_and_nothing_is_left(tmp_path):
+    sealed = tmp_path / "sealed"
+    sealed.mkdir()
+    (sealed / "log.jsonl").write_text("")
+    subprocess.run(["chattr", "+i", str(sealed)], check=True)  # root passes mode bits; an immutable dir refuses root
+    try:
+        for path, kind, where in ((sealed / "new", "dir", sealed), (sealed / "out.json", "file", sealed),
+                                  (sealed / "log.jsonl", "file", sealed / "log.jsonl")):
+            with pytest.raises(HarnessError) as err:
+                io.check_output_path(path, "out", kind=kind)
+            assert str(err.value) == f"out={path}: cannot write {where} (Operation not permitted)"
+        assert [p.name for p in sealed.iterdir()] == ["log.jsonl"]
+    finally:
+        subprocess.run(["chattr", "-i", str(sealed)], check=True)
+    with pytest.raises(HarnessError, match=r"^-o=/proc/harness-x/y: cannot write /proc \("):
+        io.check_output_path("/proc/harness-x/y", "-o", kind="dir")
+    assert io.check_output_path(tmp_path / "a" / "b", "out", kind="dir") == tmp_path / "a" / "b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sealed"]  # the probe leaves no file behind

@@ -661,3 +661,42 @@ def test_tracker_bar_only_on_a_terminal_rows_only_when_enabled_and_mirrored_to_w
     tracker.log_result({"step": 5, "fid": 12.5, "fid_name": "fid_digits"})
     assert FakeRun.logged == [({"train/loss": 1.0}, 5), ({"eval/fid": 12.5}, 5)]
     assert json.loads((tmp_path / "on" / "metrics.jsonl").read_text()) == {"step": 5, "loss": 1.0}
+
+
+def test_a_refused_resume_leaves_the_run_dir_as_it_was(tmp_path):
+    train(compose([*TINY, "trainer.max_steps=2", "trainer.ckpt_every=2"]), tmp_path)
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(HarnessError, match=r"step_0000002.pt does not fit this run's model"):
+        train(compose([*TINY, "trainer.max_steps=4", "model.hidden_size=64", "on_config_change=resume"]), tmp_path)
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after.keys() - {Path("train.log")} == before.keys() - {Path("train.log")}
+    assert {k: v for k, v in after.items() if k.name != "train.log"} == {k: v for k, v in before.items()
+                                                                        if k.name != "train.log"}
+
+
+def test_the_first_step_prints_a_line_without_a_metrics_row(tmp_path, capsys):
+    train(compose([*TINY, "trainer.max_steps=6", "trainer.ckpt_every=6", "trainer.log_every=5"]), tmp_path)
+    printed = [line.split(" loss")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert printed == ["step 1/6", "step 5/6", "step 6/6"]
+    assert [row["step"] for row in read_jsonl(tmp_path / "metrics.jsonl")] == [5, 6]
+
+
+def test_time_spent_paused_leaves_the_throughput_window(monkeypatch):
+    from harness.train import loop
+
+    clock = iter([0.0, 2.0, 102.0, 104.0])  # window opens; sampling 2 s -> 102 s; rate read at 104 s
+    monkeypatch.setattr(loop.time, "time", lambda: next(clock))
+    window = loop.ThroughputWindow()
+    with window.paused():
+        pass
+    window.images = 40
+    assert window.images_per_s() == 10.0  # 40 images over the 4 s of training, not over 104 s
+
+
+def test_sigterm_while_sampling_says_it_stops_after_the_batch():
+    script = ("import os, signal\nfrom harness.train.preemption import PreemptionFlag\n"
+              "flag = PreemptionFlag()\nflag.sampling = True\nos.kill(os.getpid(), signal.SIGTERM)\nprint(flag.raised)")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=harness_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert done.stdout.strip() == "True"
+    assert done.stderr == "SIGTERM: stopping after this sampling batch with a checkpoint (again to stop now)\n"
