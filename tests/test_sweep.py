@@ -173,11 +173,10 @@ def test_train_multirun_checks_every_point_before_hydra_writes(tmp_path):
 
 
 def test_multirun_dir_is_named_after_the_sweep_or_multirun():
-    from omegaconf import OmegaConf
+    from harness.config import compose
 
-    from harness.config import CONF_DIR
-
-    cfg = OmegaConf.load(CONF_DIR / "train.yaml")  # `harness train -m` without a sweep: sweep_name is null
+    # `harness train -m` without a sweep: sweep_name is null (its default is the config schema's, not train.yaml's).
+    cfg = compose(return_hydra_config=True)
     assert cfg.hydra.sweep.dir == "sweeps_out/multirun"
     cfg.sweep_name = "demo"
     assert cfg.hydra.sweep.dir == "sweeps_out/demo"
