@@ -39,8 +39,9 @@ def test_every_launcher_composes_against_the_schema(launcher):
 def test_the_extract_latents_config_adds_its_keys_to_the_schema():
     cfg = compose(["out=/tmp/cache", "extract.dtype=fp32"], config_name="extract_latents")
     assert (cfg.out, cfg.extract.dtype, cfg.extract.shard_size, cfg.data.name) == ("/tmp/cache", "fp32", 1000, "imagefolder")
-    with pytest.raises(HarnessError, match=r"^extract.shard_size must be a positive integer|^extract.shard_size: Value"):
+    with pytest.raises(HarnessError) as err:
         compose(["extract.shard_size=many"], config_name="extract_latents")
+    assert str(err.value) == "extract.shard_size: Value 'many' of type 'str' could not be converted to Integer"
 
 
 @pytest.mark.parametrize("override, message", [

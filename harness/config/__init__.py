@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from hydra import compose as hydra_compose, initialize_config_dir
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
@@ -60,9 +62,6 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "tra
             return_hydra_config: bool = False) -> DictConfig:
     """The resolved config for `overrides`, as `harness train` would see it (bad overrides raise HarnessError);
     with `return_hydra_config`, its `hydra` node too (e.g. hydra.run.dir)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.errors import HydraException
-
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)

@@ -86,8 +86,9 @@ positive = integer
 flag = partial(one_of, allowed=(True, False))
 auto_or_flag = partial(one_of, allowed=("auto", True, False))
 
-# Every key with a range or a fixed set of values. The model's keys are checked by
-# harness.model.check_model_config, data and autoencoder sizes by latent_geometry: with the same words as here.
+# Every key with a range or a fixed set of values. harness.model.check_model_config and latent_geometry check the
+# model's and the sizes' keys again, in the same words, for the configs that never pass validate (a stored one,
+# a model config built by hand).
 RULES = {
     "seed": partial(integer, low=0),
     "on_config_change": partial(one_of, allowed=("refuse", "resume", "overwrite")),
