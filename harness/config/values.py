@@ -8,7 +8,6 @@ from functools import partial
 
 from omegaconf import DictConfig, OmegaConf
 
-from harness.diffusion import parse_sampler
 from harness.errors import HarnessError, require
 
 CONDITIONINGS = ("adaln_zero", "adaln", "cross_attention", "in_context")
@@ -170,4 +169,7 @@ def check_eval_values(ev: DictConfig, num_timesteps: int) -> None:
     """The `eval` values that need no files (sample counts, labels, guidance, sampler); the extractor and its
     weights are checked by `harness.evaluate.check_eval_config`, which calls this too."""
     check_values(ev, "eval", skip=("every",))
+    # torch (via harness.diffusion) only here: reading a config (status, report) must not import it.
+    from harness.diffusion import parse_sampler
+
     parse_sampler(str(ev.sampler), num_timesteps, key="eval.sampler")
