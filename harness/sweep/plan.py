@@ -244,10 +244,10 @@ def hand_to_launcher(specs: list[RunSpec]) -> None:
 
 def checked_specs(job_overrides: Sequence[Sequence[str]]) -> list[RunSpec]:
     """The checked points of the jobs Hydra hands the launcher."""
-    specs = [_checked_points.get(tuple(overrides)) for overrides in job_overrides]
-    require(None not in specs, "the harness launchers launch the grids that `harness sweep` and `harness train -m` "
-                               "checked; launch through one of them")
-    return specs
+    unchecked = [" ".join(overrides) for overrides in job_overrides if tuple(overrides) not in _checked_points]
+    require(not unchecked, f"{unchecked[0] if unchecked else ''}: not a point of a checked grid; the harness launchers "
+                           "launch the grids that `harness sweep` and `harness train -m` check")
+    return [_checked_points[tuple(overrides)] for overrides in job_overrides]
 
 
 def write_sweep_record(name: str, base: DictConfig, specs: list[RunSpec], overrides: list[str]) -> Path:
