@@ -28,6 +28,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
+import submitit
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
@@ -71,8 +72,6 @@ class HarnessSubmititLauncher(BaseSubmititLauncher):
 
     def _submit(self, decision: Decision, sweep_dir: Path):
         """One run as one submitit job; returns the job handle (after recording it)."""
-        import submitit
-
         spec = decision.spec
         folder = sweep_dir / schedulers.SUBMITIT_DIR / "%j"
         max_timeouts = int(spec.cfg.hydra.launcher.max_num_timeout)
