@@ -64,6 +64,11 @@ def plan_sweep(name: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
         }
 
 
+def train_checked_point(cfg: DictConfig) -> dict:
+    """The task of each launched point, in its job: the launch checked its config and files already."""
+    return train(cfg, checked=True)
+
+
 def launch_sweep(name: str, overrides: list[str] | tuple[str, ...] = ()) -> list[dict]:
     """`harness sweep NAME [overrides]`: check the grid, then launch what is not done through Hydra multirun;
     the sweep's status rows (`sweep_status`) once the launcher returns."""
@@ -79,5 +84,5 @@ def launch_sweep(name: str, overrides: list[str] | tuple[str, ...] = ()) -> list
         plan.hand_to_launcher(specs)
         # The jobs run where they are submitted from; an absolute sweep dir keeps them independent of cwd.
         hydra_args = [*overrides, f"hydra.sweep.dir={sweep_dir}", plan.searchpath_override()]
-        schedulers.run_multirun(name, train, hydra_args)
+        schedulers.run_multirun(name, train_checked_point, hydra_args)
     return sweep_status(sweep_dir)
