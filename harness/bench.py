@@ -16,6 +16,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from omegaconf import DictConfig
@@ -226,9 +227,10 @@ def bench_latents(cfg: DictConfig, warmup: int, iters: int) -> dict:
 
 
 def run_bench(overrides: list[str], what=WHAT, log: str | None = None, warmup: int = 3, iters: int = 10,
-              profile: bool = False) -> dict:
+              profile: bool = False, show: Callable[[dict], None] | None = None) -> dict:
     """Benchmark the config of `overrides`; append the result to the JSONL `log` when given. `profile` adds
-    where the training step's time goes (`profile_calls`)."""
+    where the training step's time goes (`profile_calls`). `show` gets the result before it is logged, so a log
+    that fails to take it (a full disk, a lost mount) does not lose the measurements."""
     cfg = compose(overrides)
     validate(cfg)
     unknown = [w for w in what if w not in WHAT]
@@ -255,6 +257,8 @@ def run_bench(overrides: list[str], what=WHAT, log: str | None = None, warmup: i
         result["features"] = bench_features(cfg, device, warmup, iters)
     if "latents" in what:
         result["latents"] = bench_latents(cfg, warmup, iters)
+    if show is not None:
+        show(result)
     if log:
         append_jsonl(Path(log), result)
     return result

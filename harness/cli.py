@@ -89,10 +89,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _train_digits_cnn(args: argparse.Namespace) -> int:
     from harness.config import compose, latent_geometry
-    from harness.digits_cnn import DIGITS_WEIGHTS, train_digits_extractor
+    from harness.digits_cnn import train_digits_extractor
     from harness.io import check_output_path
 
-    out = check_output_path(args.out or DIGITS_WEIGHTS, "--out")
+    out = check_output_path(args.out, "--out")
     cfg = compose(args.overrides)
     latent_geometry(cfg)  # the data sizes, checked before a minute of training
     meta = train_digits_extractor(out, seed=args.seed, data_cfg=cfg.data, verbose=True)
@@ -134,7 +134,8 @@ def _bench(args: argparse.Namespace) -> int:
     from harness.bench import format_bench, run_bench
 
     what, overrides = _names_and_overrides(args.what, args.overrides)
-    print(format_bench(run_bench(overrides, what=what, log=args.log, profile=args.profile)))
+    run_bench(overrides, what=what, log=args.log, profile=args.profile,
+              show=lambda result: print(format_bench(result), flush=True))  # printed before it is logged
     return 0
 
 
@@ -180,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("train-digits-cnn", _train_digits_cnn,
                 "Retrain the digits CNN that FID uses on data=digits (reproducible, CPU, well under a minute).")
-    p.add_argument("--out", default=None, help="weights file to write (default: the shipped harness/assets/digits_cnn.pt)")
+    # Required: a default of the shipped harness/assets/digits_cnn.pt would let a stray run overwrite a tracked file.
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="weights file to write; use it with eval.digits_weights=FILE")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("overrides", **overrides)
 
