@@ -304,6 +304,21 @@ class RunDir:
     def read_results(self) -> list[dict]:
         return read_jsonl(self.results_file)
 
+    def results(self) -> list[dict]:
+        """The run's evaluations, one row per step and FID kind: a step evaluated twice keeps the row from the most
+        samples (the most precise: `harness eval` with FID-50K after training with FID-5K), the latest among
+        equals (a re-evaluation after a requeue, say). `harness status` and the report both read this."""
+        def samples(row: dict) -> float:
+            value = row.get("num_samples")
+            return value if isinstance(value, (int, float)) and not isinstance(value, bool) else -1
+
+        best: dict[tuple, dict] = {}
+        for row in self.read_results():  # file order: a later row is a newer evaluation
+            key = (row.get("step"), row.get("fid_name"))
+            if key not in best or samples(row) >= samples(best[key]):
+                best[key] = row
+        return list(best.values())
+
     def append_result(self, row: ResultRow) -> dict:
         record = row.to_json()
         append_jsonl(self.results_file, record)

@@ -405,3 +405,17 @@ def test_cli_report_reports_bad_input_in_one_line(sweep, tmp_path, capsys):
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip() == (
         "harness: error: the following arguments are required: -o/--out (see harness report --help)")
+
+
+def test_runs_of_one_model_in_one_sweep_are_named_by_their_run_dirs(sweep, tmp_path):
+    copy = tmp_path / "seeds"
+    shutil.copytree(sweep, copy)
+    for seed in (1, 10):  # "#10" would sort before "#2" as text; run dir names say which run is which
+        shutil.copytree(copy / "digits-mini-S-4-adaln_zero", copy / f"digits-mini-S-4-seed{seed}")
+    labels = set(collect_results(copy)["config"])
+    assert {"mini-S/4 (digits-mini-S-4-adaln_zero)", "mini-S/4 (digits-mini-S-4-seed1)",
+            "mini-S/4 (digits-mini-S-4-seed10)"} <= labels
+    assert not any("#" in label for label in labels)
+    one = collect_results(sweep)
+    fig = plot_fid_vs_gflops(one[one["config"] == "mini-S/4"], step=MAX_STEPS)
+    assert fig.axes[0].get_title().endswith("(1 run)")

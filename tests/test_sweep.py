@@ -21,7 +21,8 @@ from fixtures.sweep import expected_runs, make_fixture_sweep
 from harness.sweep import launch, plan, schedulers, status
 from harness.config import config_groups
 from harness.errors import HarnessError
-from harness.io import read_json
+from harness.io import append_jsonl, read_json
+from harness.run_dir import RunDir
 
 # Two tiny CPU runs on the demo sweep (patch 8 and 4 on 16x16 digits).
 TINY_GRID = [
@@ -513,3 +514,19 @@ def test_the_slurm_launcher_waits_for_its_jobs_but_not_past_wait_s(tmp_path, mon
     begin = time.time()
     launcher._run(todo, tmp_path)
     assert 1.4 < time.time() - begin < 5
+
+
+def test_status_reads_a_run_without_a_state_file_and_picks_the_fid_as_the_report_does(tmp_path):
+    run = RunDir(tmp_path / "sweep" / "digits-mini-S-2-adaln_zero")
+    run.path.mkdir(parents=True)
+    run.config_file.write_text("trainer:\n  max_steps: 400\n")
+    run.checkpoints_dir.mkdir()
+    torch.save({"step": 130, "model": {}}, run.checkpoint_file(130))  # a checkpoint, no run_state.json
+    for step, fid, samples in ((100, 50.0, 500), (100, 70.0, 50), (100, 40.0, 500)):  # the last of most samples
+        append_jsonl(run.results_file, {"step": step, "fid": fid, "fid_name": "fid_digits", "num_samples": samples})
+    (row,) = status.sweep_status(tmp_path / "sweep")
+    assert (row["state"], row["step"], row["max_steps"], row["fid"]) == ("interrupted", 130, 400, 40.0)
+    assert [r["fid"] for r in run.results()] == [40.0]
+    assert "130/400" in status.format_status([row])
+    row_without_config = {**row, "max_steps": None}
+    assert "130/?" in status.format_status([row_without_config])

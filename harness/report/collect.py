@@ -55,7 +55,7 @@ def _run_rows(run: RunDir, sweep_dir: Path) -> list[dict]:
         "state": str(state.state or "unknown"), "state_step": state.step, "max_steps": state.max_steps,
         "error": state.error, "run_path": str(run), "sweep_dir": str(sweep_dir),
     }
-    rows = run.read_results() or [_config_row(run)]
+    rows = run.results() or [_config_row(run)]
     return [{**row, **info} for row in rows]
 
 
@@ -66,14 +66,17 @@ def _config_labels(df: pd.DataFrame) -> pd.Series:
     if runs["conditioning"].nunique(dropna=True) > 1:
         base = base + " " + runs["conditioning"].fillna("?").astype(str)
     label = base.copy()
-    # Same model in several sweeps: name the sweep, else the sweep dir, else its full path.
-    for where in (runs["sweep"], runs["sweep_dir"].map(lambda p: Path(p).name), runs["sweep_dir"]):
+    # Runs of one model: name what tells them apart, the sweep, else the sweep dir, else its full path, and
+    # within one sweep (seeds, a swept learning rate) the run dir.
+    run_dir_names = pd.Series(runs.index.map(lambda p: Path(p).name), index=runs.index)
+    for where in (runs["sweep"], runs["sweep_dir"].map(lambda p: Path(p).name), runs["sweep_dir"], run_dir_names):
         dup = label.duplicated(keep=False)
         if not dup.any():
             break
-        label[dup] = base[dup] + " (" + where[dup].fillna("?").astype(str) + ")"
-    dup = label.duplicated(keep=False)
-    label[dup] = label[dup] + " #" + (label[dup].groupby(label[dup]).cumcount() + 1).astype(str)
+        where = where.fillna("?").astype(str)
+        tells = where[dup].groupby(label[dup]).transform("nunique") > 1
+        named = tells[tells].index
+        label[named] = label[named] + " (" + where[named] + ")"
     return df["run_path"].map(label)
 
 
@@ -120,10 +123,6 @@ def collect_results(sweep_dirs: str | Path | Iterable[str | Path]) -> pd.DataFra
             warnings.warn(f"{RunDir(run_path).results_file}: {col}={value} is not a number; read as missing",
                           stacklevel=2)
         df[col] = numbers
-    # A step evaluated twice keeps the FID from the most samples (the most precise: `harness eval` with
-    # FID-50K after training with FID-5K), the latest among equals (a re-evaluation after a requeue, say).
-    df = df.sort_values("num_samples", kind="stable", na_position="first")
-    df = df.drop_duplicates(subset=["run_path", "step", "fid_name"], keep="last")
     missing = df["train_compute_flops"].isna()
     df.loc[missing, "train_compute_flops"] = training_compute_flops(df["gflops"], df["global_batch_size"], df["step"])[missing]
     df["config"] = _config_labels(df)

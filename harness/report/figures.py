@@ -227,7 +227,7 @@ def plot_fid_vs_gflops(df: pd.DataFrame, step: int | None = None, overlay_paper:
     _log_ticks(ax.yaxis, ys)
     ax.set_xlabel("Transformer Gflops (forward pass, one image)")
     ax.set_ylabel(_fid_axis_label(at))
-    ax.set_title(f"FID vs Gflops at step {step:,}  ({len(at)} runs)")
+    ax.set_title(f"FID vs Gflops at step {step:,}  ({len(at)} run{'' if len(at) == 1 else 's'})")
     _legend(ax, style.size_handles() + style.patch_handles() + style.extractor_handles()
             + ([_header("")] + extra if extra else []))
     return fig

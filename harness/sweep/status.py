@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from harness.errors import require
+from harness.errors import HarnessError, require
 from harness.io import read_yaml, text_table
 from harness.run_dir import RunDir, RunState, checkpoint_step
 from harness.sweep import schedulers
@@ -59,10 +59,10 @@ def sweep_status(sweep_dir: str | os.PathLike) -> list[dict]:
 
 
 def run_state(saved: RunState | None, queued: str | None, queue_unknown: bool, submitted: bool,
-              job_left_errors: bool) -> str:
+              job_left_errors: bool, checkpointed: bool = False) -> str:
     """The run's state (see the module docstring) from what its trainer saved last, what the scheduler says of its
-    job (`queued`: its squeue state, "" if gone, None if not asked), and whether a launch submitted it and its job
-    left an error log."""
+    job (`queued`: its squeue state, "" if gone, None if not asked), whether a launch submitted it and its job
+    left an error log, and whether it has a checkpoint (a run with one trained, whatever saved its state)."""
     saved_state = saved.state if saved else None
     if saved_state == "done":
         return "done"
@@ -77,15 +77,15 @@ def run_state(saved: RunState | None, queued: str | None, queue_unknown: bool, s
         return f"{saved_state or 'submitted'} (queue unknown)"
     if submitted and not saved_state:  # its job ended before training started: an error, or cancelled while queued
         return "failed" if job_left_errors else "interrupted"
-    if saved_state in ("running", "preempted"):
+    if saved_state in ("running", "preempted") or (checkpointed and not saved_state):
         return "interrupted"
     return "not-submitted"
 
 
 def _run_row(run: RunDir, submission: dict, queue: dict | None, needs_queue: bool) -> dict:
     saved = run.read_state()
-    results = run.read_results()
-    last = results[-1] if results else {}
+    results = run.results()
+    last = max(results, key=lambda row: row.get("step") or 0) if results else {}
     checkpoint = newest_checkpoint_step(run.path)
     job_errors = _tail(submission.get("stderr"))
     executor = submission.get("executor")
@@ -97,7 +97,7 @@ def _run_row(run: RunDir, submission: dict, queue: dict | None, needs_queue: boo
         queued = queue.get(job_id, {}).get("state", "")
     if not queued and schedulers.trainer_alive(saved):
         queued = "RUNNING"
-    status = run_state(saved, queued, needs_queue, bool(submission), bool(job_errors))
+    status = run_state(saved, queued, needs_queue, bool(submission), bool(job_errors), checkpoint is not None)
     log = submission.get("stdout")
     if not log or not Path(log).exists():
         log = str(run.log_file) if run.log_file.exists() else log
@@ -114,11 +114,19 @@ def _run_row(run: RunDir, submission: dict, queue: dict | None, needs_queue: boo
     return {
         "run": run.path.name, "run_dir": str(run.path), "state": status, "job_id": job_id,
         "queue_state": queued or None, "step": _last_step(run, saved, checkpoint),
-        "max_steps": saved.max_steps if saved else None, "checkpoint": checkpoint,
+        "max_steps": saved.max_steps if saved else _configured_max_steps(run), "checkpoint": checkpoint,
         "requeues": saved.requeues if saved else None,
         "fid": last.get("fid"), "fid_step": last.get("step"), "fid_name": last.get("fid_name"),
         "log": log, "error": error,
     }
+
+
+def _configured_max_steps(run: RunDir) -> int | None:
+    """trainer.max_steps from the run's config.yaml, for a run without a run_state.json."""
+    try:
+        return int(read_yaml(run.config_file).trainer.max_steps) if run.config_file.exists() else None
+    except (HarnessError, AttributeError, TypeError, ValueError):
+        return None
 
 
 def _tail(path: str | Path | None, lines: int = ERROR_TAIL_LINES) -> list[str]:
@@ -147,7 +155,7 @@ def format_status(rows: list[dict]) -> str:
     header = ["run", "state", "job", "step", "checkpoint", "requeues", "last FID (step)", "log"]
     body = []
     for r in rows:
-        step = "" if r["step"] is None else f"{r['step']}/{r['max_steps']}"
+        step = "" if r["step"] is None else f"{r['step']}/{'?' if r['max_steps'] is None else r['max_steps']}"
         fid = "" if r["fid"] is None else f"{r['fid']:.2f} ({r['fid_step']}) {r['fid_name'] or ''}".rstrip()
         checkpoint = "" if r["checkpoint"] is None else str(r["checkpoint"])  # where a relaunch resumes
         body.append([r["run"], r["state"], r["job_id"] or "", step, checkpoint, str(r["requeues"] or 0), fid,
