@@ -30,17 +30,20 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _dry_run(args: argparse.Namespace) -> int:
+    from harness.progress import to_stderr
     from harness.train.dry_run import dry_run, format_dry_run
 
-    print(format_dry_run(dry_run(args.overrides, take_step=not args.no_step)))
+    print(format_dry_run(dry_run(args.overrides, take_step=not args.no_step, say=to_stderr)))  # phases on stderr
     return 0
 
 
 def _flops(args: argparse.Namespace) -> int:
     from harness.flops import flops_table, format_table
+    from harness.progress import to_stderr
 
     models, overrides = _names_and_overrides(args.models, args.overrides)
-    print(format_table(flops_table(models or None, overrides, conditioning_ablation=args.ablation), args.format))
+    rows = flops_table(models or None, overrides, conditioning_ablation=args.ablation, say=to_stderr)  # per config
+    print(format_table(rows, args.format))
     return 0
 
 

@@ -18,12 +18,14 @@ import hashlib
 import io
 import json
 import math
+import time
 import warnings
 from pathlib import Path
 
 from harness.config import CONF_DIR, Geometry, compose, config_groups, latent_geometry, with_paper_setting
 from harness.errors import require
 from harness.io import atomic_write_json, cache_root, read_json, text_table
+from harness.progress import Say, quiet
 
 # torch, fvcore and harness.model are imported where a count is traced: a fully cached
 # `harness flops` never imports torch (seconds on a small CPU) and never composes a config.
@@ -188,19 +190,26 @@ def cache_key(model_cfg, geometry: Geometry) -> str:
     return json.dumps(arch, sort_keys=True)
 
 
-def count_flops(model_cfg, geometry: Geometry, use_cache: bool = True) -> dict:
-    """{gflops, params, tokens, unsupported_ops} of one forward pass of one image, cached per config."""
+def cached_count(model_cfg, geometry: Geometry) -> dict | None:
+    """The cached count of a config, or None: `count_flops` would trace it. The config is checked first."""
     from harness.model import check_model_config
 
     check_model_config(model_cfg, geometry)
-    key = cache_key(model_cfg, geometry)
-    if use_cache:
-        cached = _load_cache()["counts"].get(key)
-        if cached is not None:
-            return dict(cached)
+    return _load_cache()["counts"].get(cache_key(model_cfg, geometry))
+
+
+def count_flops(model_cfg, geometry: Geometry, use_cache: bool = True, say: Say = quiet) -> dict:
+    """{gflops, params, tokens, unsupported_ops} of one forward pass of one image, cached per config.
+
+    `say` gets a line when the count is traced (seconds to a minute), not when it comes from the cache.
+    """
+    cached = cached_count(model_cfg, geometry)
+    if use_cache and cached is not None:
+        return dict(cached)
+    say(f"counting Gflops with fvcore (tracing {model_cfg.name}) ...")
     result = _trace_flops(model_cfg, geometry)
     if use_cache:
-        _update_cache(counts={key: result})
+        _update_cache(counts={cache_key(model_cfg, geometry): result})
     return dict(result)
 
 
@@ -272,7 +281,7 @@ def _with_paper(counted: dict) -> dict:
 
 
 def flops_table(models: list[str] | None = None, overrides: list[str] | tuple[str, ...] = (),
-                conditioning_ablation: bool = False) -> list[dict]:
+                conditioning_ablation: bool = False, say: Say = quiet) -> list[dict]:
     """One row per config: model, size, patch, conditioning, tokens, params, gflops, paper_gflops, diff_pct.
 
     models=None is the paper's 12 configs. Paper configs (DiT-*) are composed with
@@ -280,7 +289,7 @@ def flops_table(models: list[str] | None = None, overrides: list[str] | tuple[st
     experiment; other models (mini-*, custom) use the default config plus `overrides`.
     conditioning_ablation=True gives each model (default DiT-XL/2) under the four conditionings.
     Rows are cached by their overrides while no file under conf/ changes, so a repeated table
-    needs neither Hydra nor torch.
+    needs neither Hydra nor torch. `say` gets a line per config as it is counted (its Gflops, traced or cached).
     """
     known = config_groups("model")
     if models is None:
@@ -298,9 +307,17 @@ def flops_table(models: list[str] | None = None, overrides: list[str] | tuple[st
         for variant in variants:
             config_overrides = with_paper_setting([f"model={name}", *overrides, *variant])
             key = json.dumps(config_overrides)
+            how = "cached"
             if key not in cached:
-                new[key] = cached[key] = _counted_row(compose(config_overrides))
-            rows.append(_with_paper(cached[key]))
+                start, cfg = time.perf_counter(), compose(config_overrides)
+                traced = cached_count(cfg.model, latent_geometry(cfg)) is None
+                new[key] = cached[key] = _counted_row(cfg)
+                if traced:
+                    how = f"traced in {time.perf_counter() - start:.1f} s"
+            row = _with_paper(cached[key])
+            rows.append(row)
+            label = f"{name} {row['conditioning']}" if conditioning_ablation else name
+            say(f"{label}: {row['gflops']:.4g} Gflops ({how})")
     if new:
         _update_cache(rows={"conf": fingerprint, "entries": new})
     return rows

@@ -21,6 +21,20 @@ def test_dry_run_reports_costs_and_takes_a_real_step():
         assert needle in text
 
 
+def test_the_command_says_its_phases_on_stderr_and_reports_on_stdout(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path))  # an empty Gflops cache: the count is traced
+    said = []
+    report = dry_run(["model=mini-S/4"], say=said.append)
+    assert said == ["counting Gflops with fvcore (tracing mini-S/4) ...",
+                    "building mini-S/4 (0.7M params), its EMA and optimizer on the CPU ...",
+                    "one real training step on the CPU at batch 2 (forward, backward, AdamW, EMA) ..."]
+    assert main(["dry-run", "model=mini-S/4"]) == 0
+    out, err = capsys.readouterr()
+    assert err.splitlines() == said[1:]  # the count is cached now
+    # stdout is the report alone (its step time aside).
+    assert out.rstrip("\n").rsplit(" in ", 1)[0] == format_dry_run(report).rsplit(" in ", 1)[0]
+
+
 def test_paper_model_gets_the_paper_setting():
     report = dry_run(["model=DiT-S/8"], take_step=False)
     assert report["geometry"] == {"input_size": 32, "in_channels": 4, "num_classes": 1000}

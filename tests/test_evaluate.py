@@ -301,6 +301,41 @@ def test_guidance_settings_reach_the_sampler(cfg, monkeypatch):
     assert seen and all((k["cfg_scale"], k["cfg_channels"], k["sampler"]) == (1.5, 1, "ddim5") for k in seen)
 
 
+# One periodic line: "sampling: 8/24 samples (33%), 12.3 samples/s, ETA 1 s".
+PROGRESS_LINE = r"sampling: (\d+)/24 samples \(\d+%\), [\d.e+]+ samples/s, ETA (\d+ s|\d+m\d\ds|\d+h\d\dm|\?)"
+
+
+def test_sampling_progress_says_rate_and_eta_and_leaves_the_samples_alone(cfg, monkeypatch, capsys):
+    import re
+
+    import harness.progress
+    from harness.autoencoders import build_autoencoder
+    from harness.progress import quiet
+
+    model, geometry = tiny_model(cfg), latent_geometry(cfg)
+    args = (model, cfg.diffusion, build_autoencoder(cfg.autoencoder, cfg.data), cfg.eval, geometry, "cpu")
+    silent = generate_samples(*args, say=quiet)
+    # Without a terminal (as under pytest): a start line, a plain line per third of the work (each batch of 8 is
+    # more than 10%), a summary; never a bar.
+    said = []
+    assert torch.equal(generate_samples(*args, say=said.append), silent)
+    assert said[0] == "sampling 24 images (ddpm4, cfg 1) in 3 batch(es) of 8 on 1 rank(s) ..."
+    assert [re.fullmatch(PROGRESS_LINE, line).group(1) for line in said[1:3]] == ["8", "16"]
+    assert re.fullmatch(r"sampling: 24/24 samples in \d+ s \([\d.e+]+ samples/s\)", said[3]) and len(said) == 4
+    assert capsys.readouterr().err == ""
+    # On a terminal: a bar on stderr instead of the periodic lines, gone before the summary.
+    monkeypatch.setattr(harness.progress, "on_terminal", lambda: True)
+    said.clear()
+    assert torch.equal(generate_samples(*args, say=said.append), silent)
+    assert len(said) == 2 and said[1].startswith("sampling: 24/24 samples in ")
+    bar = capsys.readouterr().err  # tqdm redraws at most every 0.1 s: these tiny batches may show only 0/24
+    assert "sampling:" in bar and "/24 [" in bar and bar.endswith("\r")  # cleared on closing
+    # Only rank 0 reports.
+    said.clear()
+    generate_samples(*args, rank=1, world_size=2, say=said.append)
+    assert said == [] and capsys.readouterr().err == ""
+
+
 def test_out_of_memory_halves_the_model_calls_and_remembers():
     class FitsEight(torch.nn.Module):
         learn_sigma, num_classes = False, 10
@@ -377,14 +412,18 @@ def test_evaluate_model_appends_a_complete_row(cfg, tmp_path, fid_cache, monkeyp
     monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "cache"))
     run_cfg = compose([*TINY_EVAL, "eval.save_npz=true", f"eval.cache_dir={fid_cache}"])
     model = tiny_model(run_cfg)
-    logged = []
-    row = evaluate_model(model, run_cfg, 10, tmp_path / "run", log_fn=logged.append)
+    logged, said = [], []
+    row = evaluate_model(model, run_cfg, 10, tmp_path / "run", log_fn=logged.append, say=said.append)
     rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
     assert rows == [row] == logged
     # The writer's row and the report's columns are one schema: every column but the optional metrics
     assert set(row) == set(RESULT_COLUMNS) - {"isc", "precision", "recall"}
     assert row["fid_name"] == "fid_digits" and row["num_samples"] == 24 and row["tokens"] == 16
     assert row["train_compute_flops"] == pytest.approx(row["gflops"] * 1e9 * row["global_batch_size"] * 10 * 3)
+    # The phases, as a run's train.log gets them through say=tracker.print.
+    assert said[0].startswith("sampling 24 images") and said[-1].startswith("counting Gflops with fvcore")
+    assert [line.split(" against ")[0] for line in said if line.startswith("computing FID")] == [
+        "computing FID of 24 samples"]
     from PIL import Image
 
     with Image.open(tmp_path / "run" / "samples" / "step_0000010.png") as grid:  # 24 of 16px, 5 a row, 1px apart
@@ -495,7 +534,9 @@ def test_eval_cli_on_our_checkpoint_and_refusals(cfg, tmp_path, fid_cache, monke
     ema = torch.load(ckpt, map_location="cpu", weights_only=False)["ema"]
     assert all(torch.equal(evaluated[0].state_dict()[k], v) for k, v in ema.items())  # the EMA weights, not "model"
     (row,) = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
-    assert row["step"] == 30 and row["num_samples"] == 16 and "fid_digits" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert row["step"] == 30 and row["num_samples"] == 16 and "fid_digits" in out
+    assert "sampling: 16/16 samples in " in err and "sampling" not in out  # phases on stderr, the result on stdout
     with pytest.raises(HarnessError, match="trained with another config.*model.depth"):
         evaluate_checkpoint(ckpt, ["model.depth=2"])
     # A released-style file (a bare state_dict) takes its config from the overrides; a mismatch is named.

@@ -210,6 +210,22 @@ def test_cli_flops_mini_model_has_no_paper_column(cache_dir, capsys):
     assert row[0] == "mini-S/4" and row[4] == "16" and row[7] == "" and float(row[6]) > 0
 
 
+def test_cli_flops_says_each_config_on_stderr_as_it_is_counted(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path))
+    assert main(["flops", "--models", "mini-S/4", "mini-S/2", "--format", "csv"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == ",".join(flops.COLUMNS) and len(out.splitlines()) == 3  # the table alone
+    gflops = {row["model"]: row["gflops"] for row in csv.DictReader(out.splitlines())}
+    lines = err.splitlines()
+    assert [line.split(" (traced in ")[0] for line in lines] == [
+        f"{model}: {float(gflops[model]):.4g} Gflops" for model in ("mini-S/4", "mini-S/2")]
+    assert all(line.endswith(" s)") for line in lines)
+    said = []
+    flops_table(["mini-S/4"], [], conditioning_ablation=True, say=said.append)  # adaln_zero's count is cached
+    assert [line.split(": ")[0] for line in said] == [f"mini-S/4 {c}" for c in flops.ABLATION_CONDITIONINGS]
+    assert said[-1].endswith(" Gflops (cached)") and "(traced in" in said[0]
+
+
 @pytest.mark.parametrize("argv, words", [
     (["flops", "--models", "DiT-Q/3"], ["unknown model 'DiT-Q/3'", "DiT-XL/2"]),
     (["flops", "model.conditioning=film", "--models", "mini-S/2"], ["model.conditioning", "in_context"]),

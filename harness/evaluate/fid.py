@@ -35,6 +35,7 @@ from harness.data import real_images_uint8
 from harness.digits_cnn import DIGITS_CNN, DIGITS_LAYER, DIGITS_WEIGHTS, load_digits_cnn
 from harness.errors import HarnessError, require
 from harness.io import atomic_torch_save, cache_root, check_output_path, sha256_file
+from harness.progress import Say, quiet
 
 INCEPTION = "inception-v3-compat"
 # The file torch-fidelity 0.4.0 downloads for inception-v3-compat (we never download it ourselves).
@@ -293,12 +294,13 @@ class _CachedOnly(Dataset):
 
 
 def compute_fid(images_uint8: torch.Tensor, eval_cfg: DictConfig, data_cfg: DictConfig,
-                cache_dir: str | os.PathLike | None = None, device: str | torch.device | None = None) -> dict:
+                cache_dir: str | os.PathLike | None = None, device: str | torch.device | None = None,
+                say: Say = quiet) -> dict:
     """FID of uint8 NCHW samples against the reference statistics, through `torch_fidelity.calculate_metrics`.
 
     Returns {"fid", "fid_name", "feature_extractor", "num_samples"} plus "isc" (eval.isc) and
     "precision"/"recall" (eval.prc), computed with the same extractor (for digits-cnn: its class logits
-    and penultimate features).
+    and penultimate features). `say` gets a line saying what is compared when the work starts.
     """
     extractor = check_eval_config(eval_cfg, data_cfg)
     _check_images(images_uint8, data_cfg, extractor)
@@ -306,6 +308,9 @@ def compute_fid(images_uint8: torch.Tensor, eval_cfg: DictConfig, data_cfg: Dict
     isc, prc = bool(eval_cfg.isc), bool(eval_cfg.prc)
     # IS or precision/recall make torch-fidelity extract the reference's features, not only read statistics.
     reference, ref_name = _reference(eval_cfg, data_cfg, extractor, cache_root, need_images=isc or prc)
+    source = f"eval.reference={eval_cfg.reference}" if eval_cfg.get("reference") else "the training set"
+    against = f"{len(reference)} images of {source}" if reference is not None else f"the statistics of {source}"
+    say(f"computing FID of {len(images_uint8)} samples against {against} ({extractor.name} features) ...")
     metrics = _metrics(UInt8Images(images_uint8, extractor.channels), reference or _CachedOnly(ref_name), extractor,
                        eval_cfg, cache_root, resolve_device(device, "device"), input2_cache_name=ref_name, isc=isc, prc=prc)
     out = {"fid": float(metrics[FID_KEY]), "fid_name": extractor.fid_name, "feature_extractor": extractor.name,
@@ -318,12 +323,13 @@ def compute_fid(images_uint8: torch.Tensor, eval_cfg: DictConfig, data_cfg: Dict
 
 
 def reference_floor(eval_cfg: DictConfig, data_cfg: DictConfig, cache_dir: str | os.PathLike | None = None,
-                    device: str | torch.device | None = None) -> float | None:
+                    device: str | torch.device | None = None, say: Say = quiet) -> float | None:
     """FID of the held-out real images against the reference statistics: how close real data gets.
 
     Computed once per (extractor, data config): torch-fidelity caches both sides' statistics, so later
     calls only take the Frechet distance of two cached pairs. None for data without a held-out split.
     Note that it uses every held-out image (360 digits by default); FID is biased upwards at small N.
+    `say` gets a line when features are extracted (the first time only).
     """
     if not _has_held_out(data_cfg):
         return None
@@ -334,6 +340,9 @@ def reference_floor(eval_cfg: DictConfig, data_cfg: DictConfig, cache_dir: str |
     held_stats = extractor.stats_file(cache_root, held_name)
     held = (_CachedOnly(held_name) if held_stats.exists()
             else UInt8Images(real_images_uint8(data_cfg, "held_out"), extractor.channels))
+    if reference is not None or not isinstance(held, _CachedOnly):
+        say(f"computing the reference floor: FID of the held-out images against the reference "
+            f"({extractor.name} features, once per data config) ...")
     metrics = _metrics(held, reference or _CachedOnly(ref_name), extractor, eval_cfg, cache_root, resolve_device(device, "device"),
                        input1_cache_name=held_name, input2_cache_name=ref_name)
     return float(metrics[FID_KEY])

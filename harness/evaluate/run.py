@@ -23,6 +23,7 @@ from harness.evaluate.fid import check_eval_config, compute_fid, reference_floor
 from harness.evaluate.sampling import generate_samples, save_grid, save_npz
 from harness.flops import count_flops, training_compute_flops
 from harness.model import build_model, count_params, load_weights
+from harness.progress import Say, to_stderr
 from harness.run_dir import (CHECKPOINTS, RUN_CONTROL_KEYS, ResultRow, RunDir, first_difference, read_checkpoint_config,
                              run_identity)
 from harness.tracking import Tracker, run_id
@@ -62,7 +63,7 @@ def result_row(cfg: DictConfig, step: int, run_dir: str | os.PathLike, fid: dict
 def evaluate_model(model: nn.Module, cfg: DictConfig, step: int, run_dir: str | os.PathLike, dist=None,
                    flops: dict | None = None, params: int | None = None, cache_dir: str | os.PathLike | None = None,
                    log_fn: Callable[[dict], None] | None = None, forward: nn.Module | None = None,
-                   stop: Callable[[], bool] | None = None) -> dict | None:
+                   stop: Callable[[], bool] | None = None, say: Say = to_stderr) -> dict | None:
     """Evaluate the in-memory EMA `model` of a run at `step`: sample, FID, append the row to results.jsonl.
 
     Called by every rank of a job (`dist`: an object with rank, world_size, device, e.g. harness.train.Dist;
@@ -72,7 +73,8 @@ def evaluate_model(model: nn.Module, cfg: DictConfig, step: int, run_dir: str | 
     `flops`/`params` avoid recounting (harness.flops.count_flops / harness.model.count_params); `forward`,
     `model`'s sampling forward (harness.train.inference_forward), is kept by a caller that evaluates repeatedly,
     so its compiled graph and learned call size carry over. `stop`, asked between sampling batches on every
-    rank, ends the evaluation early with SamplingStopped (nothing written).
+    rank, ends the evaluation early with SamplingStopped (nothing written). Rank 0 says each phase through `say`
+    (sampling with its rate and ETA, then FID), e.g. a run's `Tracker.print`.
     """
     start = time.perf_counter()
     rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
@@ -80,7 +82,7 @@ def evaluate_model(model: nn.Module, cfg: DictConfig, step: int, run_dir: str | 
     check_eval_config(cfg.eval, cfg.data, int(cfg.diffusion.num_timesteps))  # fail before sampling, not after
     geometry = latent_geometry(cfg)
     images = generate_samples(forward or inference_forward(model, cfg, device), cfg.diffusion, run_autoencoder(cfg, device),
-                              cfg.eval, geometry, device, rank=rank, world_size=world_size, stop=stop)
+                              cfg.eval, geometry, device, rank=rank, world_size=world_size, stop=stop, say=say)
     if rank != 0:
         return None
     run = RunDir(run_dir)
@@ -88,10 +90,10 @@ def evaluate_model(model: nn.Module, cfg: DictConfig, step: int, run_dir: str | 
         save_grid(images, run.sample_file(step, "png"))
     if cfg.eval.save_npz:
         save_npz(images, run.sample_file(step, "npz"))
-    fid = compute_fid(images, cfg.eval, cfg.data, cache_dir=cache_dir, device=device)
-    floor = reference_floor(cfg.eval, cfg.data, cache_dir=cache_dir, device=device)
+    fid = compute_fid(images, cfg.eval, cfg.data, cache_dir=cache_dir, device=device, say=say)
+    floor = reference_floor(cfg.eval, cfg.data, cache_dir=cache_dir, device=device, say=say)
     if flops is None:
-        flops = count_flops(cfg.model, geometry)
+        flops = count_flops(cfg.model, geometry, say=say)
     if params is None:
         params = count_params(model)
     row = run.append_result(result_row(cfg, step, run.path, fid, params, flops["gflops"], time.perf_counter() - start,
@@ -144,11 +146,12 @@ def _saved_step(path: Path) -> int:
 
 def evaluate_checkpoint(ckpt: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
                         run_dir: str | os.PathLike | None = None, step: int | None = None,
-                        cache_dir: str | os.PathLike | None = None) -> dict | None:
+                        cache_dir: str | os.PathLike | None = None, say: Say = to_stderr) -> dict | None:
     """Evaluate a checkpoint (ours, a run dir's newest, or a released DiT .pt); append the row to `run_dir`'s results.
 
     `run_dir` defaults to the checkpoint's run dir (ours) or `runs/eval-<file name>` (released files);
     `step` to the checkpoint's step (released files: 0). Runs under torchrun as a distributed job too.
+    Rank 0 says each phase through `say` (see `evaluate_model`).
     """
     cfg, info = checkpoint_config(ckpt, overrides)
     path = info["path"]
@@ -157,11 +160,14 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, overrides: list[str] | tuple[st
     step = int(step if step is not None else info["step"] or 0)
     run_dir = Path(run_dir or info["run_dir"] or Path("runs") / f"eval-{slug(path.stem)}")
     dist = setup_distributed(str(cfg.trainer.get("device", "auto")))
+    if dist.is_main:
+        say(f"loading the EMA weights of {path} ...")
     model = build_model(cfg.model, latent_geometry(cfg), init_weights=False)
     load_weights(path, model, which="ema")
     model = model.to(dist.device).requires_grad_(False)
     tracker = Tracker(cfg, run_dir, enabled=dist.is_main)
     try:
-        return evaluate_model(model, cfg, step, run_dir, dist=dist, cache_dir=cache_dir, log_fn=tracker.log_result)
+        return evaluate_model(model, cfg, step, run_dir, dist=dist, cache_dir=cache_dir, log_fn=tracker.log_result,
+                              say=say)
     finally:
         tracker.finish()

@@ -2,7 +2,8 @@
 
 The same checkpoint and `eval` config give the same images on any number of ranks: each global batch has
 its own seed, whichever rank samples it. Sampling can be stopped between batches (`SamplingStopped`), so a
-preempted job stops within one batch instead of after hours of FID sampling.
+preempted job stops within one batch instead of after hours of FID sampling. Rank 0 says how far sampling is
+(`harness.progress.Progress`: samples done, rate, ETA) without touching any random draw.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from harness.data import seeded_generator
 from harness.diffusion import create_diffusion
 from harness.errors import require
 from harness.io import atomic_write_bytes
+from harness.progress import Progress, Say, quiet, to_stderr
 
 # Mixed into evaluation seeds so they never coincide with the training stream's (seed, step) draws.
 EVAL_STREAM = 0x5EED_E7A1
@@ -54,14 +56,15 @@ class SamplingStopped(Exception):
 @torch.no_grad()
 def generate_samples(model: nn.Module, diffusion_cfg: DictConfig, autoencoder: Autoencoder, eval_cfg: DictConfig,
                      geometry: Geometry, device: str | torch.device, rank: int = 0, world_size: int = 1,
-                     stop: Callable[[], bool] | None = None) -> torch.Tensor | None:
+                     stop: Callable[[], bool] | None = None, say: Say = to_stderr) -> torch.Tensor | None:
     """`eval.num_samples` uint8 NCHW images from `model` (pass the EMA model), in sample-index order.
 
     The samples are cut into global batches of `eval.batch_size`; batch b is sampled with its own seed
     (from `eval.seed` and b) by rank b % world_size, so the same checkpoint and config give the same
     images on any number of ranks. Under torch.distributed the batches are gathered round by round to
     rank 0, which returns all images (other ranks return None); without it, a rank returns its own
-    batches. Guidance (`eval.cfg_scale`, `eval.cfg_channels`) and the sampler come from `eval`.
+    batches. Guidance (`eval.cfg_scale`, `eval.cfg_channels`) and the sampler come from `eval`. Rank 0 reports
+    through `say` (a line at the start, then a bar on a terminal or periodic lines, then the total time and rate).
     """
     device = torch.device(device)
     n, bs, seed = int(eval_cfg.num_samples), int(eval_cfg.batch_size), int(eval_cfg.seed)
@@ -76,30 +79,35 @@ def generate_samples(model: nn.Module, diffusion_cfg: DictConfig, autoencoder: A
     model.eval()
     kept: list[torch.Tensor] = []
     image_shape = None
+    say = say if rank == 0 else quiet
+    say(f"sampling {n} images ({eval_cfg.sampler}, cfg {float(eval_cfg.cfg_scale):g}) in {num_batches} batch(es) "
+        f"of {bs} on {world_size} rank(s) ...")
     try:
-        for first in range(0, num_batches, world_size):
-            if stop is not None and stop():  # every rank asks at each round, so all stop together
-                raise SamplingStopped(f"sampling stopped after {first} of {num_batches} batches")
-            b = first + rank
-            images = _sample_batch(model, diffusion, autoencoder, eval_cfg, labels, b, bs, shape, seed, device) \
-                if b < num_batches else None
-            if not distributed:
-                kept += [images] if images is not None else []
-                continue
-            if image_shape is None:  # rank 0 always holds batch 0; a rank without a batch learns the shape here
-                holder = [tuple(images.shape[1:]) if rank == 0 else None]
-                dist.broadcast_object_list(holder, src=0)
-                image_shape = holder[0]
-            # Every rank sends a full batch each round (zeros where it has fewer) and rank 0 keeps the real ones.
-            padded = torch.zeros((bs, *image_shape), dtype=torch.uint8, device=comm_device)
-            if images is not None:
-                padded[: len(images)] = images.to(comm_device)
-            gathered = [torch.empty_like(padded) for _ in range(world_size)]
-            dist.all_gather(gathered, padded)
-            if rank == 0:
-                for k, tensor in enumerate(gathered):
-                    if first + k < num_batches:
-                        kept.append(tensor[: min(bs, n - (first + k) * bs)].cpu())
+        with Progress(n, "sampling", "samples", say) as progress:
+            for first in range(0, num_batches, world_size):
+                if stop is not None and stop():  # every rank asks at each round, so all stop together
+                    raise SamplingStopped(f"sampling stopped after {first} of {num_batches} batches")
+                b = first + rank
+                images = _sample_batch(model, diffusion, autoencoder, eval_cfg, labels, b, bs, shape, seed, device) \
+                    if b < num_batches else None
+                if not distributed:
+                    kept += [images] if images is not None else []
+                else:
+                    if image_shape is None:  # rank 0 always holds batch 0; a rank without one learns the shape here
+                        holder = [tuple(images.shape[1:]) if rank == 0 else None]
+                        dist.broadcast_object_list(holder, src=0)
+                        image_shape = holder[0]
+                    # Every rank sends a full batch each round (zeros where it has fewer); rank 0 keeps the real ones.
+                    padded = torch.zeros((bs, *image_shape), dtype=torch.uint8, device=comm_device)
+                    if images is not None:
+                        padded[: len(images)] = images.to(comm_device)
+                    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+                    dist.all_gather(gathered, padded)
+                    if rank == 0:
+                        for k, tensor in enumerate(gathered):
+                            if first + k < num_batches:
+                                kept.append(tensor[: min(bs, n - (first + k) * bs)].cpu())
+                progress.update(min(n, (first + world_size) * bs))  # this round's batches, on every rank together
     finally:
         model.train(was_training)
     if distributed and rank != 0:

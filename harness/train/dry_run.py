@@ -13,6 +13,7 @@ from harness.config.checks import validate
 from harness.errors import require
 from harness.flops import count_flops, training_compute_flops
 from harness.model import count_params
+from harness.progress import Say, quiet
 from harness.train.runtime import autocast_forward, fast_path_settings
 from harness.train.step import build_training, step_draws, step_generator, train_step
 
@@ -44,14 +45,15 @@ def estimate_training_memory(params: int, depth: int, tokens: int, hidden: int, 
             "total_gb": (state + activations) / 2**30}
 
 
-def dry_run(overrides: list[str], take_step: bool = True) -> dict:
+def dry_run(overrides: list[str], take_step: bool = True, say: Say = quiet) -> dict:
     """Resolve a config, count what it costs, and prove it builds and trains with one real CPU step (the train
-    app's `train_step`, EMA included, at batch 2)."""
+    app's `train_step`, EMA included, at batch 2). `say` gets a line as each long phase starts (the CLI: stderr);
+    composing and checking the config (a second or two) says nothing, so bad input stays one line."""
     cfg = compose(with_paper_setting(overrides))
     validate(cfg)
     geometry = latent_geometry(cfg)
     tc, mc = cfg.trainer, cfg.model
-    flops = count_flops(mc, geometry)
+    flops = count_flops(mc, geometry, say=say)
     tokens = geometry.tokens(mc.patch_size)
     require(tc.global_batch_size % tc.gpus == 0,
             f"trainer.global_batch_size={tc.global_batch_size} is not divisible by trainer.gpus={tc.gpus}")
@@ -69,6 +71,7 @@ def dry_run(overrides: list[str], take_step: bool = True) -> dict:
         "batch_per_gpu": batch_per_gpu, "precision": gpu_precision,
     }
     if take_step:
+        say(f"building {mc.name} ({flops['params'] / 1e6:.1f}M params), its EMA and optimizer on the CPU ...")
         start, cpu = time.time(), torch.device("cpu")
         model, ema, opt, diffusion = build_training(cfg, cpu)
         require(count_params(model) == flops["params"], "parameter count of the built model disagrees with the Gflops cache")
@@ -78,6 +81,7 @@ def dry_run(overrides: list[str], take_step: bool = True) -> dict:
                                     diffusion.num_timesteps, float(mc.class_dropout_prob), cpu)
         x = torch.randn(noise.shape, generator=gen)
         y = torch.randint(0, geometry.num_classes, (2,), generator=gen)
+        say("one real training step on the CPU at batch 2 (forward, backward, AdamW, EMA) ...")
         loss = train_step(forward, diffusion, model, ema, opt, x, y, t, noise, drop, tc)["loss"].mean().item()
         require(math.isfinite(loss), f"the dry-run step of {mc.name} gave a non-finite loss")
         report["step"] = {"loss": loss, "seconds": time.time() - start, "batch": 2, "device": "cpu"}
