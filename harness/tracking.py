@@ -93,10 +93,13 @@ class Tracker:
             with open(self.run_dir.log_file, "a") as log:
                 log.write("".join(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {line}\n" for line in text.splitlines()))
 
-    def finish(self) -> None:
+    def close_bar(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+    def finish(self) -> None:
+        self.close_bar()
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None

@@ -217,7 +217,7 @@ def test_a_run_whose_config_changed_is_refused(tmp_path):
     spec = grid("demo", [*TINY_GRID, f"hydra.sweep.dir={tmp_path}"])[0]
     spec.run_dir.mkdir(parents=True)
     (spec.run_dir / "config.yaml").write_text(to_yaml(plan.task_config(spec.cfg)).replace("lr: 0.001", "lr: 0.002"))
-    with pytest.raises(HarnessError, match=r"different config.*\n.*trainer.lr: 0.002 -> 0.001"):
+    with pytest.raises(HarnessError, match=r"holds a run of sweep 'demo' with a different config \(.*: trainer.lr: 0.002 -> 0.001\); set"):
         launch.launch_sweep("demo", [*TINY_GRID, f"hydra.sweep.dir={tmp_path}"])
     text = plan.format_plan(launch.plan_sweep("demo", [*TINY_GRID, f"hydra.sweep.dir={tmp_path}"]))
     assert f"{spec.run_name}: trainer.lr: 0.002 -> 0.001" in text and "not ready to launch here: 1 problem(s)" in text

@@ -36,4 +36,4 @@ def check_run_inputs(cfg: DictConfig) -> None:
     if evaluates or cfg.data.name != "latents":
         check_autoencoder_source(cfg.autoencoder)
     if evaluates:
-        check_eval_config(cfg.eval, cfg.data, int(cfg.diffusion.num_timesteps))
+        check_eval_config(cfg.eval, cfg.data)

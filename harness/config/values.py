@@ -167,7 +167,7 @@ def rule_error(dotted: str, value) -> str | None:
 
 def check_eval_values(ev: DictConfig, num_timesteps: int) -> None:
     """The `eval` values that need no files (sample counts, labels, guidance, sampler); the extractor and its
-    weights are checked by `harness.evaluate.check_eval_config`, which calls this too."""
+    weights are checked by `harness.evaluate.fid.check_eval_config`."""
     check_values(ev, "eval", skip=("every",))
     # torch (via harness.diffusion) only here: reading a config (status, report) must not import it.
     from harness.diffusion import parse_sampler

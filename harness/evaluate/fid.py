@@ -29,7 +29,7 @@ import torch_fidelity
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
-from harness.config import check_eval_values, resolve_device, slug
+from harness.config import resolve_device, slug
 from harness.data import real_images_uint8
 # Importing harness.digits_cnn also registers DIGITS_CNN with torch-fidelity, which `_metrics` names.
 from harness.digits_cnn import DIGITS_CNN, DIGITS_LAYER, DIGITS_WEIGHTS, load_digits_cnn
@@ -234,9 +234,10 @@ def _check_images(images: torch.Tensor, data_cfg: DictConfig, extractor: Extract
             f"{channels}x{size}x{size}")
 
 
-def check_eval_config(eval_cfg: DictConfig, data_cfg: DictConfig, num_timesteps: int = 1000) -> Extractor:
-    """Everything about `eval` that can fail, checked before minutes of sampling; returns the extractor."""
-    check_eval_values(eval_cfg, num_timesteps)
+def check_eval_config(eval_cfg: DictConfig, data_cfg: DictConfig) -> Extractor:
+    """What about `eval` can fail beyond its values (`harness.config.checks.validate` checks those): the sample count
+    the extractor handles, the extractor's weights, the cache dir and a reference file, checked before minutes of
+    sampling; returns the extractor."""
     n = int(eval_cfg.num_samples)
     require(n <= MAX_SAMPLES, f"eval.num_samples={n} is more than the feature extractors handle here (at most {MAX_SAMPLES})")
     if eval_cfg.prc:

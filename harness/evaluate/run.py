@@ -79,7 +79,7 @@ def evaluate_model(model: nn.Module, cfg: DictConfig, step: int, run_dir: str | 
     start = time.perf_counter()
     rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     device = dist.device if dist is not None else resolve_device(cfg.trainer.get("device"), "trainer.device")
-    check_eval_config(cfg.eval, cfg.data, int(cfg.diffusion.num_timesteps))  # fail before sampling, not after
+    check_eval_config(cfg.eval, cfg.data)  # fail before sampling, not after
     geometry = latent_geometry(cfg)
     images = generate_samples(forward or inference_forward(model, cfg, device), cfg.diffusion, run_autoencoder(cfg, device),
                               cfg.eval, geometry, device, rank=rank, world_size=world_size, stop=stop, say=say)
@@ -156,7 +156,7 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, overrides: list[str] | tuple[st
     cfg, info = checkpoint_config(ckpt, overrides)
     path = info["path"]
     validate(cfg)
-    check_eval_config(cfg.eval, cfg.data, int(cfg.diffusion.num_timesteps))  # before loading weights that may take minutes to sample from
+    check_eval_config(cfg.eval, cfg.data)  # before loading weights that may take minutes to sample from
     step = int(step if step is not None else info["step"] or 0)
     run_dir = Path(run_dir or info["run_dir"] or Path("runs") / f"eval-{slug(path.stem)}")
     dist = setup_distributed(str(cfg.trainer.get("device", "auto")))

@@ -68,7 +68,6 @@ def generate_samples(model: nn.Module, diffusion_cfg: DictConfig, autoencoder: A
     """
     device = torch.device(device)
     n, bs, seed = int(eval_cfg.num_samples), int(eval_cfg.batch_size), int(eval_cfg.seed)
-    require(n >= 1 and bs >= 1, f"eval.num_samples and eval.batch_size must be positive, got {n} and {bs}")
     labels = eval_labels(n, geometry.num_classes, str(eval_cfg.labels), seed)
     diffusion = create_diffusion(diffusion_cfg)
     num_batches = math.ceil(n / bs)

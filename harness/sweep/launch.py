@@ -30,8 +30,8 @@ def check_multirun(overrides: list[str]) -> None:
         # Without launcher=slurm|local, Hydra's basic launcher runs the points one after another in this process.
         ours = "harness_launcher" in str(base.hydra.launcher.get("_target_", ""))
         plan.check_grid("train -m", specs, schedulers.executor_kind(base) if ours else None)
+        plan.check_sweep_dir("train", specs)
         if ours:
-            plan.check_sweep_dir("train", specs)
             plan.hand_to_launcher(specs)
 
 

@@ -23,12 +23,12 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from harness.config import CONF_DIR, composition_error, latent_geometry
+from harness.config import CONF_DIR, composition_error, latent_geometry, resolve_device
 from harness.config.checks import check_run_inputs, validate
 from harness.diffusion import parse_sampler, space_timesteps
 from harness.errors import HarnessError, first_line, require
 from harness.flops import count_flops, is_paper_setting, paper_gflops, training_compute_flops
-from harness.io import atomic_write_text, read_jsonl, text_table
+from harness.io import atomic_write_text, check_output_path, read_jsonl, text_table
 from harness.run_dir import RunDir
 from harness.sweep import schedulers
 from harness.sweep.status import SWEEP_RECORD, newest_checkpoint_step, read_sweep_record
@@ -162,6 +162,8 @@ def check_grid(name: str, specs: list[RunSpec], executor: str | None, inputs: bo
             continue
         try:
             validate(spec.cfg)
+            if executor != "slurm":  # the runs use this machine: a device it lacks is refused here
+                resolve_device(spec.cfg.trainer.device, "trainer.device")
             if executor is not None:
                 layout = schedulers.job_layout(spec.cfg, executor)
                 batch = int(spec.cfg.trainer.global_batch_size)
@@ -213,10 +215,12 @@ def input_problems(specs: list[RunSpec]) -> list[str]:
 
 
 def check_sweep_dir(name: str, specs: list[RunSpec]) -> None:
-    """Refuse a sweep dir that holds another sweep, or runs whose config changed (unless on_config_change allows)."""
+    """Refuse a sweep dir that cannot be written, holds another sweep, or holds runs whose config changed (unless
+    on_config_change allows)."""
     if not specs:
         return
     sweep_dir = specs[0].sweep_dir
+    check_output_path(sweep_dir, "hydra.sweep.dir", kind="dir")
     record = read_sweep_record(sweep_dir)
     if record is not None:
         old = record.get("name")
@@ -225,9 +229,12 @@ def check_sweep_dir(name: str, specs: list[RunSpec]) -> None:
     changed = [f"{spec.run_name}: {difference}" for spec in specs
                if (difference := RunDir(spec.run_dir).difference(spec.cfg))]
     policy = str(specs[0].cfg.on_config_change)
+    advice = "set on_config_change=resume to continue {} or on_config_change=overwrite to start over"
+    if len(changed) == 1 and policy == "refuse":
+        raise HarnessError(f"{sweep_dir} holds a run of sweep {name!r} with a different config ({changed[0]}); "
+                           + advice.format("it"))
     if changed and policy == "refuse":
-        raise HarnessError(f"{sweep_dir} holds runs of sweep {name!r} with a different config; set "
-                           "on_config_change=resume to continue them or on_config_change=overwrite to start over:\n"
+        raise HarnessError(f"{sweep_dir} holds runs of sweep {name!r} with a different config; {advice.format('them')}:\n"
                            + "\n".join(f"  - {c}" for c in changed))
 
 

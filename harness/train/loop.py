@@ -172,6 +172,7 @@ class Trainer:
                 if self.eval_every and step % self.eval_every == 0 and step < max_steps:
                     with window.paused():  # sampling time is not training time
                         self.evaluate(step)
+            self.tracker.close_bar()  # training is over: the final evaluation has its own progress
             if self.eval_every is not None:
                 self.evaluate(step)
             if dist.is_main:
@@ -242,7 +243,8 @@ class Trainer:
         self.preemption.sampling = True
         try:
             row = evaluate_model(self.ema, self.cfg, step, self.run_dir, dist=self.dist, flops=self.flops,
-                                 params=self.params, log_fn=self.tracker.log_result, forward=self.sample_forward,
+                                 params=self.params, log_fn=self.tracker.log_result, say=self.tracker.print,
+                                 forward=self.sample_forward,
                                  stop=lambda: self.dist.any_rank(self.preemption.raised))
         except SamplingStopped:  # preempted while sampling: the resumed run samples this step again
             self.stop_if_preempted(step)
