@@ -135,7 +135,7 @@ def build_autoencoder(ae_cfg: DictConfig, data_cfg: DictConfig, device: str | to
 
 def hub_offline() -> bool:
     """Whether the Hugging Face hub must not be contacted (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE set)."""
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # the hub and diffusers: only the SD-VAE needs them (seconds to import)
 
     flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
     return bool(constants.HF_HUB_OFFLINE) or any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
@@ -163,7 +163,7 @@ def check_autoencoder_source(ae_cfg: DictConfig) -> None:
     if local is not None:
         require((local / "config.json").is_file(), f"autoencoder.path={path!r} has no config.json; {VAE_HINT}")
     elif hub_offline():
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache  # see hub_offline
 
         require(isinstance(try_to_load_from_cache(path, "config.json"), str),
                 f"autoencoder.path={path!r} is not in the hub cache and the hub is offline (HF_HUB_OFFLINE); {VAE_HINT}")
@@ -171,7 +171,7 @@ def check_autoencoder_source(ae_cfg: DictConfig) -> None:
 
 def load_vae(path: str) -> torch.nn.Module:
     """`AutoencoderKL.from_pretrained(path)` from a local directory, the hub cache, or (online) the hub."""
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # see hub_offline
     from diffusers.utils import is_accelerate_available
 
     local = local_vae_dir(path)

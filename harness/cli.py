@@ -12,6 +12,8 @@ import warnings
 from pathlib import Path
 
 from harness.errors import HarnessError, require
+from harness.io import check_output_path
+from harness.progress import to_stderr
 
 # Each subcommand imports the modules it runs when it runs: `harness status` and `harness report` then start
 # without importing torch, Hydra's launchers and torch-fidelity (seconds on a busy login node).
@@ -30,7 +32,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _dry_run(args: argparse.Namespace) -> int:
-    from harness.progress import to_stderr
     from harness.train.dry_run import dry_run, format_dry_run
 
     print(format_dry_run(dry_run(args.overrides, take_step=not args.no_step, say=to_stderr)))  # phases on stderr
@@ -39,7 +40,6 @@ def _dry_run(args: argparse.Namespace) -> int:
 
 def _flops(args: argparse.Namespace) -> int:
     from harness.flops import flops_table, format_table
-    from harness.progress import to_stderr
 
     models, overrides = _names_and_overrides(args.models, args.overrides)
     rows = flops_table(models or None, overrides, conditioning_ablation=args.ablation, say=to_stderr)  # per config
@@ -67,7 +67,6 @@ EVAL_ARGS = ("ckpt", "out", "step")  # `harness eval` arguments that are not con
 
 def _eval(args: argparse.Namespace) -> int:
     from harness.evaluate.run import evaluate_checkpoint
-    from harness.io import check_output_path
 
     named, overrides = {}, []
     for item in args.overrides:
@@ -93,7 +92,6 @@ def _eval(args: argparse.Namespace) -> int:
 def _train_digits_cnn(args: argparse.Namespace) -> int:
     from harness.config import compose, latent_geometry
     from harness.digits_cnn import train_digits_extractor
-    from harness.io import check_output_path
 
     out = check_output_path(args.out, "--out")
     cfg = compose(args.overrides)

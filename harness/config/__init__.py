@@ -119,7 +119,7 @@ def resolve_device(spec, key: str):
     """The torch.device a setting (`key`) names. `auto`: this process's GPU when CUDA is visible, else the CPU;
     `cuda`: this process's GPU (cuda:LOCAL_RANK, as torchrun and SLURM number a node's processes); `cuda:N`,
     `cpu`: as named. Naming CUDA where none is visible is an error, not a silent fall back to the CPU."""
-    import torch
+    import torch  # heavy: reading a config (status, report) must not import it, resolving a device needs it
 
     spec = "auto" if spec is None else str(spec)
     require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", spec) is not None, f"{key}={spec!r} is not one of auto, cpu, cuda, cuda:N")

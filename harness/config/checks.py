@@ -13,9 +13,10 @@ from harness.evaluate.fid import check_eval_config
 from harness.model import check_model_config
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig, evaluates: bool = False) -> None:
     """Check every value that would otherwise fail deep inside a job; raise one HarnessError line. The schema
-    has checked the keys and their types at composition; this checks ranges, choices and what keys imply together."""
+    has checked the keys and their types at composition; this checks ranges, choices and what keys imply together.
+    The `eval` values count when the run evaluates (eval.every set) or `evaluates` (`harness eval`)."""
     check_autoencoder_config(cfg.autoencoder, cfg.data)  # first: a VAE on the wrong images also breaks the geometry
     for section in ("data", "autoencoder", "model"):
         check_values(cfg[section], section)
@@ -23,7 +24,7 @@ def validate(cfg: DictConfig) -> None:
     check_values(cfg.trainer, "trainer")
     check_values(cfg, "")
     check_values(cfg.diffusion, "diffusion")
-    if cfg.eval.every is not None:
+    if evaluates or cfg.eval.every is not None:
         check_eval_values(cfg.eval, cfg.diffusion.num_timesteps)
 
 

@@ -155,7 +155,7 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, overrides: list[str] | tuple[st
     """
     cfg, info = checkpoint_config(ckpt, overrides)
     path = info["path"]
-    validate(cfg)
+    validate(cfg, evaluates=True)
     check_eval_config(cfg.eval, cfg.data)  # before loading weights that may take minutes to sample from
     step = int(step if step is not None else info["step"] or 0)
     run_dir = Path(run_dir or info["run_dir"] or Path("runs") / f"eval-{slug(path.stem)}")
