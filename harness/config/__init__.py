@@ -1,9 +1,9 @@
-"""Composing and checking configs.
+"""Composing configs: Hydra-style overrides into a resolved config, and what a config implies.
 
-One place turns Hydra-style overrides into a resolved config (`compose`), derives the DiT's input
-geometry from the data and autoencoder groups (`latent_geometry`), and checks a config before
-anything is built, submitted or written (`harness.config.checks`). The CLI, the train app, sweeps, notebooks
-and tests all go through these functions.
+One place turns overrides into a resolved config against the schema (`compose`, `schema.py`), derives the
+DiT's input geometry from the data and autoencoder groups (`latent_geometry`) and the device a setting names
+(`resolve_device`). The allowed values live in `values.py`, the checks of a whole config in `checks.py`. The
+CLI, the train app, sweeps, notebooks and tests all go through these functions.
 """
 
 from __future__ import annotations
