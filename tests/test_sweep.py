@@ -530,3 +530,12 @@ def test_status_reads_a_run_without_a_state_file_and_picks_the_fid_as_the_report
     assert "130/400" in status.format_status([row])
     row_without_config = {**row, "max_steps": None}
     assert "130/?" in status.format_status([row_without_config])
+
+
+def test_seed_is_a_sweep_axis_with_a_run_dir_per_replica(tmp_path):
+    specs = grid("demo", ["model=mini-S/8", "seed=0,1,2", f"hydra.sweep.dir={tmp_path}"])
+    assert [spec.run_dir.name for spec in specs] == [
+        "digits-mini-S-8-adaln_zero", "digits-mini-S-8-adaln_zero-seed1", "digits-mini-S-8-adaln_zero-seed2"]
+    assert [int(spec.cfg.seed) for spec in specs] == [0, 1, 2] and {int(s.cfg.eval.seed) for s in specs} == {0}
+    with plan.hydra_context():
+        plan.check_grid("demo", specs, "local", inputs=False)  # no two replicas share a run dir

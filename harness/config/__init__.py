@@ -36,6 +36,9 @@ if not OmegaConf.has_resolver("slug"):
 # `${default:${key},fallback}`: oc.select falls back only for a missing key, not for one set to null.
 if not OmegaConf.has_resolver("default"):
     OmegaConf.register_new_resolver("default", lambda value, fallback: fallback if value is None else value)
+# `${seed_suffix:${seed}}`: seed replicas get run dirs of their own (`-seed1`), seed 0 keeps the name it always had.
+if not OmegaConf.has_resolver("seed_suffix"):
+    OmegaConf.register_new_resolver("seed_suffix", lambda seed: "" if str(seed) == "0" else f"-seed{seed}")
 
 
 def config_groups(group: str) -> list[str]:

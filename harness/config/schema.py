@@ -157,7 +157,7 @@ class WandbLogger(LoggerConfig):
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    run_name: str = "${slug:${data.name}-${model.name}-${model.conditioning}}"
+    run_name: str = "${slug:${data.name}-${model.name}-${model.conditioning}${seed_suffix:${seed}}}"
     sweep_name: Optional[str] = None  # set by `harness sweep`; groups wandb runs
     seed: int = 0
     on_config_change: str = "refuse"  # what to do when the run dir holds a run with a different config: refuse | resume | overwrite
