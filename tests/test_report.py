@@ -194,7 +194,7 @@ def test_predict_fid_interval_covers_the_truth_and_widens_outside_the_grid():
 
 
 def test_prediction_interval_and_bootstrap_by_hand():
-    """The interval is the t-based regression prediction interval; the CIs are the bootstrap's 2.5/97.5% quantiles."""
+    """The interval is the t-based regression prediction interval; the CIs are scipy's BCa bootstrap."""
     from scipy import stats
 
     rng = np.random.default_rng(3)
@@ -208,9 +208,12 @@ def test_prediction_interval_and_bootstrap_by_hand():
     half = stats.t.ppf(0.975, n - 2) * s * np.sqrt(1 + 1 / n + (x0 - x.mean()) ** 2 / ((x - x.mean()) ** 2).sum())
     y0 = fit.intercept + fit.slope * x0
     assert predict_fid(fit, 200.0) == pytest.approx((10**y0, 10 ** (y0 - half), 10 ** (y0 + half)), rel=1e-9)
-    idx = np.random.default_rng(4).integers(0, n, size=(500, n))
-    slopes = [np.polyfit(x[i], y[i], 1)[0] for i in idx if np.ptp(x[i]) > 0]
-    assert fit.slope_ci == pytest.approx(tuple(np.quantile(slopes, [0.025, 0.975])), rel=1e-6)
+    # The slope's CI is scipy's BCa bootstrap of np.polyfit's slope over the same seeded pair resamples.
+    boot = stats.bootstrap((x, y), lambda a, b: np.polyfit(a, b, 1)[0], n_resamples=500, paired=True,
+                           vectorized=False, method="BCa", rng=np.random.default_rng(4))
+    ci = boot.confidence_interval
+    assert fit.slope_ci == pytest.approx((ci.low, ci.high), rel=1e-6)
+    assert fit.interval.startswith("95% BCa bootstrap") and fit.boot_dropped == 0
 
 
 def test_default_step_is_the_last_every_finished_run_reached():
