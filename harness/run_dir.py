@@ -100,8 +100,16 @@ class ResultRow:
     precision: float | None = None
     recall: float | None = None
     fid_floor: float | None = None
+    # The validation loss (harness.evaluate.val_loss): absent without a held-out split or with eval.val_timesteps=0.
+    val_loss: float | None = None
+    val_loss_se: float | None = None
+    val_vb_bpd: float | None = None
+    val_vb_bpd_se: float | None = None
+    val_images: int | None = None
+    val_timesteps: int | None = None
 
-    OPTIONAL = ("isc", "precision", "recall", "fid_floor")
+    OPTIONAL = ("isc", "precision", "recall", "fid_floor", "val_loss", "val_loss_se", "val_vb_bpd", "val_vb_bpd_se",
+                "val_images", "val_timesteps")
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if not (k in self.OPTIONAL and v is None)}

@@ -138,7 +138,8 @@ def resolve_device(spec, key: str):
 # Keys added to the configs after runs may have been saved, each with the value that trains as those runs did:
 # a stored config (a run's config.yaml, a checkpoint's) is read with them filled in, so an older run still
 # resumes, plans and evaluates instead of differing from today's config by a key it never had.
-KEYS_ADDED_LATER = {"trainer.compile_tuning": False, "trainer.residual_precision": "fp32"}
+KEYS_ADDED_LATER = {"trainer.compile_tuning": False, "trainer.residual_precision": "fp32", "eval.val_timesteps": 0,
+                    "eval.val_limit": None}
 _ABSENT = object()
 
 

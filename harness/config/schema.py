@@ -137,6 +137,8 @@ class EvalConfig:
     save_npz: bool = MISSING
     save_grid: bool = MISSING
     cache_dir: Optional[str] = None
+    val_timesteps: int = MISSING
+    val_limit: Optional[int] = None
 
 
 @dataclass

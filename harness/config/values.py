@@ -139,6 +139,8 @@ RULES = {
     "eval.ddim_eta": partial(number, allowed=">= 0", test=lambda v: v >= 0),
     "eval.precision": partial(one_of, allowed=PRECISIONS),
     "eval.max_forward_batch": _forward_batch,
+    "eval.val_timesteps": partial(integer, low=0),
+    "eval.val_limit": partial(integer, low=2, optional=True),
 }
 
 

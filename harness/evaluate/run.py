@@ -1,7 +1,8 @@
 """Evaluating a run: its in-memory EMA model during training, or a checkpoint file; one results row each.
 
-An evaluation samples (`harness.evaluate.sampling`), takes the FID (`harness.evaluate.fid`) and appends a
-`harness.run_dir.ResultRow` to the run dir: the run's config, its compute so far and the evaluation's numbers.
+An evaluation scores the held-out split (`harness.evaluate.val_loss`), samples (`harness.evaluate.sampling`), takes
+the FID (`harness.evaluate.fid`) and appends a `harness.run_dir.ResultRow` to the run dir: the run's config, its
+compute so far and the evaluation's numbers.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from harness.config.checks import validate
 from harness.errors import HarnessError, require
 from harness.evaluate.fid import check_eval_config, compute_fid, reference_floor
 from harness.evaluate.sampling import generate_samples, save_grid, save_npz
+from harness.evaluate.val_loss import validation_loss
 from harness.flops import count_flops, training_compute_flops
 from harness.model import build_model, count_params, load_weights
 from harness.progress import Say, to_stderr
@@ -42,8 +44,9 @@ def evaluated_before(run_dir: str | os.PathLike, step: int, eval_cfg: DictConfig
 
 
 def result_row(cfg: DictConfig, step: int, run_dir: str | os.PathLike, fid: dict, params: int, gflops: float,
-               eval_wall_s: float, fid_floor: float | None = None) -> ResultRow:
-    """The results row of one evaluation: the run's config, its compute so far, and the evaluation's numbers."""
+               eval_wall_s: float, fid_floor: float | None = None, val: dict | None = None) -> ResultRow:
+    """The results row of one evaluation: the run's config, its compute so far, and the evaluation's numbers
+    (`val`: harness.evaluate.val_loss.validation_loss's, None without one)."""
     m, ev, batch = cfg.model, cfg.eval, int(cfg.trainer.global_batch_size)
     return ResultRow(
         run_id=run_id(cfg, run_dir), run_dir=str(Path(run_dir).resolve()), sweep=cfg.get("sweep_name"),
@@ -57,6 +60,7 @@ def result_row(cfg: DictConfig, step: int, run_dir: str | os.PathLike, fid: dict
         cfg_channels=ev.cfg_channels, seed=int(ev.seed), dataset=cfg.data.name,
         image_size=int(cfg.data.image_size), eval_wall_s=round(eval_wall_s, 3), timestamp=time.time(),
         isc=fid.get("isc"), precision=fid.get("precision"), recall=fid.get("recall"), fid_floor=fid_floor,
+        **(val or {}),
     )
 
 
@@ -64,23 +68,26 @@ def evaluate_model(model: nn.Module, cfg: DictConfig, step: int, run_dir: str | 
                    flops: dict | None = None, params: int | None = None, cache_dir: str | os.PathLike | None = None,
                    log_fn: Callable[[dict], None] | None = None, forward: nn.Module | None = None,
                    stop: Callable[[], bool] | None = None, say: Say = to_stderr) -> dict | None:
-    """Evaluate the in-memory EMA `model` of a run at `step`: sample, FID, append the row to results.jsonl.
+    """Evaluate the in-memory EMA `model` of a run at `step`: validation loss, sample, FID, append the row to
+    results.jsonl.
 
-    Called by every rank of a job (`dist`: an object with rank, world_size, device, e.g. harness.train.Dist;
-    None: one process on `trainer.device`). All ranks sample their share; rank 0 computes FID and the
-    reference floor, saves the grid/.npz (`eval.save_grid`, `eval.save_npz`) as the run dir's sample files,
-    appends the row atomically, calls `log_fn(row)` (e.g. a wandb hook) and returns it; other ranks return None.
-    `flops`/`params` avoid recounting (harness.flops.count_flops / harness.model.count_params); `forward`,
-    `model`'s sampling forward (harness.train.inference_forward), is kept by a caller that evaluates repeatedly,
-    so its compiled graph and learned call size carry over. `stop`, asked between sampling batches on every
-    rank, ends the evaluation early with SamplingStopped (nothing written). Rank 0 says each phase through `say`
-    (sampling with its rate and ETA, then FID), e.g. a run's `Tracker.print`.
+    The validation loss (`eval.val_timesteps`; harness.evaluate.val_loss) comes first, from generators of its
+    own, so it changes no sample and no FID. Called by every rank of a job (`dist`: an object with rank,
+    world_size, device, e.g. harness.train.Dist; None: one process on `trainer.device`). All ranks sample their
+    share; rank 0 computes FID and the reference floor, saves the grid/.npz (`eval.save_grid`, `eval.save_npz`) as
+    the run dir's sample files, appends the row atomically, calls `log_fn(row)` (e.g. a wandb hook) and returns
+    it; other ranks return None. `flops`/`params` avoid recounting (harness.flops.count_flops /
+    harness.model.count_params); `forward`, `model`'s sampling forward (harness.train.inference_forward), is kept
+    by a caller that evaluates repeatedly, so its compiled graph and learned call size carry over. `stop`, asked
+    between sampling batches on every rank, ends the evaluation early with SamplingStopped (nothing written).
+    Rank 0 says each phase through `say` (sampling with its rate and ETA, then FID), e.g. a run's `Tracker.print`.
     """
     start = time.perf_counter()
     rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     device = dist.device if dist is not None else resolve_device(cfg.trainer.get("device"), "trainer.device")
     check_eval_config(cfg.eval, cfg.data)  # fail before sampling, not after
     geometry = latent_geometry(cfg)
+    val = validation_loss(model, cfg, device, dist=dist, say=say)
     images = generate_samples(forward or inference_forward(model, cfg, device), cfg.diffusion, run_autoencoder(cfg, device),
                               cfg.eval, geometry, device, rank=rank, world_size=world_size, stop=stop, say=say)
     if rank != 0:
@@ -97,7 +104,7 @@ def evaluate_model(model: nn.Module, cfg: DictConfig, step: int, run_dir: str | 
     if params is None:
         params = count_params(model)
     row = run.append_result(result_row(cfg, step, run.path, fid, params, flops["gflops"], time.perf_counter() - start,
-                                       floor))
+                                       floor, val))
     if log_fn is not None:
         log_fn(row)
     return row
