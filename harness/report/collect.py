@@ -10,6 +10,8 @@ FIDs computed in different feature spaces (the digits CNN's `fid_digits` vs Ince
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 from pathlib import Path
 from typing import Iterable, get_args, get_type_hints
@@ -17,6 +19,7 @@ from typing import Iterable, get_args, get_type_hints
 import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
+from scipy import stats
 
 from harness.errors import HarnessError, require
 from harness.flops import REFERENCE_DIR, training_compute_flops
@@ -26,10 +29,12 @@ from harness.run_dir import RESULT_COLUMNS, SAMPLES, ResultRow, RunDir, RunState
 PAPER_TABLE4 = REFERENCE_DIR / "paper_table4.csv"  # shared with harness.flops
 
 # What collect_results adds from the run dir itself.
-RUN_COLUMNS = ("config", "state", "state_step", "max_steps", "error", "run_path", "sweep_dir")
+RUN_COLUMNS = ("config", "state", "state_step", "max_steps", "error", "run_path", "sweep_dir", "train_seed", "replica_key")
+# The config.yaml keys that do not make runs different configs: seed replicas differ only in these.
+REPLICA_IGNORED_KEYS = ("seed", "run_name", "on_config_change", "logger")
 # Read as numbers: a hand-edited or foreign results row may hold anything.
 NUMERIC_COLUMNS = tuple(name for name, hint in get_type_hints(ResultRow).items()
-                        if {int, float} & {hint, *get_args(hint)}) + ("state_step", "max_steps")
+                        if {int, float} & {hint, *get_args(hint)}) + ("state_step", "max_steps", "train_seed")
 
 
 def _config_row(run: RunDir) -> dict:
@@ -49,11 +54,23 @@ def _config_row(run: RunDir) -> dict:
     }
 
 
+def _replica_info(run: RunDir) -> dict:
+    """The training seed (config.yaml `seed`; the results row's `seed` is the evaluation's) and a key shared by runs
+    whose configs differ only in REPLICA_IGNORED_KEYS; without a readable config the run dir is its own key."""
+    try:
+        cfg = OmegaConf.to_container(read_yaml(run.config_file), resolve=False)
+    except Exception:  # no config, or one we cannot parse: the run is a replica of nothing
+        return {"train_seed": None, "replica_key": str(run)}
+    rest = {k: v for k, v in cfg.items() if k not in REPLICA_IGNORED_KEYS}
+    key = hashlib.sha1(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return {"train_seed": cfg.get("seed"), "replica_key": key}
+
+
 def _run_rows(run: RunDir, sweep_dir: Path) -> list[dict]:
     state = run.read_state() or RunState(state=None, step=None, max_steps=None)
     info = {
         "state": str(state.state or "unknown"), "state_step": state.step, "max_steps": state.max_steps,
-        "error": state.error, "run_path": str(run), "sweep_dir": str(sweep_dir),
+        "error": state.error, "run_path": str(run), "sweep_dir": str(sweep_dir), **_replica_info(run),
     }
     rows = run.results() or [_config_row(run)]
     return [{**row, **info} for row in rows]
@@ -248,6 +265,51 @@ def run_table(df: pd.DataFrame, step: int) -> pd.DataFrame:
             "fid_last": last["fid"] if last is not None else np.nan,
             "train_compute_flops": last["train_compute_flops"] if last is not None else np.nan,
         })
+    return pd.DataFrame(rows)
+
+
+REPLICA_STATS = ("fid", "val_loss")
+
+
+def aggregate_replicas(df: pd.DataFrame, exclude_steps: Iterable[int] = (), level: float = 0.95) -> pd.DataFrame:
+    """Seed replicas (runs sharing a `replica_key`) as one row per replica group and step.
+
+    Columns: `config` (the group's label: its runs' labels joined), `replica_key`, `step`, `gflops`,
+    `train_compute_flops`, `n_replicas`, `train_seeds`, and per quantity q in REPLICA_STATS present in `df`:
+    `q_mean`, `q_std` (ddof 1), `q_lo`, `q_hi` (the `level` Student t interval of the mean over replicas,
+    scipy.stats.t with n - 1 dof). With one replica the spread is unknown: std and interval are NaN, and
+    `fid_interval_source` says "one replica: unknown" (else "t over N replicas"). HarnessError if a replica misses
+    an evaluation step that another replica of its group has, unless the step is in `exclude_steps`.
+    """
+    ev = evaluated(df)
+    ev = ev[~ev["step"].isin([int(s) for s in exclude_steps])]
+    require(len(ev) > 0, "aggregate_replicas: no evaluated rows (after the excluded steps)")
+    quantities = [q for q in REPLICA_STATS if q in ev and ev[q].notna().any()]
+    rows = []
+    for key, group in ev.groupby("replica_key", sort=False):
+        steps = {run: set(g["step"]) for run, g in group.groupby("config")}
+        every = set.union(*steps.values())
+        for run, have in steps.items():
+            missing = sorted(every - have)
+            require(not missing, f"aggregate_replicas: replica {run} has no evaluation at step(s) "
+                                 f"{_steps_text(missing)}, which other replicas of its config have; finish it, drop it, "
+                                 "or exclude those steps (exclude_steps)")
+        label = " + ".join(sorted(steps))
+        for step, at in group.groupby("step"):
+            n = len(at)
+            row = {"config": label, "replica_key": key, "step": int(step), "gflops": at["gflops"].iloc[0],
+                   "train_compute_flops": at["train_compute_flops"].iloc[0], "n_replicas": n,
+                   "train_seeds": ", ".join(str(int(s)) if pd.notna(s) else "?" for s in at["train_seed"])}
+            for q in quantities:
+                values = at[q].dropna().to_numpy(dtype=float)
+                k = len(values)
+                mean = float(values.mean()) if k else np.nan
+                std = float(values.std(ddof=1)) if k > 1 else np.nan
+                half = float(stats.t.ppf((1 + level) / 2, k - 1) * std / np.sqrt(k)) if k > 1 else np.nan
+                row.update({f"{q}_mean": mean, f"{q}_std": std, f"{q}_n": k, f"{q}_lo": mean - half, f"{q}_hi": mean + half})
+            row["fid_interval_source"] = (f"t over {n} replicas" if n > 1
+                                          else "one replica: unknown (the FID's own uncertainty is not estimated)")
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
