@@ -90,7 +90,7 @@ def _config_labels(df: pd.DataFrame) -> pd.Series:
         dup = label.duplicated(keep=False)
         if not dup.any():
             break
-        where = where.fillna("?").astype(str)
+        where = where.map(lambda value: "?" if pd.isna(value) else str(value))
         tells = where[dup].groupby(label[dup]).transform("nunique") > 1
         named = tells[tells].index
         label[named] = label[named] + " (" + where[named] + ")"

@@ -113,7 +113,7 @@ def _fit_table(fit: PowerLawFit) -> pd.DataFrame:
         ("R²", f"{fit.r2:.3f}"),
         ("Pearson r (log-log)", f"{fit.r:.3f}  [{fit.r_ci[0]:.3f}, {fit.r_ci[1]:.3f}]"),
         ("law", f"FID ≈ {10 ** fit.intercept:.3g} × Gflops^{fit.slope:.3f}"),
-        ("intervals", f"{pct} percentile bootstrap, {fit.n_boot} resamples of the configs, seed {fit.seed}"),
+        ("intervals", f"{pct} {fit.interval}, {fit.n_boot} resamples of the configs, seed {fit.seed}"),
     ], columns=["quantity", "value"])
 
 
@@ -225,7 +225,7 @@ def write_report(sweep_dirs, out_dir, step: int | None = None, overlay_paper: bo
     fits, fit_notes = _fits(at, names)
     tag = (lambda n: f" ({n})") if len(names) > 1 else (lambda n: "")
     summary = [f"{fit.summary()}{tag(n)} (log-log, {fit.n} configs at step {step:,}; "
-               f"{fit.level:.0%} bootstrap CI)" for n, fit in fits.items()]
+               f"{fit.level:.0%} {fit.interval} CI)" for n, fit in fits.items()]
     summary += [f"Gflops vs FID: not fitted; {note}" for note in fit_notes]
     predictions = _predictions(fits, at)
     frontier = compute_frontier(df)
