@@ -93,7 +93,7 @@ def validation_loss(model: nn.Module, cfg: DictConfig, device: torch.device, dis
             mse, vb = [], []
             for k in range(count):
                 t = grid[k].expand(len(items))
-                losses = diffusion.training_losses(model, x0.float(), t, {"y": y}, noise=noise[:, k])
+                losses = diffusion.training_losses(model, x0, t, {"y": y}, noise=noise[:, k])
                 mse.append(losses["mse"])
                 vb.append(losses["vb"])
             mse, vb = torch.stack(mse).mean(0).tolist(), torch.stack(vb).mean(0).tolist()
