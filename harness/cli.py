@@ -122,11 +122,31 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_gflops(item: str, sweep_dirs: list[str]) -> tuple[str, float]:
+    """`--predict` item -> (label, Gflops): a number of Gflops, or a model in conf/model composed with the sweep's
+    dataset (its data config) and counted by `harness.flops.count_flops`."""
+    try:
+        return f"{float(item):g} Gflops", float(item)
+    except ValueError:
+        pass
+    from harness.config import compose, config_groups, latent_geometry
+    from harness.flops import count_flops
+    from harness.report.collect import collect_results
+
+    require(item in config_groups("model"), f"--predict {item}: neither a number of Gflops nor a model in conf/model "
+                                            f"({', '.join(config_groups('model'))})")
+    datasets = sorted(collect_results(sweep_dirs)["dataset"].dropna().astype(str).unique())
+    data = [f"data={datasets[0]}"] if len(datasets) == 1 and datasets[0] in config_groups("data") else []
+    cfg = compose([f"model={item}", *data])
+    return item, float(count_flops(cfg.model, latent_geometry(cfg), say=to_stderr)["gflops"])
+
+
 def _report(args: argparse.Namespace) -> int:
     from harness.report.render import write_report
 
     paths = write_report(args.sweep_dirs, args.out, step=args.step, overlay_paper=args.overlay_paper,
-                         mix_extractors=args.mix_extractors)
+                         mix_extractors=args.mix_extractors, holdout=args.holdout,
+                         predict=[_predict_gflops(item, args.sweep_dirs) for item in args.predict or []])
     print(f"report: {paths['html']}")
     return 0
 
@@ -202,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="training step for the FID-vs-Gflops figure (default: last common)")
     p.add_argument("--overlay-paper", action="store_true", help="overlay the paper's 400K-step points")
     p.add_argument("--mix-extractors", action="store_true", help="allow FIDs of different feature extractors on one axis")
+    p.add_argument("--holdout", metavar="CONFIG", default=None,
+                   help="leave CONFIG out of the fit vs Gflops, predict it and report the error")
+    p.add_argument("--predict", nargs="+", metavar="MODEL_OR_GFLOPS",
+                   help="predict configs outside the grid: a model in conf/model (e.g. mini-B/8) or a number of Gflops")
 
     p = command("bench", _bench, "Time training, sampling, feature extraction and latent loading; MFU and memory.")
     p.add_argument("--what", nargs="+", default=["train", "sample", "features", "latents"], metavar="WHAT",

@@ -10,14 +10,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.container import ErrorbarContainer
 
 from conftest import run_harness
-from fixtures.sweep import BATCH, MAX_STEPS, SLOPE, STEPS, expected_runs, make_fixture_sweep
+from fixtures.sweep import BATCH, MAX_STEPS, SLOPE, STEPS, expected_runs, make_fixture_sweep, make_replica_sweep
 from harness.errors import HarnessError
 from harness.report import render
 from harness.report.collect import (RUN_COLUMNS, _config_labels, collect_results, default_step, last_samples,
                                     load_paper_table4, pick_step, rows_at_step)
 from harness.report.figures import plot_fid_vs_gflops, plot_fid_vs_steps, plot_sample_grid
+from harness.report.laws import predict_config, predict_held_out
 from harness.report.render import write_report, write_results_csv
 from harness.report.stats import BOOTSTRAP_RESAMPLES, compute_frontier, fit_power_law, predict_fid
 from harness.run_dir import RESULT_COLUMNS, find_run_dirs
@@ -422,3 +424,65 @@ def test_runs_of_one_model_in_one_sweep_are_named_by_their_run_dirs(sweep, tmp_p
     one = collect_results(sweep)
     fig = plot_fid_vs_gflops(one[one["config"] == "mini-S/4"], step=MAX_STEPS)
     assert fig.axes[0].get_title().endswith("(1 run)")
+
+
+# ---- held-out prediction, headline lines, replicas ---------------------------------------------------------
+
+
+def test_held_out_prediction_recovers_the_left_out_config(df):
+    (fid,) = predict_held_out(df, "mini-S/2")  # the fixture has no val_loss: FID only
+    assert fid.quantity == "FID" and fid.step == MAX_STEPS and "mini-S/2" not in fid.fit_configs
+    assert set(fid.fit_configs) == {"mini-S/4", "mini-B/4", "mini-B/2"}  # the failed mini-S/1 has no FID at 3,000
+    measured = df[(df["config"] == "mini-S/2") & (df["step"] == MAX_STEPS)]["fid"].item()
+    lo, hi = fid.interval
+    assert fid.measured == measured and lo <= measured <= hi and fid.inside
+    assert fid.error == pytest.approx(measured - fid.predicted)
+    assert fid.line().startswith("held-out mini-S/2: predicted FID") and "error" in fid.line()
+    (outside,) = predict_config(df, 0.02)
+    assert outside.measured is None and len(outside.fit_configs) == 4 and outside.interval[0] < outside.predicted
+
+
+def test_held_out_prediction_refuses_bad_input_in_one_line(df):
+    with pytest.raises(HarnessError, match=r"--holdout nope: not a config evaluated at step 3,000; configs: mini-S/4, ") as err:
+        predict_held_out(df, "nope")
+    assert "\n" not in str(err.value)
+    too_few = df[df["config"].isin(["mini-S/4", "mini-S/2", "mini-B/4"])]
+    with pytest.raises(HarnessError, match=r"2 other config\(s\) .* need at least 3 to fit") as err:
+        predict_held_out(too_few, "mini-S/2")
+    assert "\n" not in str(err.value)
+
+
+def test_cli_holdout_puts_the_headline_lines_at_the_top_of_the_report(sweep, tmp_path, capsys):
+    from harness.cli import main
+
+    assert main(["report", str(sweep), "-o", str(tmp_path / "out"), "--holdout", "mini-B/4", "--predict", "0.02"]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    top = md.split("Sweeps:")[0]  # right under the title, before everything else
+    assert re.search(r"- FID vs Gflops: r = -[01]\.\d\d \[.*\], exponent -0\.\d{3} \[.*\] \(4 configs at step 3,000; "
+                     r"95% BCa bootstrap\)", top)
+    assert "- loss vs compute: not fitted; no result row has val_loss" in top
+    assert re.search(r"- held-out mini-B/4: predicted FID [\d.]+ \[[\d.]+, [\d.]+\], measured [\d.]+ \(error [+-][\d.]+, "
+                     r"inside the 95% prediction interval\)", top)
+    assert "- config at 0.02 Gflops: predicted FID" in top
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "held-out mini-B/4: predicted FID" in html
+    fits = json.loads((tmp_path / "out" / "fits.json").read_text())
+    assert fits["held_out"][0]["config"] == "mini-B/4" and fits["held_out"][0]["inside"]
+    assert main(["report", str(sweep), "-o", str(tmp_path / "bad"), "--holdout", "mini-S/9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("harness: error: --holdout mini-S/9: not a config") and "\n" not in err
+
+
+def test_replicas_give_error_bars_an_interval_table_and_the_loss_law(tmp_path):
+    replicas = make_replica_sweep(tmp_path / "replicas")
+    df = collect_results(replicas)
+    ax = plot_fid_vs_gflops(df, step=MAX_STEPS).axes[0]
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 1 and len(bars[0].lines[2][0].get_segments()) == 2  # one bar per replicated config
+    written = write_report([replicas], tmp_path / "report")
+    md = written["md"].read_text()
+    assert "### Seed replicas" in md and "| FID mean | FID 95% interval |" in md and "| 3 | 0, 1, 2 |" in md
+    top = md.split("Sweeps:")[0]
+    assert "- val loss vs Gflops: not fitted; need at least 3 points" in top
+    assert re.search(r"- loss vs compute: L\(C\) = a C\^-b( \+ c)?, b = -?\d\.\d{3} \[.*\] \(frontier of \d+ points; ", top)
+    assert written["loss_vs_compute.png"].exists()

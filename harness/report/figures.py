@@ -19,8 +19,9 @@ from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation, LogLocator
 from PIL import Image
 
 from harness.errors import require
-from harness.report.collect import (check_extractors, check_overlay, evaluated, fid_names, last_samples,
-                                    load_paper_table4, pick_step, rows_at_step, size_order)
+from harness.report.collect import (aggregate_replicas, check_extractors, check_overlay, evaluated, fid_names,
+                                    last_samples, load_paper_table4, pick_step, rows_at_step, size_order)
+from harness.report.laws import FrontierLaw, Prediction
 from harness.report.stats import PowerLawFit, compute_frontier, fit_power_law, predict_fid
 
 PATCH_COLORS = ("#1f4e9c", "#2a9d8f", "#e9a23b", "#c44e52", "#8172b3", "#7f7f7f")
@@ -164,13 +165,16 @@ def _new_figure(width: float, height: float, ncols: int = 1):
 
 
 def plot_fid_vs_gflops(df: pd.DataFrame, step: int | None = None, overlay_paper: bool = False,
-                       mix_extractors: bool = False, show_fit: bool = True) -> Figure:
+                       mix_extractors: bool = False, show_fit: bool = True,
+                       held_out: Prediction | None = None) -> Figure:
     """FID vs transformer Gflops at one training step, log-log (paper Fig. 8).
 
     Marker per model size, colour per patch size, hollow markers for runs not finished; with
     `show_fit`, the power-law fit per FID kind and its 95% prediction band; with `overlay_paper`
     (Inception-FID sweeps only), the paper's 12 models at 400K steps and their fit. `step=None`:
-    the last step every finished run reached.
+    the last step every finished run reached. Configs with several seed replicas get an error bar (the replicas'
+    95% t interval of the mean, `aggregate_replicas`); `held_out` (an FID `Prediction` of `predict_held_out`)
+    marks the held-out config's prediction and its prediction interval.
     """
     names = check_extractors(df, mix_extractors)
     step, _ = pick_step(df, step)
@@ -189,6 +193,22 @@ def plot_fid_vs_gflops(df: pd.DataFrame, step: int | None = None, overlay_paper:
                     textcoords="offset points", ha="left" if up else "right", fontsize=8, color="0.3")
     xs, ys = list(at["gflops"]), list(at["fid"])
     extra: list = []
+    replicas = aggregate_replicas(at) if "replica_key" in at else pd.DataFrame({"n_replicas": []})
+    replicas = replicas[(replicas["n_replicas"] > 1) & replicas.get("fid_lo", pd.Series(dtype=float)).notna()]
+    if len(replicas):
+        ax.errorbar(replicas["gflops"], replicas["fid_mean"], fmt="none", ecolor="black", elinewidth=1.2, capsize=4,
+                    yerr=[replicas["fid_mean"] - replicas["fid_lo"], replicas["fid_hi"] - replicas["fid_mean"]],
+                    zorder=4)
+        extra.append(Line2D([], [], color="black", marker="|", markersize=10, ls="none",
+                            label="seed replicas: mean, 95% t interval"))
+        ys += list(replicas["fid_lo"]) + list(replicas["fid_hi"])
+    if held_out is not None:
+        lo, hi = held_out.interval
+        ax.errorbar([held_out.gflops], [held_out.predicted], yerr=[[held_out.predicted - lo], [hi - held_out.predicted]],
+                    fmt="x", color="#c44e52", markersize=9, elinewidth=2, capsize=5, zorder=5)
+        extra.append(Line2D([], [], color="#c44e52", marker="x", markersize=9,
+                            label=f"held-out {held_out.config}:\nprediction, {held_out.level:.0%} interval"))
+        ys += [lo, hi]
     if paper is not None:
         for _, row in paper.iterrows():
             _point(ax, row["gflops"], row["fid50k_400k"], {**row, "state": "done"}, style, size=7, zorder=2, alpha=0.35)
@@ -313,6 +333,42 @@ def plot_fid_vs_compute(df: pd.DataFrame, mix_extractors: bool = False, frontier
     ax.set_title("FID vs total training compute")
     _legend(ax, style.size_handles() + style.patch_handles() + style.extractor_handles()
             + ([_header("")] + extra if extra else []))
+    return fig
+
+
+def plot_loss_vs_compute(df: pd.DataFrame, law: FrontierLaw | None = None) -> Figure:
+    """Validation loss vs training compute, log-log: each config's curve (colour per patch, marker per size) and,
+    with `law` (`compute_frontier_law`), the frontier points and the fitted law L(C) = a C^-b (+ c)."""
+    pts = df.dropna(subset=["val_loss", "train_compute_flops"]) if "val_loss" in df else df.iloc[:0]
+    require(len(pts) > 0, "plot_loss_vs_compute: no row has both val_loss and train_compute_flops")
+    style = _Style.of(df)
+    fig, (ax,) = _new_figure(8.6, 5.2)
+    for _, run in pts.groupby("run_path", sort=False):
+        run = run.sort_values("step")
+        ax.plot(run["train_compute_flops"], run["val_loss"], color=style.patch_color(run.iloc[0]["patch"]), lw=1.4,
+                alpha=0.8, zorder=2)
+        for _, row in run.iterrows():
+            _point(ax, row["train_compute_flops"], row["val_loss"], row, style, size=6)
+    extra = []
+    if law is not None:
+        fit, front = law.fit, law.frontier
+        ax.plot(front["train_compute_flops"], front["val_loss"], ls="none", marker="o", markersize=13,
+                markerfacecolor="none", markeredgecolor="0.2", zorder=4)
+        c = np.geomspace(front["train_compute_flops"].min() / 1.5, pts["train_compute_flops"].max() * 1.5, 100)
+        ax.plot(c, fit.predict(c), color="black", ls="--", lw=1.4, zorder=3)
+        law_text = f"$L = {fit.a:.3g}\\,C^{{-{fit.b:.3f}}}" + (f" + {fit.c:.3g}$" if fit.model == "saturating" else "$")
+        extra = [Line2D([], [], ls="none", marker="o", markersize=11, markerfacecolor="none", markeredgecolor="0.2",
+                        label=f"compute frontier ({fit.n} points)"),
+                 Line2D([], [], color="black", ls="--", label=f"fit: {law_text}\nb = {fit.b:.3f} "
+                                                               f"[{fit.b_ci[0]:.3f}, {fit.b_ci[1]:.3f}]")]
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    _log_ticks(ax.yaxis, pts["val_loss"])
+    _log_ticks(ax.xaxis, pts["train_compute_flops"], sci=True)
+    ax.set_xlabel("Training compute (FLOPs = Gflops × 10⁹ × batch × steps × 3)")
+    ax.set_ylabel("Validation loss")
+    ax.set_title("Validation loss vs training compute")
+    _legend(ax, style.size_handles() + style.patch_handles() + ([_header("")] + extra if extra else []))
     return fig
 
 

@@ -6,6 +6,8 @@
 - `compute_frontier_law`: the lower envelope of the configs' val loss vs training compute curves, and its law.
 - `isoflop`: the best config at each compute budget, and optimal Gflops vs budget (log-log).
 - `fid_vs_loss`: FID as a function of validation loss (log-log).
+- `predict_held_out` / `predict_config`: FID (and val loss) of a config left out of the fit, or outside the grid,
+  from the log-log fit vs Gflops of the other configs at one step, with its prediction interval.
 Seed replicas (`aggregate_replicas`) live in `harness.report.collect`.
 """
 
@@ -13,14 +15,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
 from harness.errors import HarnessError, require
-from harness.report.stats import BOOTSTRAP_RESAMPLES, bca_interval, slope_and_r
+from harness.report.collect import aggregate_replicas, check_extractors, pick_step, rows_at_step
+from harness.report.stats import BOOTSTRAP_RESAMPLES, bca_interval, fit_power_law, predict_fid, slope_and_r
 
 MIN_LOGLOG_POINTS = 3  # two parameters and one degree of freedom for the residual scale
 MIN_SATURATING_POINTS = 5  # three parameters, and two residual degrees of freedom for the F-test
@@ -298,3 +301,107 @@ def fid_vs_loss(df: pd.DataFrame, n_boot: int = BOOTSTRAP_RESAMPLES, seed: int =
     _one_kind(pts, what, fid=True)
     return fit_loglog(pts["val_loss"], pts["fid"], labels=[f"{c}@{int(s)}" for c, s in zip(pts["config"], pts["step"])],
                       what=what, n_boot=n_boot, seed=seed)
+
+
+# ---- held-out prediction -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One config's `quantity` (FID or val loss) predicted from a log-log fit vs Gflops of other configs.
+
+    `measured`, `error` (measured - predicted) and `inside` (measured within the interval) are None for a config
+    outside the grid. `fit_configs` are the configs the fit used, at `step`.
+    """
+
+    quantity: str
+    config: str
+    gflops: float
+    predicted: float
+    interval: tuple[float, float]
+    level: float
+    step: int
+    fit_configs: tuple[str, ...]
+    measured: float | None = None
+    error: float | None = None
+    inside: bool | None = None
+
+    def line(self) -> str:
+        lo, hi = self.interval
+        digits = ".2f" if self.quantity == "FID" else ".4g"
+        if self.measured is not None:
+            head = f"held-out {self.config}"
+        elif self.config.endswith("Gflops"):
+            head = f"config at {self.config}"
+        else:
+            head = f"config {self.config} ({self.gflops:.4g} Gflops)"
+        text = f"{head}: predicted {self.quantity} {self.predicted:{digits}} [{lo:{digits}}, {hi:{digits}}]"
+        if self.measured is not None:
+            where = "inside" if self.inside else "OUTSIDE"
+            text += (f", measured {self.measured:{digits}} (error {self.error:+{digits}}, {where} the "
+                     f"{self.level:.0%} prediction interval)")
+        return text + f" (fit on {len(self.fit_configs)} configs at step {self.step:,})"
+
+
+QUANTITIES = {"FID": "fid", "val loss": "val_loss"}
+
+
+def config_points(df: pd.DataFrame, step: int | None = None) -> tuple[pd.DataFrame, int]:
+    """One point per config (seed replicas averaged, `aggregate_replicas`) at `step` (default: the report's), one
+    FID kind: columns config, gflops, fid_mean and, where the rows have them, val_loss_mean; and the step."""
+    check_extractors(df)
+    step, _ = pick_step(df, step)
+    return aggregate_replicas(rows_at_step(df, step)), step
+
+
+def _predict(points: pd.DataFrame, quantity: str, gflops: float, label: str, step: int,
+             held_out: pd.Series | None = None, level: float = 0.95) -> Prediction:
+    col = f"{QUANTITIES[quantity]}_mean"
+    pts = points.dropna(subset=[col]) if col in points else points.iloc[:0]
+    need = 3  # fit_power_law: two parameters and one residual degree of freedom
+    require(len(pts) >= need, f"predicting {quantity} of {label}: {len(pts)} other config(s) have a {quantity} at "
+                              f"step {step:,} ({', '.join(pts['config']) or 'none'}); need at least {need} to fit")
+    fit = fit_power_law(pts["gflops"], pts[col], n_boot=0, level=level)
+    predicted, lo, hi = predict_fid(fit, gflops)
+    prediction = Prediction(quantity=quantity, config=label, gflops=float(gflops), predicted=predicted,
+                            interval=(lo, hi), level=level, step=step, fit_configs=tuple(pts["config"]))
+    if held_out is None or not pd.notna(held_out.get(col)):
+        return prediction
+    measured = float(held_out[col])
+    return replace(prediction, measured=measured, error=measured - predicted, inside=bool(lo <= measured <= hi))
+
+
+def _member(label: str, config: str) -> bool:
+    """`config` names this point: its label, or one replica's label within it ("A + B")."""
+    return config == label or config in label.split(" + ")
+
+
+def predict_held_out(df: pd.DataFrame, config: str, step: int | None = None, level: float = 0.95) -> list[Prediction]:
+    """Fit FID (and val loss, where the rows have it) vs Gflops on every config except `config` at `step` (default:
+    the report's step), and predict `config`: its prediction interval, measured value and error.
+
+    HarnessError (one line) if `config` is not among the configs evaluated at the step (they are listed), or if
+    fewer than 3 configs are left to fit.
+    """
+    points, step = config_points(df, step)
+    match = points[[_member(label, config) for label in points["config"]]]
+    require(len(match) == 1, f"--holdout {config}: not a config evaluated at step {step:,}; configs: "
+                             f"{', '.join(points['config'])}")
+    held, rest = match.iloc[0], points.drop(index=match.index)
+    predictions = [_predict(rest, "FID", held["gflops"], held["config"], step, held, level)]
+    if pd.notna(held.get("val_loss_mean")):
+        predictions.append(_predict(rest, "val loss", held["gflops"], held["config"], step, held, level))
+    return predictions
+
+
+def predict_config(df: pd.DataFrame, gflops: float, step: int | None = None, label: str | None = None,
+                   level: float = 0.95) -> list[Prediction]:
+    """Predict FID (and val loss, where at least 3 configs have it) of a config outside the grid from its Gflops,
+    with the fit over every config at `step` (default: the report's step)."""
+    require(gflops > 0 and math.isfinite(gflops), f"predict_config: Gflops must be positive, got {gflops}")
+    points, step = config_points(df, step)
+    label = label or f"{gflops:.4g} Gflops"
+    predictions = [_predict(points, "FID", gflops, label, step, level=level)]
+    if "val_loss_mean" in points and points["val_loss_mean"].notna().sum() >= 3:
+        predictions.append(_predict(points, "val loss", gflops, label, step, level=level))
+    return predictions

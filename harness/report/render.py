@@ -19,10 +19,12 @@ from markupsafe import Markup
 from harness.errors import HarnessError, require
 from harness.io import (atomic_write_bytes, atomic_write_json, atomic_write_text, check_output_path, replace_dir,
                         staging_dir)
-from harness.report.collect import (check_extractors, check_overlay, collect_results, evaluated, fid_description,
-                                    last_samples, load_paper_table4, pick_step, rows_at_step, run_table)
+from harness.report.collect import (aggregate_replicas, check_extractors, check_overlay, collect_results, evaluated,
+                                    fid_description, last_samples, load_paper_table4, pick_step, rows_at_step,
+                                    run_table)
 from harness.report.figures import (figure_bytes, plot_fid_vs_compute, plot_fid_vs_gflops, plot_fid_vs_steps,
-                                    plot_sample_grid)
+                                    plot_loss_vs_compute, plot_sample_grid)
+from harness.report.laws import FrontierLaw, compute_frontier_law, fit_loglog, predict_config, predict_held_out
 from harness.report.stats import (PREDICTION_INTERVAL, PowerLawFit, compute_frontier, fit_power_law, predict_fid,
                                   prediction_points)
 
@@ -35,6 +37,8 @@ CAPTIONS = {
     "fid_vs_steps": "FID over training for every config (paper Fig. 6 style).",
     "fid_vs_compute": "FID vs total training compute, Gflops x batch x steps x 3 (paper Fig. 9), with the compute frontier.",
     "samples": "Samples of each config at its last checkpoint.",
+    "loss_vs_compute": "Validation loss vs training compute per config, with the compute frontier and its fitted law "
+                       "(the law's interval is for its exponent b; no band is drawn).",
 }
 
 
@@ -166,6 +170,64 @@ def _predictions(fits: dict[str, PowerLawFit], at: pd.DataFrame) -> list[dict]:
     return predictions
 
 
+def _has_val_loss(df: pd.DataFrame) -> bool:
+    return "val_loss" in df and bool(df["val_loss"].notna().any())
+
+
+def _loss_lines(df: pd.DataFrame, at: pd.DataFrame, step: int) -> tuple[list[str], FrontierLaw | None]:
+    """The val loss headline lines (vs Gflops at `step`, and the compute-frontier law), and that law."""
+    if not _has_val_loss(df):
+        return ["loss vs compute: not fitted; no result row has val_loss (results written before validation loss "
+                "was recorded)"], None
+    lines = []
+    if _has_val_loss(at):
+        points = aggregate_replicas(at).dropna(subset=["val_loss_mean"])
+        try:
+            fit = fit_loglog(points["gflops"], points["val_loss_mean"], labels=points["config"], what="val loss vs Gflops")
+            lo, hi = fit.exponent_ci
+            lines.append(f"val loss vs Gflops: exponent {fit.exponent:.3f} [{lo:.3f}, {hi:.3f}], r = {fit.r:.2f} "
+                         f"({fit.n} configs at step {step:,}; 95% BCa bootstrap)")
+        except HarnessError as err:
+            lines.append(f"val loss vs Gflops: not fitted; {str(err).removeprefix('val loss vs Gflops: ')}")
+    try:
+        law = compute_frontier_law(df)
+    except HarnessError as err:
+        return lines + [f"loss vs compute: not fitted; {err}"], None
+    fit = law.fit
+    c_text = (f"c = {fit.c:.4g} kept by an F-test (p = {fit.f_pvalue:.3g})" if fit.model == "saturating"
+              else f"c = 0: the F-test did not support a floor (p = {fit.f_pvalue:.3g})")
+    lines.append(f"loss vs compute: L(C) = a C^-b{' + c' if fit.model == 'saturating' else ''}, b = {fit.b:.3f} "
+                 f"[{fit.b_ci[0]:.3f}, {fit.b_ci[1]:.3f}] (frontier of {fit.n} points; {c_text})")
+    return lines, law
+
+
+def _headline(fits: dict[str, PowerLawFit], fit_notes: list[str], step: int, tagged: bool, replicas: bool) -> list[str]:
+    points = "runs (seed replicas as separate points)" if replicas else "configs"
+    lines = []
+    for name, fit in fits.items():
+        tag = f" ({name})" if tagged else ""
+        lines.append(f"FID vs Gflops{tag}: r = {fit.r:.2f} [{fit.r_ci[0]:.2f}, {fit.r_ci[1]:.2f}], exponent "
+                     f"{fit.slope:.3f} [{fit.slope_ci[0]:.2f}, {fit.slope_ci[1]:.2f}] ({fit.n} {points} at step "
+                     f"{step:,}; {fit.level:.0%} BCa bootstrap)")
+    return lines + [f"FID vs Gflops: not fitted; {note}" for note in fit_notes]
+
+
+def _replica_display(at: pd.DataFrame) -> pd.DataFrame | None:
+    """Mean and 95% interval per config where configs have several seed replicas at the step, else None."""
+    points = aggregate_replicas(at)
+    if not (points["n_replicas"] > 1).any():
+        return None
+    rows = []
+    for r in points.itertuples(index=False):
+        row = {"config": r.config, "replicas": r.n_replicas, "train seeds": r.train_seeds, "Gflops": _fmt(r.gflops),
+               "FID mean": _fmt(r.fid_mean, "fid"), "FID 95% interval": f"[{_fmt(r.fid_lo, 'fid')}, {_fmt(r.fid_hi, 'fid')}]"}
+        if hasattr(r, "val_loss_mean"):
+            row.update({"val loss mean": _fmt(r.val_loss_mean, "g"),
+                        "val loss 95% interval": f"[{_fmt(r.val_loss_lo)}, {_fmt(r.val_loss_hi)}]"})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def _notes(df: pd.DataFrame, table: pd.DataFrame, step: int, names: list[str]) -> list[str]:
     """What a reader needs to know before trusting the picture."""
     missing = [r for r in table.itertuples(index=False) if not pd.notna(getattr(r, f"fid_at_{step}"))]
@@ -184,14 +246,17 @@ def _notes(df: pd.DataFrame, table: pd.DataFrame, step: int, names: list[str]) -
 
 
 def write_report(sweep_dirs, out_dir, step: int | None = None, overlay_paper: bool = False,
-                 mix_extractors: bool = False) -> dict[str, Path]:
+                 mix_extractors: bool = False, holdout: str | None = None,
+                 predict: list[tuple[str, float]] = ()) -> dict[str, Path]:
     """Write the sweep report under `out_dir` and return the paths written.
 
     Files: report.md, report.html (self-contained: figures embedded as base64 PNG), results.csv
     (every run x evaluated step), fits.json, and figures/<name>.png|svg for fid_vs_gflops,
     fid_vs_steps, fid_vs_compute and samples (when runs saved sample grids). Keys of the returned
     dict: "md", "html", "csv", "json", "figures" (the figures dir) and "<name>.png" / "<name>.svg".
-    `step=None` uses the last step that every finished run reached.
+    `step=None` uses the last step that every finished run reached. `holdout`: a config left out of the fit vs
+    Gflops and predicted (`predict_held_out`); `predict`: (label, Gflops) of configs outside the grid
+    (`predict_config`). report.md opens with the headline lines: the fits, the loss law and the predictions.
     """
     started = time.time()
     sweep_dirs = [sweep_dirs] if isinstance(sweep_dirs, (str, Path)) else list(sweep_dirs)
@@ -206,16 +271,22 @@ def write_report(sweep_dirs, out_dir, step: int | None = None, overlay_paper: bo
         check_overlay(df)
     step, step_note = pick_step(df, step)
     at = rows_at_step(df, step)
+    held_out = predict_held_out(df, holdout, step) if holdout else []
+    outside = [p for label, gflops in predict for p in predict_config(df, gflops, step, label=label)]
+    loss_lines, law = _loss_lines(df, at, step)
     # Written in a staging directory and swapped in whole: a kill leaves the previous report or the new one.
     out = staging_dir(final)
     paths = {key: out / name for key, name in REPORT_FILES.items()}
     write_results_csv(df, paths["csv"])
 
     figures = {
-        "fid_vs_gflops": plot_fid_vs_gflops(df, step, overlay_paper=overlay_paper, mix_extractors=mix_extractors),
+        "fid_vs_gflops": plot_fid_vs_gflops(df, step, overlay_paper=overlay_paper, mix_extractors=mix_extractors,
+                                            held_out=next((p for p in held_out if p.quantity == "FID"), None)),
         "fid_vs_steps": plot_fid_vs_steps(df, mix_extractors=mix_extractors),
         "fid_vs_compute": plot_fid_vs_compute(df, mix_extractors=mix_extractors),
     }
+    if _has_val_loss(df):
+        figures["loss_vs_compute"] = plot_loss_vs_compute(df, law)
     if last_samples(df):
         figures["samples"] = plot_sample_grid(df)
     for name, fig in figures.items():
@@ -227,6 +298,9 @@ def write_report(sweep_dirs, out_dir, step: int | None = None, overlay_paper: bo
     summary = [f"{fit.summary()}{tag(n)} (log-log, {fit.n} configs at step {step:,}; "
                f"{fit.level:.0%} {fit.interval} CI)" for n, fit in fits.items()]
     summary += [f"Gflops vs FID: not fitted; {note}" for note in fit_notes]
+    replicas = _replica_display(at)
+    headline = (_headline(fits, fit_notes, step, len(names) > 1, replicas is not None) + loss_lines
+                + [p.line() for p in held_out + outside])
     predictions = _predictions(fits, at)
     frontier = compute_frontier(df)
     table = run_table(df, step)
@@ -243,6 +317,7 @@ def write_report(sweep_dirs, out_dir, step: int | None = None, overlay_paper: bo
     context = {
         "title": TITLE, "files": REPORT_FILES, "sweeps": ", ".join(str(Path(d)) for d in sweep_dirs),
         "n_runs": df["run_path"].nunique(), "n_evaluations": len(evaluated(df)), "fid_text": fid_text,
+        "headline": headline, "replicas": replicas,
         "summary": summary, "step_note": step_note, "runs": _run_display(table, step),
         "fits": {n: _fit_table(f) for n, f in fits.items()}, "several_kinds": len(names) > 1, "fit_notes": fit_notes,
         "paper_line": paper_line, "predictions": _prediction_display(predictions, len(names) > 1) if predictions else None,
@@ -255,6 +330,8 @@ def write_report(sweep_dirs, out_dir, step: int | None = None, overlay_paper: bo
     atomic_write_text(paths["html"], render_html(context))
     atomic_write_json(paths["json"], {
         "step": step, "step_note": step_note, "fid_names": names, "fid": fid_text, "summary": summary,
+        "headline": headline, "held_out": [asdict(p) for p in held_out],
+        "predicted_configs": [asdict(p) for p in outside], "loss_law": asdict(law.fit) if law is not None else None,
         "fits": {n: asdict(f) for n, f in fits.items()}, "predictions": predictions,
         "prediction_interval": PREDICTION_INTERVAL,
         "paper_fit": asdict(paper_fit) if paper_fit is not None else None,
