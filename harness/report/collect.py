@@ -81,7 +81,7 @@ def _config_labels(df: pd.DataFrame) -> pd.Series:
     runs = df.drop_duplicates("run_path").set_index("run_path")
     base = runs["model"].fillna(pd.Series(runs.index.map(lambda p: Path(p).name), index=runs.index)).astype(str)
     if runs["conditioning"].nunique(dropna=True) > 1:
-        base = base + " " + runs["conditioning"].fillna("?").astype(str)
+        base = base + " " + runs["conditioning"].map(lambda value: "?" if pd.isna(value) else str(value))
     label = base.copy()
     # Runs of one model: name what tells them apart, the sweep, else the sweep dir, else its full path, and
     # within one sweep (seeds, a swept learning rate) the run dir.
@@ -230,7 +230,8 @@ def fid_description(df: pd.DataFrame) -> str:
     parts = []
     for name, g in ev.groupby(ev["fid_name"].fillna("unknown").astype(str)):
         samples = ", ".join(f"{int(n):,}" for n in sorted(g["num_samples"].dropna().unique())) or "?"
-        proto = ", ".join(sorted({f"{s}, cfg scale {c:g}" for s, c in zip(g["sampler"].fillna("?"), g["cfg_scale"].fillna(1.0))}))
+        samplers = g["sampler"].map(lambda value: "?" if pd.isna(value) else str(value))
+        proto = ", ".join(sorted({f"{s}, cfg scale {c:g}" for s, c in zip(samplers, g["cfg_scale"].fillna(1.0))}))
         if name == "fid_digits":
             what = ("fid_digits: the Frechet distance in the features of the harness's digits CNN, "
                     "NOT Inception FID and not comparable with the paper's ImageNet numbers")
