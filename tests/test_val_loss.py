@@ -13,20 +13,10 @@ from harness.evaluate.val_loss import validation_loss
 from harness.model import build_model, load_weights
 from harness.run_dir import RunDir
 from harness.train.loop import train
-from test_evaluate import TINY_EVAL, tiny_model
+from test_evaluate import TINY_EVAL, cfg, fid_cache, tiny_model  # noqa: F401 (cfg, fid_cache: fixtures)
 
 CPU = torch.device("cpu")
 VAL_FIELDS = {"val_loss", "val_loss_se", "val_vb_bpd", "val_vb_bpd_se", "val_images", "val_timesteps"}
-
-
-@pytest.fixture(scope="module")
-def fid_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("fid_cache")
-
-
-@pytest.fixture(scope="module")
-def cfg():
-    return compose(TINY_EVAL)
 
 
 def test_the_same_weights_give_the_same_value_bitwise_and_leave_the_global_rng_alone(cfg):
