@@ -109,7 +109,6 @@ def _display(table: pd.DataFrame, kinds: dict[str, str], names: dict[str, str]) 
 
 
 def _fit_table(fit: PowerLawFit) -> pd.DataFrame:
-    pct = f"{fit.level:.0%}"
     return pd.DataFrame([
         ("configs in the fit", f"{fit.n}"),
         ("slope (log10 FID per log10 Gflops)", f"{fit.slope:.3f}  [{fit.slope_ci[0]:.3f}, {fit.slope_ci[1]:.3f}]"),
@@ -117,7 +116,7 @@ def _fit_table(fit: PowerLawFit) -> pd.DataFrame:
         ("R²", f"{fit.r2:.3f}"),
         ("Pearson r (log-log)", f"{fit.r:.3f}  [{fit.r_ci[0]:.3f}, {fit.r_ci[1]:.3f}]"),
         ("law", f"FID ≈ {10 ** fit.intercept:.3g} × Gflops^{fit.slope:.3f}"),
-        ("intervals", f"{pct} {fit.interval}, {fit.n_boot} resamples of the configs, seed {fit.seed}"),
+        ("intervals", fit.interval),
     ], columns=["quantity", "value"])
 
 
@@ -296,7 +295,7 @@ def write_report(sweep_dirs, out_dir, step: int | None = None, overlay_paper: bo
     fits, fit_notes = _fits(at, names)
     tag = (lambda n: f" ({n})") if len(names) > 1 else (lambda n: "")
     summary = [f"{fit.summary()}{tag(n)} (log-log, {fit.n} configs at step {step:,}; "
-               f"{fit.level:.0%} {fit.interval} CI)" for n, fit in fits.items()]
+               f"{fit.interval})" for n, fit in fits.items()]
     summary += [f"Gflops vs FID: not fitted; {note}" for note in fit_notes]
     replicas = _replica_display(at)
     headline = (_headline(fits, fit_notes, step, len(names) > 1, replicas is not None) + loss_lines
