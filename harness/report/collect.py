@@ -272,6 +272,13 @@ def run_table(df: pd.DataFrame, step: int) -> pd.DataFrame:
 REPLICA_STATS = ("fid", "val_loss")
 
 
+def _replica_group_label(group: pd.DataFrame) -> str:
+    """The label of a config's replicas: their common label once each run dir's name is dropped from it (the
+    labels name run dirs only to tell replicas apart), else the labels joined."""
+    labels = {label.replace(f" ({Path(run_path).name})", "") for label, run_path in zip(group["config"], group["run_path"])}
+    return labels.pop() if len(labels) == 1 else " + ".join(sorted(set(group["config"])))
+
+
 def aggregate_replicas(df: pd.DataFrame, exclude_steps: Iterable[int] = (), level: float = 0.95) -> pd.DataFrame:
     """Seed replicas (runs sharing a `replica_key`) as one row per replica group and step.
 
@@ -295,7 +302,7 @@ def aggregate_replicas(df: pd.DataFrame, exclude_steps: Iterable[int] = (), leve
             require(not missing, f"aggregate_replicas: replica {run} has no evaluation at step(s) "
                                  f"{_steps_text(missing)}, which other replicas of its config have; finish it, drop it, "
                                  "or exclude those steps (exclude_steps)")
-        label = " + ".join(sorted(steps))
+        label = _replica_group_label(group)
         for step, at in group.groupby("step"):
             n = len(at)
             row = {"config": label, "replica_key": key, "step": int(step), "gflops": at["gflops"].iloc[0],
