@@ -23,7 +23,7 @@ from scipy import optimize, stats
 
 from harness.errors import HarnessError, require
 from harness.report.collect import aggregate_replicas, check_extractors, pick_step, rows_at_step
-from harness.report.stats import BOOTSTRAP_RESAMPLES, bca_interval, fit_power_law, predict_fid, slope_and_r
+from harness.report.stats import BOOTSTRAP_RESAMPLES, bca_interval, fit_power_law, predict_fid
 
 MIN_LOGLOG_POINTS = 3  # two parameters and one degree of freedom for the residual scale
 MIN_SATURATING_POINTS = 5  # three parameters, and two residual degrees of freedom for the F-test
@@ -67,16 +67,14 @@ def _positive_pairs(x, y, what: str, minimum: int, why: str) -> tuple[np.ndarray
 
 def fit_loglog(x, y, labels=None, what: str = "y vs x", n_boot: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
                level: float = 0.95) -> LogLogFit:
-    """The log-log least-squares fit of y on x, with BCa intervals for the exponent and r over the points."""
+    """The log-log least-squares fit of y on x, with BCa intervals for the exponent and r over the points: the fit of
+    `fit_power_law`, checked and labelled for any pair of quantities."""
     x, y = _positive_pairs(x, y, what, MIN_LOGLOG_POINTS, "two parameters and a residual")
-    lx, ly = np.log10(x), np.log10(y)
-    require(np.ptp(ly) > 0, f"{what}: every y is equal; the correlation is undefined")
-    line = stats.linregress(lx, ly)
-    boot = bca_interval((lx, ly), slope_and_r, n_boot, seed, level)
-    (exponent_ci, r_ci) = (tuple(float(v) for v in row) for row in boot.ci)
-    return LogLogFit(what=what, exponent=float(line.slope), intercept=float(line.intercept), r=float(line.rvalue),
-                     r2=float(line.rvalue) ** 2, exponent_ci=exponent_ci, r_ci=r_ci, n=len(x),
-                     points=_labels(labels, len(x)), interval=boot.note)
+    require(np.ptp(np.log10(y)) > 0, f"{what}: every y is equal; the correlation is undefined")
+    fit = fit_power_law(x, y, n_boot=n_boot, seed=seed, level=level)
+    return LogLogFit(what=what, exponent=fit.slope, intercept=fit.intercept, r=fit.r, r2=fit.r2,
+                     exponent_ci=fit.slope_ci, r_ci=fit.r_ci, n=fit.n, points=_labels(labels, fit.n),
+                     interval=fit.interval)
 
 
 @dataclass(frozen=True)
