@@ -700,3 +700,12 @@ def test_sigterm_while_sampling_says_it_stops_after_the_batch():
                           timeout=60)
     assert done.stdout.strip() == "True"
     assert done.stderr == "SIGTERM: stopping after this sampling batch with a checkpoint (again to stop now)\n"
+
+
+def test_checkpoints_and_metrics_rows_hold_the_records_run_dir_declares(tmp_path):
+    from harness.run_dir import CHECKPOINT_KEYS, METRICS_COLUMNS
+
+    train(compose([*TINY, "trainer.max_steps=2", "trainer.ckpt_every=2", "trainer.log_every=1"]), tmp_path)
+    (path,) = RunDir(tmp_path).checkpoints()
+    assert set(torch.load(path, weights_only=False)) == set(CHECKPOINT_KEYS)
+    assert [set(row) for row in RunDir(tmp_path).read_metrics()] == [set(METRICS_COLUMNS)] * 2
