@@ -112,6 +112,7 @@ class TrainerConfig:
     keep_last: int = MISSING
     log_every: int = MISSING
     peak_tflops: Optional[Number] = None
+    gpu_memory_gib: Number = 80  # one GPU's memory: the dry run says whether a config fits it (H100: 80; H200: 139)
 
 
 @dataclass

@@ -116,6 +116,7 @@ RULES = {
     "trainer.grad_clip": partial(number, allowed=">= 0 (0: no clipping)", test=lambda v: v >= 0),
     "trainer.ddp_bucket_mb": partial(number, allowed="> 0", test=lambda v: v > 0),
     "trainer.peak_tflops": partial(number, allowed="> 0", test=lambda v: v > 0, optional=True),
+    "trainer.gpu_memory_gib": partial(number, allowed="> 0", test=lambda v: v > 0),
     "trainer.betas": _betas,
     "trainer.ckpt_milestones": _milestones,
     "trainer.device": partial(one_of, allowed=("auto", "cpu", "cuda")),
