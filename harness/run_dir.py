@@ -55,7 +55,8 @@ METRICS_COLUMNS = ("step", "loss", "mse", "vb", "lr", "images_per_s", "tflops_pe
 
 # Keys that may change between restarts of one run without making it a different run.
 RUN_CONTROL_KEYS = ("trainer.max_steps", "trainer.ckpt_every", "trainer.ckpt_milestones", "trainer.keep_last",
-                    "trainer.log_every", "trainer.device", "trainer.gpus", "trainer.compile_tuning", "eval", "logger",
+                    "trainer.log_every", "trainer.device", "trainer.gpus", "trainer.gpu_memory_gib", "trainer.compile_tuning",
+                    "eval", "logger",
                     "on_config_change", "sweep_name")
 
 
