@@ -108,9 +108,17 @@ class ResultRow:
     val_vb_bpd_se: float | None = None
     val_images: int | None = None
     val_timesteps: int | None = None
+    # The FID's own uncertainty (harness.evaluate.fid.fid_bootstrap): bootstrap standard error over the samples and
+    # the fid_ci_level normal interval; absent in rows written before it existed.
+    fid_se: float | None = None
+    fid_lo: float | None = None
+    fid_hi: float | None = None
+    fid_ci_level: float | None = None
+    # Share of samples the extractor classifies as the class they were conditioned on (the digits CNN on digits only).
+    class_accuracy: float | None = None
 
     OPTIONAL = ("isc", "precision", "recall", "fid_floor", "val_loss", "val_loss_se", "val_vb_bpd", "val_vb_bpd_se",
-                "val_images", "val_timesteps")
+                "val_images", "val_timesteps", "fid_se", "fid_lo", "fid_hi", "fid_ci_level", "class_accuracy")
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if not (k in self.OPTIONAL and v is None)}
