@@ -105,6 +105,8 @@ class TrainerConfig:
     grad_checkpointing: StrictBool = MISSING
     fused_adamw: Any = MISSING  # auto | true | false
     ddp_bucket_mb: Number = MISSING
+    parallel: str = MISSING  # ddp | fsdp
+    async_checkpoint: StrictBool = MISSING
     device: str = MISSING
     gpus: int = MISSING
     ckpt_every: int = MISSING

@@ -129,6 +129,8 @@ RULES = {
     "trainer.compile_tuning": flag,
     "trainer.residual_precision": partial(one_of, allowed=("fp32", "bf16")),
     "trainer.attention": partial(one_of, allowed=ATTENTION_KERNELS),
+    "trainer.parallel": partial(one_of, allowed=("ddp", "fsdp")),
+    "trainer.async_checkpoint": flag,
     "eval.every": partial(integer, low=0, optional=True),
     "eval.num_samples": _fid_samples,
     "eval.batch_size": positive,
