@@ -71,8 +71,74 @@ def test_the_dry_run_estimates_memory_per_gpu():
     report = dry_run(["model=mini-S/4", "trainer.global_batch_size=64", "trainer.gpus=4"], take_step=False)
     assert report["batch_per_gpu"] == 16 and report["precision"] == "bf16"  # the estimate is for a GPU
     cfg = compose(["model=mini-S/4"])
-    assert report["memory"] == estimate_training_memory(report["params"], cfg.model.depth, report["tokens"],
-                                                        cfg.model.hidden_size, 16, "bf16", False)
+    assert report["memory"].items() >= estimate_training_memory(report["params"], cfg.model.depth, report["tokens"],
+                                                                cfg.model.hidden_size, 16, "bf16", False).items()
+
+
+# Past XL (conf/model/DiT-G, DiT-5B; the yaml comments give the sources of their shapes).
+PAST_XL = {"DiT-G": (40, 1408, 16), "DiT-5B": (32, 3072, 32)}
+
+
+@pytest.mark.parametrize("size", sorted(PAST_XL))
+@pytest.mark.parametrize("patch", [2, 4, 8])
+def test_models_past_xl_compose_with_their_shapes(size, patch):
+    cfg = compose(with_paper_setting([f"model={size}/{patch}"]))
+    m = cfg.model
+    assert (m.name, m.size, m.patch_size) == (f"{size}/{patch}", size.split("-")[1], patch)
+    assert (m.depth, m.hidden_size, m.num_heads) == PAST_XL[size]
+    assert cfg.data.name == "latents" and cfg.trainer.gpu_memory_gib == 80  # the paper's setting; an 80 GB GPU
+
+
+@pytest.fixture(scope="module")
+def past_xl():
+    """The dry runs of DiT-G/2 and DiT-5B/2 planned on 8 GPUs (no CPU step: their state outgrows this machine)."""
+    return {size: dry_run([f"model={size}/2", "trainer.gpus=8"], take_step=False) for size in PAST_XL}
+
+
+def test_models_past_xl_cost_what_their_shapes_say(past_xl):
+    g, big = past_xl["DiT-G"], past_xl["DiT-5B"]
+    xl = 675_129_632  # DiT-XL/2 (the paper: 675M)
+    for report, (depth, d, _) in ((g, PAST_XL["DiT-G"]), (big, PAST_XL["DiT-5B"])):
+        # Each block: 18 d^2 weights (qkv 3, proj 1, MLP 8, adaLN-Zero 6) and 15 d biases; ~12 d^2 T flops + 2 T^2 d.
+        blocks = depth * (18 * d * d + 15 * d)
+        assert 0 < report["params"] - blocks < 0.01 * report["params"]  # embedders and final layer
+        assert report["gflops"] == pytest.approx(depth * (12 * d * d * 256 + 2 * 256**2 * d + 6 * d * d) / 1e9, rel=0.01)
+    assert 1.4e9 < g["params"] < 1.5e9 and 250 < g["gflops"] < 255 and g["params"] > 2 * xl
+    assert 5.4e9 < big["params"] < 5.5e9 and 940 < big["gflops"] < 945
+
+
+def test_fsdp_shards_the_state_but_not_the_activations(past_xl):
+    plan = past_xl["DiT-5B"]["memory_plan"]
+    ddp, fsdp = plan["ddp"], plan["fsdp"]
+    d = 3072
+    assert fsdp["state_gb"] == pytest.approx(ddp["state_gb"] / 8) == pytest.approx(20 * past_xl["DiT-5B"]["params"] / 8 / 2**30)
+    assert fsdp["gathered_gb"] == pytest.approx((18 * d * d + 15 * d) * 2 / 2**30)  # one block in bf16
+    assert ddp["gathered_gb"] == 0 and fsdp["activations_gb"] == ddp["activations_gb"]
+    assert past_xl["DiT-5B"]["memory"] == ddp  # trainer.parallel defaults to ddp
+
+
+def test_the_dry_run_says_what_will_not_fit_under_ddp_and_how_many_gpus_fsdp_needs(past_xl):
+    g, big = past_xl["DiT-G"]["memory_plan"], past_xl["DiT-5B"]["memory_plan"]
+    # DiT-G/2 fits an 80 GiB GPU either way on 8 GPUs.
+    assert g["ddp"]["fits"] and g["fsdp"]["fits"] and g["ddp"]["total_gb"] < 80
+    # DiT-5B/2: ~102 GiB of unsharded state alone under DDP, so no GPU count helps; FSDP fits on 8 (batch 32/GPU)
+    # but not on 4 (batch 64/GPU: twice the activations).
+    assert not big["ddp"]["fits"] and big["ddp"]["state_gb"] > 80 and big["ddp"]["gpus_needed"] is None
+    assert big["fsdp"]["fits"] and big["fsdp"]["gpus_needed"] == 8
+    text = format_dry_run(past_xl["DiT-5B"])
+    assert ("DDP on 8 GPUs: will NOT fit (~132 GiB), on any number of GPUs (its unsharded state alone is 102 GiB)"
+            in text)
+    assert "FSDP on 8 GPUs: fits (~43.1 GiB), needs 8 GPUs (trainer.parallel=fsdp trainer.gpus=8)" in text
+    # On an H200 (139 GiB) it fits under DDP too, with little room.
+    h200 = dry_run(["model=DiT-5B/2", "trainer.gpus=8", "trainer.gpu_memory_gib=139"], take_step=False)["memory_plan"]
+    assert h200["ddp"]["fits"] and h200["ddp"]["gpus_needed"] == 8
+
+
+def test_the_cpu_step_is_skipped_with_a_reason_when_the_model_outgrows_this_machine(monkeypatch):
+    monkeypatch.setattr("harness.train.dry_run.available_memory_gb", lambda: 1e-6)
+    report = dry_run(["model=mini-S/4"])
+    assert "step" not in report and "GiB of CPU memory" in report["step_skipped"]
+    assert "one real step    skipped: mini-S/4's weights" in format_dry_run(report)
 
 
 def test_the_paper_setting_is_added_only_to_a_paper_model_alone():
@@ -97,6 +163,7 @@ def test_an_unknown_flag_is_refused_in_one_line(capsys):
     (["model.depth=0"], "model.depth"),
     (["trainer.max_steps=0"], "trainer.max_steps must be a positive integer"),
     (["data.image_size=-16"], "data.image_size"),
+    (["trainer.gpu_memory_gib=0"], "trainer.gpu_memory_gib must be a number > 0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, overrides, message):
     assert main(["dry-run", "--no-step", *overrides]) == 2
