@@ -22,7 +22,8 @@ from harness.data import build_dataset, real_images_uint8
 from harness.errors import HarnessError
 from harness.digits_cnn import (DIGITS_CNN, DIGITS_WEIGHTS, DigitsFeatureExtractor, classifier_accuracy, load_digits_cnn,
                                 train_digits_extractor)
-from harness.evaluate.fid import INCEPTION_FILE, MAX_SAMPLES, check_eval_config, compute_fid, reference_floor
+from harness.evaluate.fid import (INCEPTION_FILE, MAX_SAMPLES, FidToReference, check_eval_config, classifies, compute_fid,
+                                  fid_bootstrap, reference_floor, resolve_extractor)
 from harness.evaluate.run import evaluate_checkpoint, evaluate_model
 from harness.evaluate.sampling import eval_labels, generate_samples
 from harness.run_dir import RESULT_COLUMNS, RunDir, checkpoint_step
@@ -141,6 +142,67 @@ def test_result_names_the_digits_fid_and_floor_is_cached(cfg, digits, fid_cache)
     assert floor == pytest.approx(result["fid"], rel=1e-9)  # the floor is exactly held-out vs train
     assert 0.5 < floor < 50
     assert any(p.name.endswith("stat-fid-penultimate.pt") and "held_out" in p.name for p in fid_cache.iterdir())
+
+
+def test_class_accuracy_of_real_digits_is_high_and_of_shuffled_labels_near_chance(cfg, digits, fid_cache, monkeypatch):
+    _, held = digits
+    labels = build_dataset(cfg.data, "held_out").labels
+    compute_fid(held, cfg.eval, cfg.data, cache_dir=fid_cache)  # the reference statistics are cached from here on
+    seen = []
+    forward = DigitsFeatureExtractor.forward
+    monkeypatch.setattr(DigitsFeatureExtractor, "forward", lambda self, x: seen.append(len(x)) or forward(self, x))
+    real = compute_fid(held, cfg.eval, cfg.data, cache_dir=fid_cache, labels=labels)
+    # One forward over the samples gives the FID features and the logits.
+    assert sum(seen) == len(held)
+    assert real["class_accuracy"] > 0.95
+    shuffled = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
+    chance = compute_fid(held, cfg.eval, cfg.data, cache_dir=fid_cache, labels=shuffled)["class_accuracy"]
+    assert 0.03 < chance < 0.2
+    assert chance != real["class_accuracy"] and real["fid"] == pytest.approx(
+        compute_fid(held, cfg.eval, cfg.data, cache_dir=fid_cache)["fid"], abs=0)  # the labels change no FID
+    # Without labels, or with an extractor that does not classify the dataset's classes: no accuracy.
+    assert "class_accuracy" not in compute_fid(held, cfg.eval, cfg.data, cache_dir=fid_cache)
+    other = cfg.data.copy()
+    other.name = "imagefolder"
+    assert classifies(resolve_extractor(cfg.eval, cfg.data), cfg.data)
+    assert not classifies(resolve_extractor(cfg.eval, cfg.data), other)
+    with pytest.raises(HarnessError, match="labels"):
+        compute_fid(held, cfg.eval, cfg.data, cache_dir=fid_cache, labels=labels[:10])
+
+
+def test_each_fid_has_a_seeded_bootstrap_interval_over_its_samples(cfg, digits, fid_cache):
+    train, held = digits
+    result = compute_fid(held, cfg.eval, cfg.data, cache_dir=fid_cache)
+    assert result["fid_lo"] < result["fid"] < result["fid_hi"] and result["fid_ci_level"] == 0.95
+    assert 0 < result["fid_se"] < result["fid"]
+    assert result["fid_hi"] - result["fid"] == pytest.approx(1.96 * result["fid_se"], rel=1e-3)
+    again = compute_fid(held, cfg.eval, cfg.data, cache_dir=fid_cache)
+    assert {k: again[k] for k in ("fid_se", "fid_lo", "fid_hi")} == {k: result[k] for k in ("fid_se", "fid_lo", "fid_hi")}
+    assert "fid_se" not in compute_fid(held, cfg.eval, cfg.data, cache_dir=fid_cache, bootstrap=False)
+    # More samples of the same images: a smaller standard error.
+    assert compute_fid(train, cfg.eval, cfg.data, cache_dir=fid_cache)["fid_se"] < result["fid_se"]
+
+
+def test_fid_against_fixed_reference_equals_torch_fidelity_and_bootstrap_of_a_known_case():
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    rng = np.random.default_rng(0)
+    reference = fid_features_to_statistics(torch.from_numpy(rng.normal(size=(2000, 32)).astype(np.float32)))
+    samples = rng.normal(0.5, 1.2, size=(400, 32)).astype(np.float32)
+    fid = fid_statistics_to_metric(fid_features_to_statistics(torch.from_numpy(samples)), reference, False)
+    fid = fid["frechet_inception_distance"]
+    assert FidToReference(reference)(samples) == pytest.approx(fid, rel=1e-5)
+    # Why a normal interval from the standard error and not the percentile or BCa one: resampling repeats samples,
+    # which inflates FID's small-sample bias: the resampled FIDs lie above the measured one, and the percentile
+    # interval misses it.
+    from scipy import stats
+
+    res = stats.bootstrap((np.arange(400),), lambda i: FidToReference(reference)(samples[i]), n_resamples=50,
+                          method="percentile", vectorized=False, rng=np.random.default_rng(0))
+    assert np.median(res.bootstrap_distribution) > fid and res.confidence_interval.low > fid
+    interval = fid_bootstrap(samples, reference, fid, n_resamples=50)
+    assert interval["fid_lo"] < fid < interval["fid_hi"]
+    assert interval["fid_se"] == pytest.approx(res.standard_error)
 
 
 def test_an_image_folder_with_a_held_out_root_has_a_floor(tmp_path):

@@ -14,6 +14,11 @@ of the training set), with the feature extractor chosen by `eval.feature_extract
 Everything is computed in-process by torch-fidelity. Reference statistics live in its own cache
 (`eval.cache_dir`), named by the data config and a fingerprint of the extractor's weights, so they are
 computed once per (extractor, data config) and a retrained extractor never meets stale statistics.
+
+The samples' features are extracted once, and serve three numbers: the FID, its bootstrap standard error over the
+samples (`fid_bootstrap`: the uncertainty of one FID where a config has one replica), and, where the extractor is a
+classifier of the dataset's classes (the digits CNN on digits), the share of samples it assigns to the class they
+were conditioned on (`class_accuracy`).
 """
 
 from __future__ import annotations
@@ -27,7 +32,13 @@ import numpy as np
 import torch
 import torch_fidelity
 from omegaconf import DictConfig, OmegaConf
+from scipy import stats
 from torch.utils.data import Dataset
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_input_id_to_statistics_cached, fid_statistics_to_metric
+from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+from torch_fidelity.metric_prc import prc_featuresdict_to_metric
+from torch_fidelity.utils import (create_feature_extractor, extract_featuresdict_from_input_id,
+                                  extract_featuresdict_from_input_id_cached)
 
 from harness.config import resolve_device, slug
 from harness.data import real_images_uint8
@@ -45,6 +56,10 @@ INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.
 MAX_SAMPLES = 100_000
 # torch-fidelity's result keys.
 FID_KEY, ISC_KEY = "frechet_inception_distance", "inception_score_mean"
+# The bootstrap of one FID over its samples (fid_bootstrap): resamples, seed and level of the interval.
+FID_BOOTSTRAP_RESAMPLES = 200
+FID_BOOTSTRAP_SEED = 0
+FID_INTERVAL_LEVEL = 0.95
 
 
 @dataclass(frozen=True)
@@ -251,11 +266,11 @@ def check_eval_config(eval_cfg: DictConfig, data_cfg: DictConfig) -> Extractor:
     return extractor
 
 
-def _metrics(input1: Dataset, input2: Dataset, extractor: Extractor, eval_cfg: DictConfig, cache_root: Path,
-             device: torch.device, input1_cache_name: str | None = None, input2_cache_name: str | None = None,
-             isc: bool = False, prc: bool = False) -> dict:
-    """One `torch_fidelity.calculate_metrics` call, in-process, quiet, with our extractor and cache."""
-    return torch_fidelity.calculate_metrics(
+def _fidelity_kwargs(input1: Dataset, input2: Dataset, extractor: Extractor, eval_cfg: DictConfig, cache_root: Path,
+                     device: torch.device, input1_cache_name: str | None = None, input2_cache_name: str | None = None,
+                     isc: bool = False, prc: bool = False) -> dict:
+    """The keyword arguments of torch-fidelity's metric functions: in-process, quiet, our extractor and cache."""
+    return dict(
         input1=input1, input2=input2, input1_cache_name=input1_cache_name, input2_cache_name=input2_cache_name,
         fid=True, isc=isc, prc=prc, feature_extractor=extractor.name, feature_layer_fid=extractor.feature_layer,
         feature_layer_isc=extractor.isc_layer, feature_layer_prc=extractor.feature_layer,
@@ -264,6 +279,13 @@ def _metrics(input1: Dataset, input2: Dataset, extractor: Extractor, eval_cfg: D
         # In-memory datasets: no DataLoader worker processes (and no full N x N distance matrix for prc).
         save_cpu_ram=True, verbose=False,
     )
+
+
+def _metrics(input1: Dataset, input2: Dataset, extractor: Extractor, eval_cfg: DictConfig, cache_root: Path,
+             device: torch.device, input1_cache_name: str | None = None, input2_cache_name: str | None = None) -> dict:
+    """One `torch_fidelity.calculate_metrics` call (FID only), in-process, quiet, with our extractor and cache."""
+    return torch_fidelity.calculate_metrics(**_fidelity_kwargs(input1, input2, extractor, eval_cfg, cache_root, device,
+                                                               input1_cache_name, input2_cache_name))
 
 
 def _reference(eval_cfg: DictConfig, data_cfg: DictConfig, extractor: Extractor, cache_root: Path,
@@ -294,31 +316,104 @@ class _CachedOnly(Dataset):
         raise HarnessError(f"reference statistics {self.name} vanished from the FID cache while in use")
 
 
+def classifies(extractor: Extractor, data_cfg: DictConfig) -> bool:
+    """Whether the extractor is a classifier of the dataset's classes, so that `class_accuracy` means something: the
+    digits CNN on digits (Inception's ImageNet logits are not the classes of an arbitrary dataset)."""
+    if extractor.name != DIGITS_CNN or data_cfg.name != "digits":
+        return False
+    _, meta = load_digits_cnn(extractor.weights)
+    return int(meta["arch"]["num_classes"]) == int(data_cfg.num_classes)
+
+
+class FidToReference:
+    """FID of sample features against fixed reference statistics, with the reference's matrix square root computed
+    once: tr sqrt(S1 S2) = tr sqrt(R S1 R) with R = S2^(1/2) symmetric, so each call is one symmetric eigensolve
+    (the bootstrap calls it hundreds of times; torch-fidelity's general eigvals of S1 S2 is ~4x slower). Equal to
+    torch-fidelity's value to float rounding (tests/test_evaluate.py)."""
+
+    def __init__(self, reference: dict):
+        self.mu = np.asarray(reference["mu"], dtype=np.float64)
+        sigma = np.asarray(reference["sigma"], dtype=np.float64)
+        w, v = np.linalg.eigh(sigma)
+        self.root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+        self.trace = float(np.trace(sigma))
+
+    def __call__(self, features: np.ndarray) -> float:
+        features = np.asarray(features, dtype=np.float64)
+        diff = features.mean(0) - self.mu
+        sigma = np.cov(features, rowvar=False)
+        eig = np.linalg.eigvalsh(self.root @ sigma @ self.root)
+        return float(diff @ diff + np.trace(sigma) + self.trace - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
+
+
+def fid_bootstrap(features, reference: dict, fid: float, n_resamples: int = FID_BOOTSTRAP_RESAMPLES,
+                  seed: int = FID_BOOTSTRAP_SEED, level: float = FID_INTERVAL_LEVEL) -> dict:
+    """The uncertainty of one FID from its samples: {"fid_se", "fid_lo", "fid_hi", "fid_ci_level"}.
+
+    The sample features are resampled with replacement (`scipy.stats.bootstrap`, `n_resamples`, seeded) and the FID
+    recomputed against the fixed reference statistics; `fid_se` is the bootstrap standard error, and the interval is
+    fid +- z * se (the normal bootstrap interval, clipped at 0). Not the percentile or BCa interval: a resample repeats
+    about a third of the samples, which inflates FID's small-sample bias, so every resampled FID lies above the
+    measured one (500 digits: bootstrap mean ~1.6x the FID); the percentile interval then misses the FID itself and
+    BCa is undefined (no resample below the estimate). The standard error is what carries over, and it is
+    conservative (larger than the spread of FIDs of fresh sample sets of the same size).
+    """
+    features = np.asarray(features, dtype=np.float64)
+    against = FidToReference(reference)
+    res = stats.bootstrap((np.arange(len(features)),), lambda idx: against(features[idx]), n_resamples=n_resamples,
+                          method="percentile", vectorized=False, rng=np.random.default_rng(seed))
+    se = float(res.standard_error)
+    half = float(stats.norm.ppf((1 + level) / 2)) * se
+    return {"fid_se": se, "fid_lo": max(fid - half, 0.0), "fid_hi": fid + half, "fid_ci_level": level}
+
+
 def compute_fid(images_uint8: torch.Tensor, eval_cfg: DictConfig, data_cfg: DictConfig,
                 cache_dir: str | os.PathLike | None = None, device: str | torch.device | None = None,
-                say: Say = quiet) -> dict:
-    """FID of uint8 NCHW samples against the reference statistics, through `torch_fidelity.calculate_metrics`.
+                say: Say = quiet, labels: torch.Tensor | None = None, bootstrap: bool = True) -> dict:
+    """FID of uint8 NCHW samples against the reference statistics, with torch-fidelity's feature extraction and metrics.
 
     Returns {"fid", "fid_name", "feature_extractor", "num_samples"} plus "isc" (eval.isc) and
     "precision"/"recall" (eval.prc), computed with the same extractor (for digits-cnn: its class logits
-    and penultimate features). `say` gets a line saying what is compared when the work starts.
+    and penultimate features); with `bootstrap`, the FID's bootstrap interval over the samples (`fid_bootstrap`:
+    fid_se, fid_lo, fid_hi, fid_ci_level); with `labels` (the class each sample was conditioned on) and an extractor
+    that classifies the dataset's classes (`classifies`), "class_accuracy": the share of samples it assigns to their
+    label, from the logits of the same forward pass. `say` gets a line saying what is compared when the work starts.
     """
     extractor = check_eval_config(eval_cfg, data_cfg)
     _check_images(images_uint8, data_cfg, extractor)
+    require(labels is None or len(labels) == len(images_uint8),
+            f"compute_fid: {len(images_uint8)} samples but {len(labels) if labels is not None else 0} labels")
     cache_root = _cache_dir(eval_cfg, cache_dir)
     isc, prc = bool(eval_cfg.isc), bool(eval_cfg.prc)
-    # IS or precision/recall make torch-fidelity extract the reference's features, not only read statistics.
-    reference, ref_name = _reference(eval_cfg, data_cfg, extractor, cache_root, need_images=isc or prc)
+    accuracy = labels is not None and classifies(extractor, data_cfg)
+    # Precision/recall compare with the reference's features, not only its statistics.
+    reference, ref_name = _reference(eval_cfg, data_cfg, extractor, cache_root, need_images=prc)
     source = f"eval.reference={eval_cfg.reference}" if eval_cfg.get("reference") else "the training set"
     against = f"{len(reference)} images of {source}" if reference is not None else f"the statistics of {source}"
     say(f"computing FID of {len(images_uint8)} samples against {against} ({extractor.name} features) ...")
-    metrics = _metrics(UInt8Images(images_uint8, extractor.channels), reference or _CachedOnly(ref_name), extractor,
-                       eval_cfg, cache_root, resolve_device(device, "device"), input2_cache_name=ref_name, isc=isc, prc=prc)
-    out = {"fid": float(metrics[FID_KEY]), "fid_name": extractor.fid_name, "feature_extractor": extractor.name,
+    kwargs = _fidelity_kwargs(UInt8Images(images_uint8, extractor.channels), reference or _CachedOnly(ref_name),
+                              extractor, eval_cfg, cache_root, resolve_device(device, "device"),
+                              input2_cache_name=ref_name, isc=isc, prc=prc)
+    # One forward over the samples gives every layer asked for: the FID features, and the logits for IS and
+    # class accuracy; torch-fidelity's own steps (as calculate_metrics takes them) turn them into the metrics.
+    layers = sorted({extractor.feature_layer} | ({extractor.isc_layer} if isc or accuracy else set()))
+    feature_extractor = create_feature_extractor(extractor.name, layers, **kwargs)
+    features = extract_featuresdict_from_input_id(1, feature_extractor, **kwargs)
+    ref_stats = fid_input_id_to_statistics_cached(2, feature_extractor, extractor.feature_layer, **kwargs)
+    fid = float(fid_statistics_to_metric(fid_features_to_statistics(features[extractor.feature_layer]), ref_stats,
+                                         False)[FID_KEY])
+    out = {"fid": fid, "fid_name": extractor.fid_name, "feature_extractor": extractor.name,
            "num_samples": len(images_uint8)}
+    if bootstrap:
+        out.update(fid_bootstrap(features[extractor.feature_layer].numpy(), ref_stats, fid))
+    if accuracy:
+        predicted = features[extractor.isc_layer].argmax(1)
+        out["class_accuracy"] = float((predicted == labels.to(predicted.device)).float().mean())
     if isc:
-        out["isc"] = float(metrics[ISC_KEY])
+        out["isc"] = float(isc_featuresdict_to_metric(features, extractor.isc_layer, **kwargs)[ISC_KEY])
     if prc:
+        ref_features = extract_featuresdict_from_input_id_cached(2, feature_extractor, **kwargs)
+        metrics = prc_featuresdict_to_metric(features, ref_features, extractor.feature_layer, **kwargs)
         out["precision"], out["recall"] = float(metrics["precision"]), float(metrics["recall"])
     return out
 

@@ -21,7 +21,7 @@ from harness.config import compose, latent_geometry, resolve_device, slug
 from harness.config.checks import validate
 from harness.errors import HarnessError, require
 from harness.evaluate.fid import check_eval_config, compute_fid, reference_floor
-from harness.evaluate.sampling import generate_samples, save_grid, save_npz
+from harness.evaluate.sampling import generate_samples, sample_labels, save_grid, save_npz
 from harness.evaluate.val_loss import validation_loss
 from harness.flops import count_flops, training_compute_flops
 from harness.model import build_model, count_params, load_weights
@@ -46,7 +46,8 @@ def evaluated_before(run_dir: str | os.PathLike, step: int, eval_cfg: DictConfig
 def result_row(cfg: DictConfig, step: int, run_dir: str | os.PathLike, fid: dict, params: int, gflops: float,
                eval_wall_s: float, fid_floor: float | None = None, val: dict | None = None) -> ResultRow:
     """The results row of one evaluation: the run's config, its compute so far, and the evaluation's numbers
-    (`val`: harness.evaluate.val_loss.validation_loss's, None without one)."""
+    (`fid`: compute_fid's, with its bootstrap interval and class accuracy where it has them; `val`:
+    harness.evaluate.val_loss.validation_loss's, None without one)."""
     m, ev, batch = cfg.model, cfg.eval, int(cfg.trainer.global_batch_size)
     return ResultRow(
         run_id=run_id(cfg, run_dir), run_dir=str(Path(run_dir).resolve()), sweep=cfg.get("sweep_name"),
@@ -60,7 +61,8 @@ def result_row(cfg: DictConfig, step: int, run_dir: str | os.PathLike, fid: dict
         cfg_channels=ev.cfg_channels, seed=int(ev.seed), dataset=cfg.data.name,
         image_size=int(cfg.data.image_size), eval_wall_s=round(eval_wall_s, 3), timestamp=time.time(),
         isc=fid.get("isc"), precision=fid.get("precision"), recall=fid.get("recall"), fid_floor=fid_floor,
-        **(val or {}),
+        fid_se=fid.get("fid_se"), fid_lo=fid.get("fid_lo"), fid_hi=fid.get("fid_hi"),
+        fid_ci_level=fid.get("fid_ci_level"), class_accuracy=fid.get("class_accuracy"), **(val or {}),
     )
 
 
@@ -97,7 +99,9 @@ def evaluate_model(model: nn.Module, cfg: DictConfig, step: int, run_dir: str | 
         save_grid(images, run.sample_file(step, "png"))
     if cfg.eval.save_npz:
         save_npz(images, run.sample_file(step, "npz"))
-    fid = compute_fid(images, cfg.eval, cfg.data, cache_dir=cache_dir, device=device, say=say)
+    # The labels the samples were conditioned on: the digits CNN's class accuracy compares its predictions with them.
+    fid = compute_fid(images, cfg.eval, cfg.data, cache_dir=cache_dir, device=device, say=say,
+                      labels=sample_labels(cfg.eval, geometry))
     floor = reference_floor(cfg.eval, cfg.data, cache_dir=cache_dir, device=device, say=say)
     if flops is None:
         flops = count_flops(cfg.model, geometry, say=say)

@@ -49,6 +49,12 @@ def eval_labels(num_samples: int, num_classes: int, mode: str, seed: int) -> tor
     return labels[torch.randperm(num_samples, generator=gen)]
 
 
+def sample_labels(eval_cfg: DictConfig, geometry: Geometry) -> torch.Tensor:
+    """The class each of `eval.num_samples` evaluation samples is conditioned on, in sample-index order (what
+    `generate_samples` samples, and what class accuracy compares the samples with)."""
+    return eval_labels(int(eval_cfg.num_samples), geometry.num_classes, str(eval_cfg.labels), int(eval_cfg.seed))
+
+
 class SamplingStopped(Exception):
     """Sampling stopped between batches: the job is being preempted or stopped (see `generate_samples`)."""
 
@@ -68,7 +74,7 @@ def generate_samples(model: nn.Module, diffusion_cfg: DictConfig, autoencoder: A
     """
     device = torch.device(device)
     n, bs, seed = int(eval_cfg.num_samples), int(eval_cfg.batch_size), int(eval_cfg.seed)
-    labels = eval_labels(n, geometry.num_classes, str(eval_cfg.labels), seed)
+    labels = sample_labels(eval_cfg, geometry)
     diffusion = create_diffusion(diffusion_cfg)
     num_batches = math.ceil(n / bs)
     distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
