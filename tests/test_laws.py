@@ -54,6 +54,23 @@ def test_saturating_law_recovers_b_and_c_and_the_f_test_keeps_c():
     assert fit.predict(1e17) == pytest.approx(2e3 * 1e17**-0.25 + 0.6, rel=0.02)
 
 
+def test_the_law_has_a_band_from_its_bootstrap_refits_that_holds_the_true_curve():
+    rng = np.random.default_rng(2)
+    C = np.geomspace(1e15, 1e19, 12)
+    L = (2e3 * C**-0.25 + 0.6) * np.exp(rng.normal(0, 0.005, C.size))
+    at = np.geomspace(1e15, 1e19, 9)
+    fit = fit_saturating_power_law(C, L, n_boot=200, band_at=at)
+    lo, hi = np.array(fit.band_lo), np.array(fit.band_hi)
+    assert fit.band_compute == pytest.approx(tuple(at)) and fit.level == 0.95
+    truth = 2e3 * at**-0.25 + 0.6
+    assert np.all(lo < fit.predict(at)) and np.all(fit.predict(at) < hi)
+    assert np.mean((lo < truth) & (truth < hi)) >= 0.75
+    # Wider where the points thin out (past the last one) than inside the data.
+    wide = fit_saturating_power_law(C, L, n_boot=200, band_at=[1e17, 1e21])
+    assert np.diff([wide.band_lo[1], wide.band_hi[1]]) > np.diff([wide.band_lo[0], wide.band_hi[0]])
+    assert fit_saturating_power_law(C, L, n_boot=200).band_compute == ()
+
+
 def test_plain_power_law_is_chosen_without_an_irreducible_term():
     rng = np.random.default_rng(3)
     C = np.geomspace(1e15, 1e19, 12)

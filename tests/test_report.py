@@ -16,8 +16,8 @@ from conftest import run_harness
 from fixtures.sweep import BATCH, MAX_STEPS, SLOPE, STEPS, expected_runs, make_fixture_sweep, make_replica_sweep
 from harness.errors import HarnessError
 from harness.report import render
-from harness.report.collect import (RUN_COLUMNS, _config_labels, collect_results, default_step, last_samples,
-                                    load_paper_table4, pick_step, rows_at_step)
+from harness.report.collect import (RUN_COLUMNS, SAMPLE_BOOTSTRAP, _config_labels, aggregate_replicas, collect_results,
+                                    default_step, last_samples, load_paper_table4, pick_step, rows_at_step)
 from harness.report.figures import plot_fid_vs_gflops, plot_fid_vs_steps, plot_sample_grid
 from harness.report.laws import predict_config, predict_held_out
 from harness.report.render import write_report, write_results_csv
@@ -486,3 +486,64 @@ def test_replicas_give_error_bars_an_interval_table_and_the_loss_law(tmp_path):
     assert "- val loss vs Gflops: not fitted; need at least 3 points" in top
     assert re.search(r"- loss vs compute: L\(C\) = a C\^-b( \+ c)?, b = -?\d\.\d{3} \[.*\] \(frontier of \d+ points; ", top)
     assert written["loss_vs_compute.png"].exists()
+
+
+def _with_row_fields(sweep: Path, fields) -> Path:
+    """Add `fields(row)` to every results row of the sweep (a torn last line stays as it is)."""
+    for run in find_run_dirs(sweep):
+        path = Path(run) / "results.jsonl"
+        lines = []
+        for line in path.read_text().splitlines(keepends=True):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                lines.append(line)
+                continue
+            lines.append(json.dumps({**row, **fields(row)}) + "\n")
+        path.write_text("".join(lines))
+    return sweep
+
+
+def test_one_replica_fids_show_their_bootstrap_interval_and_the_class_accuracy(tmp_path):
+    sweep = _with_row_fields(make_fixture_sweep(tmp_path / "fixture"), lambda row: {
+        "fid_lo": row["fid"] * 0.9, "fid_hi": row["fid"] * 1.1, "fid_se": row["fid"] * 0.05, "fid_ci_level": 0.95,
+        "class_accuracy": min(1.0, 3.0 / row["fid"])})
+    df = collect_results(sweep)
+    at = rows_at_step(df, MAX_STEPS)
+    points = aggregate_replicas(at)
+    assert set(points["fid_interval_source"]) == {SAMPLE_BOOTSTRAP}
+    assert points["fid_lo"].to_numpy() == pytest.approx(points["fid_mean"].to_numpy() * 0.9)
+    ax = plot_fid_vs_gflops(df, step=MAX_STEPS).axes[0]
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 1 and len(bars[0].lines[2][0].get_segments()) == len(at)
+    assert any("bootstrap" in t.get_text() for t in ax.get_legend().get_texts())
+
+    md = write_report([sweep], tmp_path / "report")["md"].read_text()
+    top = md.split("Sweeps:")[0]
+    best = at.loc[at["fid"].idxmin()]
+    expected = (f"- class accuracy: best config {best['config']} (FID {best['fid']:.2f} at step {MAX_STEPS:,}): "
+                f"{min(1.0, 3.0 / best['fid']):.1%} of its samples classified as the class they were conditioned on")
+    assert expected in top
+    assert "| FID 95% interval (bootstrap over samples) | class accuracy @ 3,000 |" in md
+    assert f"[{best['fid'] * 0.9:.2f}, {best['fid'] * 1.1:.2f}] | {min(1.0, 3.0 / best['fid']):.1%} |" in md
+    assert "FID intervals: a config with one replica: its FID's 95% bootstrap interval over its samples" in md
+
+
+def test_rows_without_an_fid_interval_or_accuracy_say_so(written):
+    md = written["md"].read_text()
+    assert "- class accuracy: not measured" in md.split("Sweeps:")[0]
+    assert "FID intervals: configs whose rows predate the bootstrap interval have none." in md
+
+
+def test_the_loss_law_is_drawn_with_its_band(tmp_path):
+    from matplotlib.collections import PolyCollection
+
+    from harness.report.figures import plot_loss_vs_compute
+    from harness.report.laws import compute_frontier_law
+
+    df = collect_results(make_replica_sweep(tmp_path / "replicas"))
+    law = compute_frontier_law(df, n_boot=200)
+    assert len(law.fit.band_compute) == 60 and np.isfinite(law.fit.band_lo).all()
+    ax = plot_loss_vs_compute(df, law).axes[0]
+    assert len([c for c in ax.collections if isinstance(c, PolyCollection)]) == 1
+    assert any("band of the law" in t.get_text() for t in ax.get_legend().get_texts())

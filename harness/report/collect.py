@@ -249,27 +249,39 @@ def load_paper_table4() -> pd.DataFrame:
 
 
 def run_table(df: pd.DataFrame, step: int) -> pd.DataFrame:
-    """One row per run: shape, Gflops, state, the FID at `step` and at its last evaluated step."""
+    """One row per run: shape, Gflops, state, the FID at `step` with its bootstrap interval over the samples
+    (`fid_lo_at_STEP`, `fid_hi_at_STEP`; NaN for rows written before it existed), the class accuracy of its samples at
+    `step` (`class_accuracy_at_STEP`; NaN where the extractor does not classify the dataset), and the FID at its last
+    evaluated step."""
     rows = []
     for config, run in df.groupby("config", sort=False):
         run_ev = evaluated(run).sort_values("step")
         first = run.iloc[0]
         at = run_ev[run_ev["step"] == step]
         last = run_ev.iloc[-1] if len(run_ev) else None
+
+        def at_step(col):
+            return at[col].iloc[-1] if len(at) and col in at else np.nan
+
         rows.append({
             "config": config, "size": first["size"], "patch": first["patch"],
             "params_M": first["params"] / 1e6 if pd.notna(first["params"]) else np.nan,
             "tokens": first["tokens"], "gflops": first["gflops"], "state": first["state"],
             "steps_done": first["state_step"], "max_steps": first["max_steps"],
             "last_eval_step": last["step"] if last is not None else np.nan,
-            f"fid_at_{step}": at["fid"].iloc[-1] if len(at) else np.nan,
+            f"fid_at_{step}": at_step("fid"), f"fid_lo_at_{step}": at_step("fid_lo"),
+            f"fid_hi_at_{step}": at_step("fid_hi"), f"class_accuracy_at_{step}": at_step("class_accuracy"),
             "fid_last": last["fid"] if last is not None else np.nan,
             "train_compute_flops": last["train_compute_flops"] if last is not None else np.nan,
         })
     return pd.DataFrame(rows)
 
 
-REPLICA_STATS = ("fid", "val_loss")
+REPLICA_STATS = ("fid", "val_loss", "class_accuracy")
+# How aggregate_replicas' FID interval was made (its `fid_interval_source`).
+REPLICA_T = "t over {n} replicas"
+SAMPLE_BOOTSTRAP = "one replica: bootstrap over its samples"
+UNKNOWN_SPREAD = "one replica: unknown (a row written before the FID's bootstrap interval was recorded)"
 
 
 def _replica_group_label(group: pd.DataFrame) -> str:
@@ -285,9 +297,11 @@ def aggregate_replicas(df: pd.DataFrame, exclude_steps: Iterable[int] = (), leve
     Columns: `config` (the group's label: its runs' labels joined), `replica_key`, `step`, `gflops`,
     `train_compute_flops`, `n_replicas`, `train_seeds`, and per quantity q in REPLICA_STATS present in `df`:
     `q_mean`, `q_std` (ddof 1), `q_lo`, `q_hi` (the `level` Student t interval of the mean over replicas,
-    scipy.stats.t with n - 1 dof). With one replica the spread is unknown: std and interval are NaN, and
-    `fid_interval_source` says "one replica: unknown" (else "t over N replicas"). HarnessError if a replica misses
-    an evaluation step that another replica of its group has, unless the step is in `exclude_steps`.
+    scipy.stats.t with n - 1 dof). With one replica the spread over replicas is unknown: std and interval are NaN,
+    except the FID's, which is then the row's own bootstrap interval over its samples (fid_lo, fid_hi; see
+    harness.evaluate.fid.fid_bootstrap). `fid_interval_source` says which: REPLICA_T, SAMPLE_BOOTSTRAP, or
+    UNKNOWN_SPREAD for a row written before the bootstrap existed. HarnessError if a replica misses an evaluation step
+    that another replica of its group has, unless the step is in `exclude_steps`.
     """
     ev = evaluated(df)
     ev = ev[~ev["step"].isin([int(s) for s in exclude_steps])]
@@ -315,8 +329,14 @@ def aggregate_replicas(df: pd.DataFrame, exclude_steps: Iterable[int] = (), leve
                 std = float(values.std(ddof=1)) if k > 1 else np.nan
                 half = float(stats.t.ppf((1 + level) / 2, k - 1) * std / np.sqrt(k)) if k > 1 else np.nan
                 row.update({f"{q}_mean": mean, f"{q}_std": std, f"{q}_n": k, f"{q}_lo": mean - half, f"{q}_hi": mean + half})
-            row["fid_interval_source"] = (f"t over {n} replicas" if n > 1
-                                          else "one replica: unknown (the FID's own uncertainty is not estimated)")
+            if n > 1:
+                row["fid_interval_source"] = REPLICA_T.format(n=n)
+            elif pd.notna(at["fid_lo"].iloc[0]) and pd.notna(at["fid_hi"].iloc[0]):
+                # One replica: the spread of its FID over its own samples is the uncertainty there is to show.
+                row.update(fid_lo=float(at["fid_lo"].iloc[0]), fid_hi=float(at["fid_hi"].iloc[0]),
+                           fid_interval_source=SAMPLE_BOOTSTRAP)
+            else:
+                row["fid_interval_source"] = UNKNOWN_SPREAD
             rows.append(row)
     return pd.DataFrame(rows)
 

@@ -19,8 +19,8 @@ from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation, LogLocator
 from PIL import Image
 
 from harness.errors import require
-from harness.report.collect import (aggregate_replicas, check_extractors, check_overlay, evaluated, fid_names,
-                                    last_samples, load_paper_table4, pick_step, rows_at_step, size_order)
+from harness.report.collect import (SAMPLE_BOOTSTRAP, aggregate_replicas, check_extractors, check_overlay, evaluated,
+                                    fid_names, last_samples, load_paper_table4, pick_step, rows_at_step, size_order)
 from harness.report.laws import FrontierLaw, Prediction
 from harness.report.stats import PowerLawFit, compute_frontier, fit_power_law, predict_fid
 
@@ -172,8 +172,9 @@ def plot_fid_vs_gflops(df: pd.DataFrame, step: int | None = None, overlay_paper:
     Marker per model size, colour per patch size, hollow markers for runs not finished; with
     `show_fit`, the power-law fit per FID kind and its 95% prediction band; with `overlay_paper`
     (Inception-FID sweeps only), the paper's 12 models at 400K steps and their fit. `step=None`:
-    the last step every finished run reached. Configs with several seed replicas get an error bar (the replicas'
-    95% t interval of the mean, `aggregate_replicas`); `held_out` (an FID `Prediction` of `predict_held_out`)
+    the last step every finished run reached. Error bars (`aggregate_replicas`): configs with several seed replicas
+    get the replicas' 95% t interval of the mean (black); a config with one replica gets its FID's 95% bootstrap
+    interval over its samples (grey), where its row has one. `held_out` (an FID `Prediction` of `predict_held_out`)
     marks the held-out config's prediction and its prediction interval.
     """
     names = check_extractors(df, mix_extractors)
@@ -193,15 +194,17 @@ def plot_fid_vs_gflops(df: pd.DataFrame, step: int | None = None, overlay_paper:
                     textcoords="offset points", ha="left" if up else "right", fontsize=8, color="0.3")
     xs, ys = list(at["gflops"]), list(at["fid"])
     extra: list = []
-    replicas = aggregate_replicas(at) if "replica_key" in at else pd.DataFrame({"n_replicas": []})
-    replicas = replicas[(replicas["n_replicas"] > 1) & replicas.get("fid_lo", pd.Series(dtype=float)).notna()]
-    if len(replicas):
-        ax.errorbar(replicas["gflops"], replicas["fid_mean"], fmt="none", ecolor="black", elinewidth=1.2, capsize=4,
-                    yerr=[replicas["fid_mean"] - replicas["fid_lo"], replicas["fid_hi"] - replicas["fid_mean"]],
-                    zorder=4)
-        extra.append(Line2D([], [], color="black", marker="|", markersize=10, ls="none",
-                            label="seed replicas: mean, 95% t interval"))
-        ys += list(replicas["fid_lo"]) + list(replicas["fid_hi"])
+    points = aggregate_replicas(at) if "replica_key" in at else pd.DataFrame({"n_replicas": [], "fid_lo": []})
+    points = points[points["fid_lo"].notna()] if "fid_lo" in points else points.iloc[:0]
+    for bars, color, label in (
+            (points[points["n_replicas"] > 1], "black", "seed replicas: mean, 95% t interval"),
+            (points[points.get("fid_interval_source", pd.Series(dtype=str)) == SAMPLE_BOOTSTRAP], "0.5",
+             "one replica: 95% bootstrap\ninterval over its samples")):
+        if len(bars):
+            ax.errorbar(bars["gflops"], bars["fid_mean"], fmt="none", ecolor=color, elinewidth=1.2, capsize=4,
+                        yerr=[bars["fid_mean"] - bars["fid_lo"], bars["fid_hi"] - bars["fid_mean"]], zorder=4)
+            extra.append(Line2D([], [], color=color, marker="|", markersize=10, ls="none", label=label))
+            ys += list(bars["fid_lo"]) + list(bars["fid_hi"])
     if held_out is not None:
         lo, hi = held_out.interval
         ax.errorbar([held_out.gflops], [held_out.predicted], yerr=[[held_out.predicted - lo], [hi - held_out.predicted]],
@@ -338,7 +341,8 @@ def plot_fid_vs_compute(df: pd.DataFrame, mix_extractors: bool = False, frontier
 
 def plot_loss_vs_compute(df: pd.DataFrame, law: FrontierLaw | None = None) -> Figure:
     """Validation loss vs training compute, log-log: each config's curve (colour per patch, marker per size) and,
-    with `law` (`compute_frontier_law`), the frontier points and the fitted law L(C) = a C^-b (+ c)."""
+    with `law` (`compute_frontier_law`), the frontier points, the fitted law L(C) = a C^-b (+ c) and its band (BCa
+    bootstrap over the frontier's points, `fit_saturating_power_law`)."""
     pts = df.dropna(subset=["val_loss", "train_compute_flops"]) if "val_loss" in df else df.iloc[:0]
     require(len(pts) > 0, "plot_loss_vs_compute: no row has both val_loss and train_compute_flops")
     style = _Style.of(df)
@@ -356,11 +360,19 @@ def plot_loss_vs_compute(df: pd.DataFrame, law: FrontierLaw | None = None) -> Fi
                 markerfacecolor="none", markeredgecolor="0.2", zorder=4)
         c = np.geomspace(front["train_compute_flops"].min() / 1.5, pts["train_compute_flops"].max() * 1.5, 100)
         ax.plot(c, fit.predict(c), color="black", ls="--", lw=1.4, zorder=3)
+        band = np.isfinite(fit.band_lo) & np.isfinite(fit.band_hi) if len(fit.band_compute) else np.array([False])
         law_text = f"$L = {fit.a:.3g}\\,C^{{-{fit.b:.3f}}}" + (f" + {fit.c:.3g}$" if fit.model == "saturating" else "$")
         extra = [Line2D([], [], ls="none", marker="o", markersize=11, markerfacecolor="none", markeredgecolor="0.2",
                         label=f"compute frontier ({fit.n} points)"),
                  Line2D([], [], color="black", ls="--", label=f"fit: {law_text}\nb = {fit.b:.3f} "
                                                                f"[{fit.b_ci[0]:.3f}, {fit.b_ci[1]:.3f}]")]
+        if band.any():
+            ax.fill_between(np.asarray(fit.band_compute)[band], np.asarray(fit.band_lo)[band],
+                            np.asarray(fit.band_hi)[band], color="0.6", alpha=0.25, lw=0, zorder=1)
+            extra.append(Line2D([], [], color="0.6", lw=8, alpha=0.4,
+                                label=f"{fit.level:.0%} band of the law\n(BCa bootstrap of the frontier)"))
+        else:
+            extra.append(Line2D([], [], ls="none", label="no band: the bootstrap refits failed"))
     ax.set_xscale("log")
     ax.set_yscale("log")
     _log_ticks(ax.yaxis, pts["val_loss"])

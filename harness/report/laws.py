@@ -95,6 +95,12 @@ class SaturatingFit:
     interval: str  # how b_ci and c_ci were made
     n: int
     points: tuple[str, ...]
+    # The law's band: at each compute in band_compute, the `level` BCa interval of L(C) over the same bootstrap refits
+    # as b_ci (empty without band_at; NaN where the bootstrap gave none, e.g. the covariance fallback).
+    band_compute: tuple[float, ...] = ()
+    band_lo: tuple[float, ...] = ()
+    band_hi: tuple[float, ...] = ()
+    level: float = 0.95
 
     def predict(self, C):
         return self.a * np.asarray(C, dtype=float) ** -self.b + self.c
@@ -143,7 +149,7 @@ def _to_units(p: np.ndarray, lc: np.ndarray) -> tuple[float, float, float]:
 
 
 def fit_saturating_power_law(C, L, labels=None, what: str = "L vs C", n_boot: int = 1000, seed: int = 0,
-                             level: float = 0.95) -> SaturatingFit:
+                             level: float = 0.95, band_at=None) -> SaturatingFit:
     """L(C) = a * C**-b + c (c >= 0, scipy.optimize.curve_fit in log L) or the plain power law (c = 0).
 
     The choice: an F-test of the nested models (scipy.stats.f, 1 and n - 3 degrees of freedom) at
@@ -151,6 +157,7 @@ def fit_saturating_power_law(C, L, labels=None, what: str = "L vs C", n_boot: in
     AIC, whose one-parameter penalty keeps a spurious c more often; both AICs are reported). Intervals for b (and
     c): BCa bootstrap over the points (`bca_interval`, refitting the chosen model on each resample); where more
     than half of the refits fail, the covariance of the fit with Student t quantiles instead, stated in `interval`.
+    `band_at` (compute values): the fitted law's band there, BCa intervals of L(C) from the same refits.
     """
     C, L = _positive_pairs(C, L, what, MIN_SATURATING_POINTS, "three parameters and two degrees of freedom for the F-test")
     lc, ll = np.log(C), np.log(L)
@@ -170,31 +177,37 @@ def fit_saturating_power_law(C, L, labels=None, what: str = "L vs C", n_boot: in
               f"AIC {aic_sat:.2f} (with c) vs {aic_pow:.2f} (c = 0)")
     p = p_sat if saturating else p_pow
     a, b, c = _to_units(p, lc)
+    band_c = np.asarray(band_at if band_at is not None else [], dtype=float)
 
     def refit(cs, ls):
+        # b, c and the refitted law at band_c: one bootstrap gives the exponent's interval and the band.
         if len(np.unique(cs)) < (4 if saturating else 2):
-            return np.array([np.nan, np.nan])
+            return np.full(2 + len(band_c), np.nan)
         try:
             q = _fit_curve(cs, ls, float(np.exp(ls).min()), saturating=saturating)[0]
         except RuntimeError:
-            return np.array([np.nan, np.nan])
-        return np.array([q[1], q[2]])
+            return np.full(2 + len(band_c), np.nan)
+        qa, qb, qc = _to_units(q, cs)
+        return np.concatenate([[q[1], q[2]], qa * band_c**-qb + qc])
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optimize.OptimizeWarning)
         boot = bca_interval((lc, ll), refit, n_boot, seed, level, vectorized=False)
-    b_ci, c_ci = (tuple(float(v) for v in row) for row in boot.ci)
+    b_ci, c_ci = (tuple(float(v) for v in row) for row in boot.ci[:2])
+    band_lo, band_hi = (tuple(float(v) for v in boot.ci[2:, k]) for k in (0, 1))
     interval = boot.note
     if boot.dropped > n_boot // 2 and saturating:
         half = stats.t.ppf((1 + level) / 2, n - 3) * np.sqrt(np.diag(cov_sat))
         b_ci, c_ci = (b - half[1], b + half[1]), (max(c - half[2], 0.0), c + half[2])
         interval = (f"{level:.0%} from the fit's covariance (Student t, n - 3 dof): {boot.dropped} of {n_boot} "
-                    "bootstrap refits failed")
+                    "bootstrap refits failed; no band")
+        band_lo = band_hi = tuple(math.nan for _ in band_c)
     if not saturating:
         c_ci = (math.nan, math.nan)
     return SaturatingFit(what=what, model="saturating" if saturating else "power law", a=a, b=b, c=c, b_ci=b_ci,
                          c_ci=c_ci, choice=choice, aic_saturating=aic_sat, aic_power=aic_pow, f_pvalue=f_p,
-                         interval=interval, n=n, points=_labels(labels, n))
+                         interval=interval, n=n, points=_labels(labels, n),
+                         band_compute=tuple(float(v) for v in band_c), band_lo=band_lo, band_hi=band_hi, level=level)
 
 
 # ---- over the results table ---------------------------------------------------------------------------------
@@ -239,7 +252,8 @@ def compute_frontier_law(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0) ->
     """Per config the val loss vs training compute curve; the lower envelope across configs; its law.
 
     A point is on the envelope when no other config's curve (interpolated in log compute within its range) is
-    lower at the same compute. The envelope's points are fitted with `fit_saturating_power_law`.
+    lower at the same compute. The envelope's points are fitted with `fit_saturating_power_law`, with its band over
+    the compute the figure draws (from the frontier's first point / 1.5 to the largest compute x 1.5).
     """
     what = "compute frontier law"
     pts = _loss_points(df, what)
@@ -250,9 +264,11 @@ def compute_frontier_law(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0) ->
         others = [_log_interp(g, row["train_compute_flops"]) for name, g in groups.items() if name != row["config"]]
         on.append(all(not (o < row["val_loss"]) for o in others))
     frontier = curves[on].sort_values("train_compute_flops").reset_index(drop=True)
+    band_at = np.geomspace(frontier["train_compute_flops"].min() / 1.5, curves["train_compute_flops"].max() * 1.5, 60)
     fit = fit_saturating_power_law(frontier["train_compute_flops"], frontier["val_loss"],
                                    labels=[f"{c}@{int(s)}" for c, s in zip(frontier["config"], frontier["step"])],
-                                   what="val loss vs training compute (frontier)", n_boot=n_boot, seed=seed)
+                                   what="val loss vs training compute (frontier)", n_boot=n_boot, seed=seed,
+                                   band_at=band_at)
     return FrontierLaw(curves=curves, frontier=frontier, fit=fit)
 
 

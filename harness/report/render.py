@@ -19,9 +19,9 @@ from markupsafe import Markup
 from harness.errors import HarnessError, require
 from harness.io import (atomic_write_bytes, atomic_write_json, atomic_write_text, check_output_path, replace_dir,
                         staging_dir)
-from harness.report.collect import (aggregate_replicas, check_extractors, check_overlay, collect_results, evaluated,
-                                    fid_description, last_samples, load_paper_table4, pick_step, rows_at_step,
-                                    run_table)
+from harness.report.collect import (SAMPLE_BOOTSTRAP, UNKNOWN_SPREAD, aggregate_replicas, check_extractors,
+                                    check_overlay, collect_results, evaluated, fid_description, last_samples,
+                                    load_paper_table4, pick_step, rows_at_step, run_table)
 from harness.report.figures import (figure_bytes, plot_fid_vs_compute, plot_fid_vs_gflops, plot_fid_vs_steps,
                                     plot_loss_vs_compute, plot_sample_grid)
 from harness.report.laws import FrontierLaw, compute_frontier_law, fit_loglog, predict_config, predict_held_out
@@ -33,12 +33,14 @@ REPORT_FILES = {"md": "report.md", "html": "report.html", "csv": "results.csv", 
                 "figures": "figures"}
 TITLE = "DiT scaling report: FID vs Gflops"
 CAPTIONS = {
-    "fid_vs_gflops": "FID vs transformer Gflops at step {step:,} (paper Fig. 8): marker = model size, colour = patch size.",
+    "fid_vs_gflops": "FID vs transformer Gflops at step {step:,} (paper Fig. 8): marker = model size, colour = patch size; "
+                     "error bars: 95% t interval over seed replicas (black), or one replica's 95% bootstrap interval "
+                     "over its samples (grey).",
     "fid_vs_steps": "FID over training for every config (paper Fig. 6 style).",
     "fid_vs_compute": "FID vs total training compute, Gflops x batch x steps x 3 (paper Fig. 9), with the compute frontier.",
     "samples": "Samples of each config at its last checkpoint.",
-    "loss_vs_compute": "Validation loss vs training compute per config, with the compute frontier and its fitted law "
-                       "(the law's interval is for its exponent b; no band is drawn).",
+    "loss_vs_compute": "Validation loss vs training compute per config, with the compute frontier, its fitted law and "
+                       "the law's 95% BCa bootstrap band (resampling the frontier's points).",
 }
 
 
@@ -121,14 +123,20 @@ def _fit_table(fit: PowerLawFit) -> pd.DataFrame:
 
 
 def _run_display(table: pd.DataFrame, step: int) -> pd.DataFrame:
-    step_col = f"fid_at_{step}"
+    step_col, lo, hi, acc = (f"{q}_at_{step}" for q in ("fid", "fid_lo", "fid_hi", "class_accuracy"))
+    table = table.copy()
+    # One column for the interval: "[lo, hi]", or "–" for rows written before the bootstrap existed.
+    table[lo] = [f"[{_fmt(a, 'fid')}, {_fmt(b, 'fid')}]" if pd.notna(a) and pd.notna(b) else "–"
+                 for a, b in zip(table[lo], table[hi])]
+    table[acc] = [f"{v:.1%}" if pd.notna(v) else "–" for v in table[acc]]
     return _display(
-        table,
+        table.drop(columns=[hi]),
         {"params_M": "g", "tokens": "int", "gflops": "g", "steps_done": "int", "max_steps": "int",
          "last_eval_step": "int", step_col: "fid", "fid_last": "fid", "train_compute_flops": "sci", "patch": "int"},
         {"params_M": "params (M)", "gflops": "Gflops", "steps_done": "steps done", "max_steps": "max steps",
-         "last_eval_step": "last eval step", step_col: f"FID @ {step:,}", "fid_last": "FID (last eval)",
-         "train_compute_flops": "train compute (FLOPs, last eval)"},
+         "last_eval_step": "last eval step", step_col: f"FID @ {step:,}",
+         lo: "FID 95% interval (bootstrap over samples)", acc: f"class accuracy @ {step:,}",
+         "fid_last": "FID (last eval)", "train_compute_flops": "train compute (FLOPs, last eval)"},
     )
 
 
@@ -200,6 +208,36 @@ def _loss_lines(df: pd.DataFrame, at: pd.DataFrame, step: int) -> tuple[list[str
     return lines, law
 
 
+def _accuracy_line(at: pd.DataFrame, step: int) -> str:
+    """The class accuracy of the best config's samples (lowest FID at `step`, replicas averaged), and the range."""
+    if "class_accuracy" not in at or not at["class_accuracy"].notna().any():
+        return ("class accuracy: not measured (only an extractor that classifies the dataset's classes measures it, "
+                "the digits CNN on digits; rows written before it was recorded have none)")
+    points = aggregate_replicas(at).dropna(subset=["class_accuracy_mean"])
+    best = points.loc[points["fid_mean"].idxmin()]
+    n = int(best["n_replicas"])
+    over = f", mean of {n} replicas" if n > 1 else ""
+    low, high = points["class_accuracy_mean"].min(), points["class_accuracy_mean"].max()
+    return (f"class accuracy: best config {best['config']} (FID {best['fid_mean']:.2f} at step {step:,}): "
+            f"{best['class_accuracy_mean']:.1%} of its samples classified as the class they were conditioned on "
+            f"(digits CNN{over}); {low:.1%} to {high:.1%} over {len(points)} configs")
+
+
+def _interval_note(at: pd.DataFrame) -> str:
+    """Which FID intervals the report shows, in words."""
+    sources = set(aggregate_replicas(at)["fid_interval_source"])
+    parts = []
+    if any(s.startswith("t over") for s in sources):
+        parts.append("configs with several seed replicas: the 95% Student t interval of the mean over replicas")
+    if SAMPLE_BOOTSTRAP in sources:
+        parts.append("a config with one replica: its FID's 95% bootstrap interval over its samples (the sample "
+                     "features resampled with scipy.stats.bootstrap, seeded, against the fixed reference statistics; "
+                     "the normal interval from the bootstrap standard error, which is conservative)")
+    if UNKNOWN_SPREAD in sources:
+        parts.append("configs whose rows predate the bootstrap interval have none")
+    return "FID intervals: " + "; ".join(parts) + "."
+
+
 def _headline(fits: dict[str, PowerLawFit], fit_notes: list[str], step: int, tagged: bool, replicas: bool) -> list[str]:
     points = "runs (seed replicas as separate points)" if replicas else "configs"
     lines = []
@@ -219,7 +257,10 @@ def _replica_display(at: pd.DataFrame) -> pd.DataFrame | None:
     rows = []
     for r in points.itertuples(index=False):
         row = {"config": r.config, "replicas": r.n_replicas, "train seeds": r.train_seeds, "Gflops": _fmt(r.gflops),
-               "FID mean": _fmt(r.fid_mean, "fid"), "FID 95% interval": f"[{_fmt(r.fid_lo, 'fid')}, {_fmt(r.fid_hi, 'fid')}]"}
+               "FID mean": _fmt(r.fid_mean, "fid"), "FID 95% interval": f"[{_fmt(r.fid_lo, 'fid')}, {_fmt(r.fid_hi, 'fid')}]",
+               "interval from": r.fid_interval_source}
+        if hasattr(r, "class_accuracy_mean"):
+            row["class accuracy (mean)"] = f"{r.class_accuracy_mean:.1%}" if pd.notna(r.class_accuracy_mean) else "–"
         if hasattr(r, "val_loss_mean"):
             row.update({"val loss mean": _fmt(r.val_loss_mean, "g"),
                         "val loss 95% interval": f"[{_fmt(r.val_loss_lo)}, {_fmt(r.val_loss_hi)}]"})
@@ -299,7 +340,7 @@ def write_report(sweep_dirs, out_dir, step: int | None = None, overlay_paper: bo
     summary += [f"Gflops vs FID: not fitted; {note}" for note in fit_notes]
     replicas = _replica_display(at)
     headline = (_headline(fits, fit_notes, step, len(names) > 1, replicas is not None) + loss_lines
-                + [p.line() for p in held_out + outside])
+                + [p.line() for p in held_out + outside] + [_accuracy_line(at, step)])
     predictions = _predictions(fits, at)
     frontier = compute_frontier(df)
     table = run_table(df, step)
@@ -311,7 +352,7 @@ def write_report(sweep_dirs, out_dir, step: int | None = None, overlay_paper: bo
                       f"[{paper_fit.r_ci[0]:.3f}, {paper_fit.r_ci[1]:.3f}], slope = {paper_fit.slope:.3f} "
                       "(the paper reports r = -0.93).")
     fid_text = fid_description(df)
-    notes = _notes(df, table, step, names)
+    notes = [_interval_note(at)] + _notes(df, table, step, names)
 
     context = {
         "title": TITLE, "files": REPORT_FILES, "sweeps": ", ".join(str(Path(d)) for d in sweep_dirs),
