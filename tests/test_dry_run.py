@@ -134,6 +134,28 @@ def test_the_dry_run_says_what_will_not_fit_under_ddp_and_how_many_gpus_fsdp_nee
     assert h200["ddp"]["fits"] and h200["ddp"]["gpus_needed"] == 8
 
 
+def test_the_past_xl_sweep_asks_for_the_nodes_and_tasks_its_models_fit_on():
+    from harness.config import latent_geometry
+    from harness.flops import count_flops
+    from harness.sweep import plan, schedulers
+    from harness.train.dry_run import block_param_count, memory_plan
+
+    with plan.hydra_context():
+        specs = {s.cfg.model.name: s for s in plan.expand_grid("past_xl", [])[1]}
+    assert sorted(specs) == ["DiT-5B/2", "DiT-G/2"]
+    layouts = {name: schedulers.slurm_parameters(s.cfg) for name, s in specs.items()}
+    assert [layouts["DiT-G/2"][k] for k in ("nodes", "ntasks_per_node", "gpus_per_node")] == [1, 8, 8]
+    assert [layouts["DiT-5B/2"][k] for k in ("nodes", "ntasks_per_node", "gpus_per_node")] == [2, 8, 8]
+    for name, spec in specs.items():
+        cfg = spec.cfg
+        geometry = latent_geometry(cfg)
+        memory = memory_plan(cfg.trainer, cfg.model, count_flops(cfg.model, geometry)["params"],
+                             block_param_count(cfg.model, geometry), geometry.tokens(cfg.model.patch_size), "bf16")
+        assert memory[str(cfg.trainer.parallel)]["fits"], name  # each runs the way it fits
+    assert (specs["DiT-G/2"].cfg.trainer.parallel, specs["DiT-5B/2"].cfg.trainer.parallel) == ("ddp", "fsdp")
+    assert specs["DiT-5B/2"].cfg.trainer.gpus == 16
+
+
 def test_the_cpu_step_is_skipped_with_a_reason_when_the_model_outgrows_this_machine(monkeypatch):
     monkeypatch.setattr("harness.train.dry_run.available_memory_gb", lambda: 1e-6)
     report = dry_run(["model=mini-S/4"])
