@@ -485,7 +485,16 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _read_checkpoint(path: str) -> object:
+def _read_checkpoint(path: str, which: str) -> object:
+    if os.path.isdir(path):  # a training checkpoint directory (torch.distributed.checkpoint): only `which` is read
+        from harness.run_dir import read_checkpoint
+
+        try:
+            return read_checkpoint(path, keys={which})
+        except HarnessError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any failure to read is one line for the user
+            raise HarnessError(f"checkpoint {path}: cannot be read ({type(err).__name__}: {first_line(err)})") from None
     require(os.path.isfile(path), f"checkpoint {path}: no such file")
     try:
         try:
@@ -508,14 +517,15 @@ def _strip_prefixes(state: Mapping[str, object]) -> dict:
 
 
 def load_weights(path: str | os.PathLike, model: DiT, which: str = "ema") -> None:
-    """Load a released DiT .pt (a plain state_dict) or one of our checkpoints (its `which` = "ema" | "model").
+    """Load a released DiT .pt (a plain state_dict) or one of our checkpoints, a directory or an older run's .pt
+    (its `which` = "ema" | "model").
 
     Loading is strict: a missing, unexpected or differently shaped key raises one HarnessError line
     naming the file and the first offending key with the expected and found shapes.
     """
     path = os.fspath(path)
     require(which in ("ema", "model"), f"which={which!r} is not one of ema, model")
-    obj = _read_checkpoint(path)
+    obj = _read_checkpoint(path, which)
     require(isinstance(obj, Mapping), f"checkpoint {path}: holds a {type(obj).__name__}, not a state_dict")
     if "model" in obj or "ema" in obj:
         require(which in obj, f"checkpoint {path}: has no {which!r} weights (found keys: {', '.join(map(str, obj))})")

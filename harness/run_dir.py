@@ -10,19 +10,23 @@ through `RunDir`, so the layout and the record formats have one owner:
       metrics.superseded.jsonl    rows of steps a resumed run trained again
       results.jsonl               ResultRow per evaluation (FID and the run's compute so far)
       train.log                   what the run printed, time-stamped, across restarts
-      checkpoints/step_NNNNNNN.pt training checkpoints (CHECKPOINT_KEYS)
+      checkpoints/step_NNNNNNN/   training checkpoints (CHECKPOINT_KEYS): torch.distributed.checkpoint
+                                  directories, one part per rank plus .metadata (older runs: step_NNNNNNN.pt)
       samples/step_NNNNNNN.png    sample grids (and .npz) of each evaluation
       overwritten-<time>/         an older run that on_config_change=overwrite moved aside
 
 "Which checkpoint is the newest readable one" is decided here (`newest_checkpoint`,
-`load_newest_checkpoint`): a cheap check of the file's zip directory for planning and status, a full
-load for resuming, over the same candidates in the same order.
+`load_newest_checkpoint`): a cheap check (every part a checkpoint directory's .metadata names is there; a
+file's zip directory reads) for planning and status, a load for resuming, over the same candidates in the
+same order. A checkpoint directory is written as `.step_NNNNNNN.tmp/` and renamed once every rank's part
+and the metadata are on disk, so a kill mid-save leaves only a temp dir, which is never read.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import time
 import zipfile
 from contextlib import contextmanager
@@ -34,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.config import to_yaml, with_keys_added_later
 from harness.errors import HarnessError, first_line
-from harness.io import append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text, read_json, read_jsonl, read_yaml
+from harness.io import append_jsonl, atomic_write_json, atomic_write_text, read_json, read_jsonl, read_yaml
 
 CONFIG = "config.yaml"
 RUN_STATE = "run_state.json"
@@ -48,7 +52,8 @@ OVERWRITTEN_PREFIX = "overwritten-"
 # What marks a directory as a run dir, for `find_run_dirs` and a sweep's status.
 RUN_MARKERS = (RESULTS, RUN_STATE)
 
-# A training checkpoint is a dict with these keys (torch.save).
+# A training checkpoint holds these keys (`read_checkpoint` returns them as one dict). In a checkpoint directory
+# "rng" maps "rank<r>" to each rank's RNG states; an older .pt file holds the one process's states.
 CHECKPOINT_KEYS = ("model", "ema", "opt", "step", "rng", "data_state", "config", "meta")
 # A metrics.jsonl row: the logging window's mean losses and throughput.
 METRICS_COLUMNS = ("step", "loss", "mse", "vb", "lr", "images_per_s", "tflops_per_device", "mfu", "peak_mem_gb", "time")
@@ -56,6 +61,7 @@ METRICS_COLUMNS = ("step", "loss", "mse", "vb", "lr", "images_per_s", "tflops_pe
 # Keys that may change between restarts of one run without making it a different run.
 RUN_CONTROL_KEYS = ("trainer.max_steps", "trainer.ckpt_every", "trainer.ckpt_milestones", "trainer.keep_last",
                     "trainer.log_every", "trainer.device", "trainer.gpus", "trainer.gpu_memory_gib", "trainer.compile_tuning",
+                    "trainer.parallel", "trainer.async_checkpoint",
                     "eval", "logger",
                     "on_config_change", "sweep_name")
 
@@ -178,16 +184,74 @@ def first_difference(old, new, prefix="") -> str:
 
 
 def checkpoint_step(path: Path) -> int:
-    """The step of a checkpoint file (`step_0001000.pt` -> 1000)."""
-    return int(Path(path).stem[len("step_"):])
+    """The step of a checkpoint (`step_0001000` or `step_0001000.pt` -> 1000)."""
+    return int(Path(path).name[len("step_"):].removesuffix(".pt"))
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """Whether `path` is a checkpoint directory (named `step_<digits>` or holding a .metadata), not a run dir."""
+    path = Path(path)
+    return path.is_dir() and (path.name[len("step_"):].isdigit() and path.name.startswith("step_")
+                              or (path / ".metadata").exists())
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint cannot be read, found cheaply (None: it looks whole). A directory: its .metadata and
+    every part file the metadata names, long enough for the bytes it points into; a file: its zip directory."""
+    path = Path(path)
+    if not path.is_dir():
+        return None if zipfile.is_zipfile(path) else "its zip directory does not read (truncated?)"
+    from torch.distributed.checkpoint import FileSystemReader  # heavy: see read_checkpoint
+
+    if not (path / ".metadata").is_file():
+        return f"{path / '.metadata'} is missing"
+    try:
+        metadata = FileSystemReader(path).read_metadata()
+    except Exception as err:  # noqa: BLE001 - a damaged .metadata is one line for the user
+        return f"{path / '.metadata'} does not read ({type(err).__name__}: {first_line(err)})"
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        part = path / name
+        if not part.is_file():
+            return f"its part {part} is missing"
+        if part.stat().st_size < size:
+            return f"its part {part} is truncated ({part.stat().st_size} of {size} bytes)"
+    return None
+
+
+def read_checkpoint(path: Path, keys: set[str] | None = None) -> dict:
+    """A training checkpoint (or a released DiT .pt) read whole into this process, or only `keys` (top-level
+    keys such as "step", or dotted ones such as "rng.rank0"): a checkpoint directory through
+    torch.distributed.checkpoint's no-process-group reader (what its format_utils.dcp_to_torch_save does), a
+    file through torch.load. Raises whatever the readers raise on an unreadable checkpoint."""
+    import torch  # heavy: only the callers that open checkpoints pay for it (the report and status do not)
+
+    path = Path(path)
+    if not path.is_dir():
+        blob = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        if keys is None or not isinstance(blob, dict):
+            return blob
+        return {k: v for k, v in blob.items() if k in {key.split(".")[0] for key in keys}}
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise HarnessError(f"checkpoint {path} cannot be read: {problem}")
+    state: dict = {}
+    # no_dist: every process reads for itself, with or without a process group (eval, tools, tests).
+    _load_state_dict(state, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(keys=keys),
+                     no_dist=True)
+    return state
 
 
 def read_checkpoint_config(path: Path) -> DictConfig | None:
-    """The config a training checkpoint carries (keys added later filled in), without loading its tensors (mmap);
-    None for a file without one (a released DiT .pt). Raises whatever torch.load raises on an unreadable file."""
-    import torch  # heavy: only the callers that open checkpoints pay for it (the report and status do not)
-
-    blob = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    """The config a training checkpoint carries (keys added later filled in), without loading its tensors;
+    None for a file without one (a released DiT .pt). Raises whatever reading raises on an unreadable one."""
+    blob = read_checkpoint(path, keys={"config"})
     if isinstance(blob, dict) and isinstance(blob.get("config"), str):
         return with_keys_added_later(OmegaConf.create(blob["config"]))
     return None
@@ -241,7 +305,8 @@ class RunDir:
         return self.path / CHECKPOINTS
 
     def checkpoint_file(self, step: int) -> Path:
-        return self.checkpoints_dir / f"step_{int(step):07d}.pt"
+        """The checkpoint directory of `step` (older runs saved `step_NNNNNNN.pt` files; `checkpoints()` finds both)."""
+        return self.checkpoints_dir / f"step_{int(step):07d}"
 
     def sample_file(self, step: int, suffix: str) -> Path:
         """`samples/step_NNNNNNN.<suffix>` (png: the grid, npz: the samples)."""
@@ -254,45 +319,86 @@ class RunDir:
 
     # --- checkpoints
     def checkpoints(self) -> list[Path]:
-        """Checkpoints of the run, oldest first (`step_<digits>.pt`; files named otherwise are not the harness's)."""
-        return sorted(p for p in self.checkpoints_dir.glob("step_*.pt") if p.stem[len("step_"):].isdigit())
+        """Checkpoints of the run, oldest first: `step_<digits>/` directories and older runs' `step_<digits>.pt`
+        files (anything named otherwise, temp dirs and set-aside ones included, is not a checkpoint)."""
+        found = [p for p in self.checkpoints_dir.glob("step_*") if p.name.removesuffix(".pt")[len("step_"):].isdigit()]
+        return sorted(found, key=lambda p: (checkpoint_step(p), p.is_dir()))
 
     def newest_checkpoint(self) -> Path | None:
-        """The newest checkpoint whose zip directory reads: what a resume would start from unless its tensors turn
-        out damaged too. A few bytes per file, where loading to be sure would read gigabytes."""
-        return next((p for p in reversed(self.checkpoints()) if zipfile.is_zipfile(p)), None)
+        """The newest checkpoint that looks whole (`checkpoint_problem`): what a resume would start from unless
+        its tensors turn out damaged too. A few small reads per checkpoint, where loading would read gigabytes."""
+        return next((p for p in reversed(self.checkpoints()) if checkpoint_problem(p) is None), None)
 
-    def load_newest_checkpoint(self, say: Callable[[str], None] = print) -> dict | None:
-        """The newest checkpoint that loads; an unreadable newer one is reported and skipped, never deleted."""
-        import torch  # heavy: see read_checkpoint_config
+    def check_checkpoints(self) -> None:
+        """Refuse (one line naming the file) a newest checkpoint directory that lacks a part or its .metadata: a
+        save only renames a directory into place once every part is written, so something outside the run
+        damaged it, and resuming from an older one would silently drop its steps. Checked before a run writes
+        anything; an older .pt that does not read is reported and skipped when resuming, as before."""
+        for path in reversed(self.checkpoints()):
+            problem = checkpoint_problem(path)
+            if path.is_dir():
+                if problem is not None:
+                    raise HarnessError(f"checkpoint {path} is incomplete: {problem}; restore it, or move it out of "
+                                       f"{self.checkpoints_dir} to resume from the one before")
+                return
+            if problem is None:
+                return
 
+    def load_newest_checkpoint(self, load: Callable[[Path], dict] | None = None,
+                               say: Callable[[str], None] = print) -> dict | None:
+        """`load(path)` (default `read_checkpoint`) of the newest checkpoint that loads; an unreadable newer .pt is
+        reported and skipped, never deleted; an incomplete checkpoint directory is refused (`check_checkpoints`)."""
+        self.check_checkpoints()
         paths = self.checkpoints()
         for path in reversed(paths):
             try:
-                if not zipfile.is_zipfile(path):
-                    raise ValueError("its zip directory does not read (truncated?)")
-                state = torch.load(path, map_location="cpu", weights_only=False)
-                if not isinstance(state, dict) or "step" not in state or "model" not in state:
+                problem = checkpoint_problem(path)
+                if problem is not None:
+                    raise ValueError(problem)
+                state = (load or read_checkpoint)(path)
+                if not isinstance(state, dict) or "step" not in state:
                     raise ValueError("not a harness training checkpoint")
                 return state
+            except HarnessError:
+                raise
             except Exception as err:  # a truncated or corrupt file: fall back to the previous one
                 say(f"checkpoint {path} is unreadable ({type(err).__name__}: {first_line(err)})")
         if paths:
             say(f"no readable checkpoint in {self.checkpoints_dir}: starting from step 0")
         return None
 
-    def save_checkpoint(self, state: dict) -> Path:
-        """Write a training checkpoint (a dict of CHECKPOINT_KEYS) atomically as the file of its step."""
-        path = self.checkpoint_file(int(state["step"]))
-        atomic_torch_save(state, path)
+    def checkpoint_temp_dir(self, step: int) -> Path:
+        """Where the checkpoint of `step` is written before `commit_checkpoint` renames it into place."""
+        return self.checkpoints_dir / f".step_{int(step):07d}.tmp"
+
+    def commit_checkpoint(self, step: int) -> Path:
+        """Rename the finished temp dir of `step` into place (every rank's part and the metadata are in it), with
+        the directory entry fsynced: the checkpoint exists whole or not at all."""
+        path = self.checkpoint_file(step)
+        if path.exists():  # the same step saved again (a run resumed before it): the new one replaces it
+            path.rename(path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
+        self.checkpoint_temp_dir(step).rename(path)
+        fd = os.open(self.checkpoints_dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        for replaced in self.checkpoints_dir.glob(f"{path.name}.replaced-*"):
+            shutil.rmtree(replaced, ignore_errors=True)
         return path
 
     def prune_checkpoints(self, keep_last: int, milestones: set[int]) -> None:
-        """Keep the newest `keep_last` checkpoints and every milestone; remove the temp files of saves a kill cut
-        short (only the main rank saves, one checkpoint at a time, so none is being written now)."""
+        """Keep the newest `keep_last` checkpoints and every milestone; remove what saves a kill cut short (called
+        between saves, when none is being written)."""
         for path in self.checkpoints()[:-keep_last]:
             if checkpoint_step(path) not in milestones:
-                path.unlink(missing_ok=True)
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        self.discard_partial_saves()
+
+    def discard_partial_saves(self) -> None:
+        """Remove the temp dirs (and older runs' temp files) of saves a kill cut short: never committed, never read."""
+        for partial in self.checkpoints_dir.glob(".step_*.tmp"):
+            shutil.rmtree(partial, ignore_errors=True)
         for partial in self.checkpoints_dir.glob(".step_*.pt.*.tmp"):
             partial.unlink(missing_ok=True)
 

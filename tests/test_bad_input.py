@@ -48,6 +48,8 @@ CASES = [
     ("train-run-dir-under-a-file", ["train", *TINY, "hydra.run.dir={tmp}/file/run"], "hydra.run.dir={tmp}/file/run"),
     ("train-run-dir-immutable", ["train", *TINY, "hydra.run.dir={tmp}/ro"], "hydra.run.dir={tmp}/ro"),
     ("train-run-dir-proc", ["train", *TINY, "hydra.run.dir=/proc/harness-run"], "hydra.run.dir=/proc/harness-run"),
+    ("train-fsdp-one-process", ["train", *TINY, "trainer.parallel=fsdp", "hydra.run.dir={tmp}/run"],
+     "trainer.parallel=fsdp needs more than one process"),
     ("train-multirun-dir-proc", ["train", "-m", *TINY, "trainer.max_steps=2", "hydra.sweep.dir=/proc/harness-sweep"],
      "/proc/harness-sweep"),
     # eval
@@ -250,3 +252,26 @@ def test_bench_prints_its_table_before_a_log_write_fails(workspace, capsys, monk
                                             capsys, monkeypatch)
     assert (status, stderr) == (1, f"harness: error: [Errno 28] No space left on device: '{log}'\n")  # the machine's
     assert "train step" in stdout and '"images_per_s"' in stdout  # the table and its JSON, printed before the log
+
+
+@pytest.mark.parametrize("command, damage", [("train", "no-metadata"), ("train", "no-part"), ("eval", "no-metadata"),
+                                              ("eval", "no-part"), ("train", "world-size")])
+def test_a_checkpoint_that_cannot_be_resumed_is_refused_and_left_untouched(command, damage, workspace, capsys,
+                                                                           monkeypatch):
+    """A checkpoint directory missing its .metadata or a rank's part (something outside the run removed it: a
+    save renames the directory into place only once all of it is written), or a world size the run's global
+    batch, and so its checkpoint, cannot be split across: one line naming the file or key, nothing written."""
+    checkpoint = workspace / "run" / "checkpoints" / "step_0000002"
+    missing = {"no-metadata": checkpoint / ".metadata", "no-part": checkpoint / "__0_0.distcp"}.get(damage)
+    if missing is not None:
+        missing.unlink()
+    else:
+        monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun --nproc_per_node=3 tells each worker
+    before = snapshot(*watched(workspace))
+    argv = (["train", *TINY, "trainer.max_steps=4", "trainer.ckpt_every=2", f"hydra.run.dir={workspace / 'run'}"]
+            if command == "train" else ["eval", f"ckpt={workspace / 'run'}"])
+    status, _, stderr = run_in_process(argv, capsys, monkeypatch)
+    fragment = str(missing) if missing is not None else "trainer.global_batch_size=16 is not divisible by the world size 3"
+    assert status == 2 and stderr.startswith("harness: error: ") and len(stderr.splitlines()) == 1, stderr
+    assert fragment in stderr, stderr
+    assert snapshot(*watched(workspace)) == before

@@ -21,15 +21,36 @@ from harness.config.checks import validate
 from harness.errors import HarnessError
 from harness.io import read_jsonl
 from harness.sweep.status import newest_checkpoint_step
-from harness.run_dir import RunDir, checkpoint_step
+from harness.run_dir import RunDir, checkpoint_step, read_checkpoint
 from harness.train.loop import train
 from harness.train.runtime import achieved_tflops
 from harness.train.step import LOGGED_LOSSES, step_draws, step_generator
 
 
 def final_weights(run_dir: Path) -> dict:
-    state = torch.load(RunDir(run_dir).checkpoints()[-1], map_location="cpu", weights_only=False)
+    state = read_checkpoint(RunDir(run_dir).checkpoints()[-1])
     return {"step": state["step"], "model": state["model"], "ema": state["ema"]}
+
+
+def checkpoint_bytes(run_dir: Path) -> dict:
+    """Every file of the run's checkpoints (their directories' parts and metadata), by path: what a change shows in."""
+    return {p.relative_to(run_dir): p.read_bytes() for p in (Path(run_dir) / "checkpoints").rglob("*") if p.is_file()}
+
+
+def as_older_pt(path: Path, **changes) -> Path:
+    """Rewrite the checkpoint directory `path` as an older run's single file (`step_N.pt`: the optimizer state
+    keyed by parameter index, one process's RNGs), with `changes` to its entries (None: left out)."""
+    state = read_checkpoint(path)
+    names = [name for group in state["opt"]["param_groups"] for name in group["params"]]
+    index = {name: i for i, name in enumerate(names)}
+    state["opt"] = {"state": {index[k]: v for k, v in state["opt"]["state"].items()},
+                    "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["opt"]["param_groups"]]}
+    state["rng"] = state["rng"]["rank0"]
+    state.update(changes)
+    state = {k: v for k, v in state.items() if v is not None}
+    shutil.rmtree(path)
+    torch.save(state, path.with_name(path.name + ".pt"))
+    return path.with_name(path.name + ".pt")
 
 
 def assert_bitwise_equal(a: dict, b: dict) -> None:
@@ -129,7 +150,7 @@ def test_a_resumed_run_moves_the_metrics_rows_it_trains_again_aside(tmp_path):
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
     cfg = compose([*TINY, "trainer.max_steps=20", "trainer.ckpt_every=10", "trainer.keep_last=3"])
     train(cfg, tmp_path)
-    newest = RunDir(tmp_path).checkpoints()[-1]
+    newest = [as_older_pt(p) for p in RunDir(tmp_path).checkpoints()][-1]  # an older run's files
     newest.write_bytes(newest.read_bytes()[:100])  # truncated, as by a kill during a non-atomic write
     assert newest_checkpoint_step(tmp_path) == 10  # what a sweep's plan and status say a relaunch resumes from
     messages = []
@@ -139,20 +160,23 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
     assert newest.exists(), "a corrupt checkpoint is reported, never deleted"
 
     truncated = newest.read_bytes()
-    partial = newest.parent / f".{newest.name}.k1ll3d.tmp"  # what a kill during a save leaves
+    partial = newest.parent / f".{newest.name}.k1ll3d.tmp"  # what a kill during an older run's save leaves
     partial.write_bytes(b"half a checkpoint")
+    partial_dir = newest.parent / ".step_0000030.tmp"  # and during a save now: a temp dir without .metadata
+    partial_dir.mkdir()
+    (partial_dir / "__0_0.distcp").write_bytes(b"half a part")
     cfg = compose([*TINY, "trainer.max_steps=20", "trainer.ckpt_every=10", "trainer.keep_last=3"])
     result = train(cfg, tmp_path)
     assert result["step"] == 20
     assert RunDir(tmp_path).load_newest_checkpoint()["step"] == 20
     (kept,) = newest.parent.glob(f"{newest.name}.unreadable-*")  # retraining step 20 did not overwrite it
     assert kept.read_bytes() == truncated
-    assert not partial.exists()
+    assert not partial.exists() and not partial_dir.exists()
 
 
 def test_an_unreadable_checkpoint_is_set_aside_and_keep_last_counts_only_readable_ones(tmp_path, capsys):
     train(compose([*TINY, "trainer.max_steps=20", "trainer.ckpt_every=10", "trainer.keep_last=2"]), tmp_path)
-    first, newest = RunDir(tmp_path).checkpoints()
+    first, newest = [as_older_pt(p) for p in RunDir(tmp_path).checkpoints()]  # an older run's files
     newest.write_bytes(newest.read_bytes()[:100])
     truncated = newest.read_bytes()
     # Resumed from step 10, the next save is step 30: pruning to two must keep 10, not the unreadable 20.
@@ -166,6 +190,8 @@ def test_an_unreadable_checkpoint_is_set_aside_and_keep_last_counts_only_readabl
     assert "already at step 30, trainer.max_steps=20: nothing to train" in capsys.readouterr().out
     assert [checkpoint_step(p) for p in RunDir(tmp_path).checkpoints()] == [10, 30]
     for path in RunDir(tmp_path).checkpoints():  # every checkpoint unreadable: said, and training starts over
+        if path.is_dir():
+            shutil.rmtree(path)
         path.write_bytes(b"")
     messages = []
     assert RunDir(tmp_path).load_newest_checkpoint(say=messages.append) is None
@@ -190,9 +216,7 @@ def test_a_run_saved_before_a_key_existed_resumes_and_evaluates(tmp_path):
     bf16 = compose([*TINY, "trainer.max_steps=2", "trainer.residual_precision=bf16"])
     assert RunDir(tmp_path).difference(bf16) == "trainer.residual_precision: 'fp32' -> 'bf16'"
     (tmp_path / "config.yaml").unlink()  # the checkpoint's own config, written without the keys
-    path = RunDir(tmp_path).checkpoints()[-1]
-    blob = torch.load(path, weights_only=False)
-    torch.save({**blob, "config": to_yaml(older)}, path)
+    path = as_older_pt(RunDir(tmp_path).checkpoints()[-1], config=to_yaml(older))
     assert RunDir(tmp_path).difference(cfg) == ""
     merged, _ = checkpoint_config(path)
     assert merged.trainer.residual_precision == "fp32" and merged.trainer.compile_tuning is False
@@ -206,11 +230,8 @@ def test_a_checkpoint_of_another_model_is_refused_before_anything_is_written(tmp
         train(compose([*TINY, "trainer.max_steps=4", "model.hidden_size=64"]), tmp_path / "b")
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checkpoints"]
     # A checkpoint without its config (another tool's, say) is caught when its weights do not load.
-    path = tmp_path / "b" / "checkpoints" / "step_0000002.pt"
-    state = torch.load(path, weights_only=False)
-    del state["config"]
-    torch.save(state, path)
-    with pytest.raises(HarnessError, match=r"step_0000002.pt does not fit this run's model \(Error\(s\) in loading"):
+    as_older_pt(tmp_path / "b" / "checkpoints" / "step_0000002", config=None)
+    with pytest.raises(HarnessError, match=r"step_0000002.pt does not fit this run's model \(.* in the file, .* in the model\)"):
         train(compose([*TINY, "trainer.max_steps=4", "model.hidden_size=64"]), tmp_path / "b")
 
 
@@ -239,7 +260,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
     # Throughput is per device: the global images/s over the world size.
-    gflops = torch.load(RunDir(ddp).checkpoints()[-1], map_location="cpu", weights_only=False)["meta"]["gflops"]
+    gflops = read_checkpoint(RunDir(ddp).checkpoints()[-1], keys={"meta"})["meta"]["gflops"]
     logged = {}
     for run_dir, world in ((single, 1), (ddp, 2)):
         first, last = logged[world] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -305,7 +326,7 @@ def test_run_dir_with_a_different_config_is_refused(tmp_path):
     train(compose([*TINY, "model.depth=3", "trainer.max_steps=2", "on_config_change=overwrite"]), tmp_path)
     assert {signum: signal.getsignal(signum) for signum in signals} == signals  # the handlers are put back
     (aside,) = [p for p in tmp_path.glob("overwritten-*") if p.name != "overwritten-earlier"]
-    assert list((aside / "checkpoints").glob("step_*.pt"))
+    assert list((aside / "checkpoints").glob("step_*"))
     assert {"config.yaml", "run_state.json", "metrics.jsonl"} <= {p.name for p in aside.iterdir()}
     assert not {".hydra", "train.log", "overwritten-earlier"} & {p.name for p in aside.iterdir()}
     assert all((tmp_path / name).exists() for name in (".hydra", "train.log", "overwritten-earlier"))
@@ -313,12 +334,12 @@ def test_run_dir_with_a_different_config_is_refused(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     train(compose([*TINY, "trainer.max_steps=4", "trainer.ckpt_every=2"]), tmp_path)
-    before = {p.name: p.read_bytes() for p in RunDir(tmp_path).checkpoints()}
+    before = checkpoint_bytes(tmp_path)
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step [5-8] "):
         train(compose([*TINY, "trainer.max_steps=8", "trainer.ckpt_every=2", "trainer.lr=1e30",
                        "on_config_change=resume"]), tmp_path)
     # Nothing from the diverged run reaches the disk: no new checkpoint, the old ones byte for byte.
-    assert {p.name: p.read_bytes() for p in RunDir(tmp_path).checkpoints()} == before
+    assert checkpoint_bytes(tmp_path) == before
     state = json.loads((tmp_path / "run_state.json").read_text())
     assert state["state"] == "failed" and "non-finite loss at step" in state["error"]
 
@@ -471,7 +492,7 @@ def test_a_run_dir_made_of_hydra_values_still_trains(tmp_path):
     run_dir = str(tmp_path) + "/${hydra:job.name}"
     result = run_harness(["train", *TINY, "trainer.max_steps=2", "trainer.ckpt_every=2", f"hydra.run.dir={run_dir}"])
     assert result.returncode == 0, result.stderr
-    assert list(tmp_path.glob("*/checkpoints/step_0000002.pt"))
+    assert list(tmp_path.glob("*/checkpoints/step_0000002/.metadata"))
 
 
 def test_a_cache_dir_that_is_a_file_is_refused_before_the_run_starts(tmp_path):
@@ -547,26 +568,31 @@ def test_checkpoint_listing_takes_only_the_harness_names(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     for name in ("step_0000010.pt", "step_0000002.pt", "step_final.pt", "step_0000030.pt.unreadable-20260101"):
         torch.save({}, tmp_path / "checkpoints" / name)
-    assert [checkpoint_step(p) for p in RunDir(tmp_path).checkpoints()] == [2, 10]
+    for name in ("step_0000020", ".step_0000040.tmp", "step_0000050.unreadable-20260101"):  # checkpoint directories
+        (tmp_path / "checkpoints" / name).mkdir()
+    assert [checkpoint_step(p) for p in RunDir(tmp_path).checkpoints()] == [2, 10, 20]
+    shutil.rmtree(tmp_path / "checkpoints" / "step_0000020")  # an empty directory is no checkpoint to resume
     assert newest_checkpoint_step(tmp_path) == 10 and newest_checkpoint_step(tmp_path / "none") is None
 
 
 def test_resume_takes_optimizer_settings_from_the_config_and_restores_the_rngs(tmp_path):
     from harness.data import BatchStream, build_dataset
-    from harness.train.checkpoint import resume_from_checkpoint
+    from harness.train.checkpoint import Checkpointer
+    from harness.train.runtime import Dist
     from harness.train.step import build_training
 
     cfg = compose([*TINY, "trainer.max_steps=2", "trainer.ckpt_every=2"])
     train(cfg, tmp_path)
-    saved = torch.load(RunDir(tmp_path).checkpoints()[-1], map_location="cpu", weights_only=False)
+    saved = read_checkpoint(RunDir(tmp_path).checkpoints()[-1])
     changed = compose([*TINY, "trainer.lr=3e-3", "trainer.weight_decay=0.5", "trainer.betas=[0.5,0.6]"])
     model, ema, opt, _ = build_training(changed, torch.device("cpu"))
     stream = BatchStream(build_dataset(changed.data, "train"), 8)
     torch.manual_seed(123)
-    assert resume_from_checkpoint(RunDir(tmp_path), model, ema, opt, stream, changed.trainer, say=lambda text: None) == 2
+    checkpointer = Checkpointer(RunDir(tmp_path), changed, Dist(0, 1, 0, torch.device("cpu")), meta={})
+    assert checkpointer.resume(model, ema, opt, stream, say=lambda text: None) == 2
     group = opt.param_groups[0]
     assert (group["lr"], group["weight_decay"], group["betas"]) == (3e-3, 0.5, (0.5, 0.6))
-    assert torch.equal(torch.get_rng_state(), saved["rng"]["torch"])
+    assert torch.equal(torch.get_rng_state(), saved["rng"]["rank0"]["torch"])
     assert stream.state_dict() == saved["data_state"]
 
 
@@ -666,7 +692,7 @@ def test_tracker_bar_only_on_a_terminal_rows_only_when_enabled_and_mirrored_to_w
 def test_a_refused_resume_leaves_the_run_dir_as_it_was(tmp_path):
     train(compose([*TINY, "trainer.max_steps=2", "trainer.ckpt_every=2"]), tmp_path)
     before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    with pytest.raises(HarnessError, match=r"step_0000002.pt does not fit this run's model"):
+    with pytest.raises(HarnessError, match=r"step_0000002 does not fit this run's model"):
         train(compose([*TINY, "trainer.max_steps=4", "model.hidden_size=64", "on_config_change=resume"]), tmp_path)
     after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert after.keys() - {Path("train.log")} == before.keys() - {Path("train.log")}
@@ -707,5 +733,5 @@ def test_checkpoints_and_metrics_rows_hold_the_records_run_dir_declares(tmp_path
 
     train(compose([*TINY, "trainer.max_steps=2", "trainer.ckpt_every=2", "trainer.log_every=1"]), tmp_path)
     (path,) = RunDir(tmp_path).checkpoints()
-    assert set(torch.load(path, weights_only=False)) == set(CHECKPOINT_KEYS)
+    assert set(read_checkpoint(path)) == set(CHECKPOINT_KEYS)
     assert [set(row) for row in RunDir(tmp_path).read_metrics()] == [set(METRICS_COLUMNS)] * 2

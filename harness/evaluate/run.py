@@ -26,8 +26,8 @@ from harness.evaluate.val_loss import validation_loss
 from harness.flops import count_flops, training_compute_flops
 from harness.model import build_model, count_params, load_weights
 from harness.progress import Say, to_stderr
-from harness.run_dir import (CHECKPOINTS, RUN_CONTROL_KEYS, ResultRow, RunDir, first_difference, read_checkpoint_config,
-                             run_identity)
+from harness.run_dir import (CHECKPOINTS, RUN_CONTROL_KEYS, ResultRow, RunDir, first_difference, is_checkpoint_dir,
+                             read_checkpoint, read_checkpoint_config, run_identity)
 from harness.tracking import Tracker, run_id
 from harness.train.runtime import inference_forward, setup_distributed
 
@@ -124,13 +124,15 @@ def checkpoint_config(ckpt: str | os.PathLike, overrides: list[str] | tuple[str,
     overrides (e.g. model=DiT-XL/2 experiment=imagenet256), checked by the strict weight loading.
     """
     path = Path(ckpt).expanduser()
-    if path.is_dir():  # a run dir: its newest checkpoint
+    if path.is_dir() and not is_checkpoint_dir(path):  # a run dir: its newest checkpoint
         found = RunDir(path).checkpoints()
-        require(bool(found), f"ckpt={path} is a directory without {CHECKPOINTS}/step_*.pt")
+        require(bool(found), f"ckpt={path} is a directory without {CHECKPOINTS}/step_*")
         path = found[-1]
-    require(path.is_file(), f"ckpt={path}: no such file")
+    require(path.exists(), f"ckpt={path}: no such file")
     try:
         stored = read_checkpoint_config(path)
+    except HarnessError:  # a checkpoint directory missing a part or its .metadata: the line names the file
+        raise
     except Exception as err:  # noqa: BLE001 - any unreadable file is one line for the user
         raise HarnessError(f"ckpt={path} cannot be read ({type(err).__name__}); expected a checkpoint of "
                            "harness train or a released DiT .pt") from None
@@ -151,8 +153,8 @@ def checkpoint_config(ckpt: str | os.PathLike, overrides: list[str] | tuple[str,
 
 def _saved_step(path: Path) -> int:
     """The step one of our checkpoints was saved at, whatever the file is named now."""
-    # mmap: reading the step of a multi-GB checkpoint must not load its tensors.
-    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("step", 0))
+    # Only the step is read (a file is mmapped): reading it must not load a multi-GB checkpoint's tensors.
+    return int(read_checkpoint(path, keys={"step"}).get("step", 0))
 
 
 def evaluate_checkpoint(ckpt: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),

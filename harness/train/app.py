@@ -18,6 +18,7 @@ from harness.run_dir import RunDir
 from harness.sweep.launch import check_multirun
 from harness.train.checkpoint import check_checkpoint_fits
 from harness.train.loop import train
+from harness.train.runtime import check_parallel
 
 HYDRA_FLAGS = ("-m", "--multirun", "-h", "--help", "--hydra-help", "--version", "-c", "--cfg", "--resolve", "-p",
                "--package", "-i", "--info", "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
@@ -58,12 +59,14 @@ def hydra_train(argv: list[str]) -> int:
         validate(cfg)
         check_run_inputs(cfg)
         resolve_device(cfg.trainer.device, "trainer.device")
+        check_parallel(cfg.trainer, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun's workers know their world
         try:
             run_dir = RunDir(cfg.hydra.run.dir)
         except OmegaConfBaseException:  # a run dir made of ${hydra:...} values: train() checks it once Hydra has them
             pass
         if run_dir is not None:  # before Hydra writes the run's .hydra/ records into it
             check_output_path(run_dir.path, "hydra.run.dir", kind="dir")
+            run_dir.check_checkpoints()  # an incomplete newest checkpoint directory: one line, nothing touched
             if run_dir.check_claim(cfg):  # resuming a changed config: its weights must still fit
                 check_checkpoint_fits(cfg, run_dir)
     sys.argv = ["harness train", *argv]

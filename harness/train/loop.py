@@ -24,18 +24,18 @@ from harness.autoencoders import run_autoencoder
 from harness.config import latent_geometry
 from harness.config.checks import check_run_inputs, validate
 from harness.data import BatchStream, build_dataset
-from harness.errors import require
 from harness.evaluate.run import evaluate_model, evaluated_before
 from harness.evaluate.sampling import SamplingStopped
 from harness.flops import count_flops
-from harness.model import count_params
+from harness.model import build_model, count_params
 from harness.run_dir import RunDir
 from harness.tracking import Tracker
 from harness.train.checkpoint import Checkpointer
 from harness.train.preemption import PreemptionFlag
 from harness.train.runtime import (Dist, achieved_tflops, apply_matmul_settings, datasheet_peak_tflops, inference_forward,
-                                   mfu, peak_memory_gb, setup_distributed, training_forward)
-from harness.train.step import LOGGED_LOSSES, NonFiniteWatch, build_training, step_draws, step_generator, train_step
+                                   check_parallel, mfu, peak_memory_gb, setup_distributed, training_forward)
+from harness.train.step import (LOGGED_LOSSES, NonFiniteWatch, build_training, gather_full_ema, step_draws,
+                                step_generator, train_step)
 
 
 def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None, checked: bool = False) -> dict:
@@ -46,7 +46,9 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None, checked: bo
         validate(cfg)
         check_run_inputs(cfg)
     dist = setup_distributed(cfg.trainer.device)  # a device that is not there is refused before the run dir is made
+    check_parallel(cfg.trainer, dist.world_size)
     run_dir = RunDir(run_dir if run_dir is not None else _hydra_output_dir())
+    run_dir.check_checkpoints()  # an incomplete newest checkpoint directory: refused before anything is written
     run_dir.path.mkdir(parents=True, exist_ok=True)
     with run_dir.lock() if dist.is_main else nullcontext():
         return Trainer(cfg, run_dir, dist).fit()
@@ -97,8 +99,6 @@ class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: RunDir, dist: Dist):
         tc = self.tc = cfg.trainer
         self.cfg, self.run_dir, self.dist, self.device = cfg, run_dir, dist, dist.device
-        require(tc.global_batch_size % dist.world_size == 0,
-                f"trainer.global_batch_size={tc.global_batch_size} is not divisible by the world size {dist.world_size}")
         local_batch = tc.global_batch_size // dist.world_size
         self.rank_slice = slice(dist.rank * local_batch, (dist.rank + 1) * local_batch)
         if dist.is_main:
@@ -107,7 +107,7 @@ class Trainer:
         apply_matmul_settings(tc, self.device)
 
         self.geometry = geometry = latent_geometry(cfg)
-        self.model, self.ema, self.opt, self.diffusion = build_training(cfg, self.device)
+        self.model, self.ema, self.opt, self.diffusion = build_training(cfg, self.device, dist)
         self.flops = count_flops(cfg.model, geometry)
         self.params = count_params(self.model)
         dataset = build_dataset(cfg.data, "train", cfg.autoencoder)
@@ -124,7 +124,7 @@ class Trainer:
                                f"{tc.gpus} GPUs")
         self.checkpointer = Checkpointer(run_dir, cfg, dist, meta={
             "model": cfg.model.name, "params": self.params, "gflops": self.flops["gflops"], "geometry": vars(geometry)})
-        self.step = self.checkpointer.resume(self.model, self.ema, self.opt, self.stream, tc, say=self.tracker.print)
+        self.step = self.checkpointer.resume(self.model, self.ema, self.opt, self.stream, say=self.tracker.print)
         if dist.is_main:  # the checkpoint fits: the dir is this config's run now
             run_dir.write_config(cfg)
             self.tracker.resumed_at(self.step)
@@ -136,7 +136,12 @@ class Trainer:
         self.sample_shape = (geometry.in_channels, geometry.input_size, geometry.input_size)
         self.preemption = PreemptionFlag()
         self.nonfinite = NonFiniteWatch(self.device)
-        self.sample_forward = inference_forward(self.ema, cfg, self.device) if self.eval_every is not None else None
+        # Evaluation samples from the EMA; under FSDP from a whole copy gathered before each evaluation.
+        self.eval_ema = self.ema
+        if tc.parallel == "fsdp" and self.eval_every is not None:
+            self.eval_ema = build_model(cfg.model, geometry, device=self.device, init_weights=False)
+            self.eval_ema.requires_grad_(False).eval()
+        self.sample_forward = inference_forward(self.eval_ema, cfg, self.device) if self.eval_every is not None else None
 
     # ------------------------------------------------------------------------- the loop
 
@@ -175,6 +180,7 @@ class Trainer:
             self.tracker.close_bar()  # training is over: the final evaluation has its own progress
             if self.eval_every is not None:
                 self.evaluate(step)
+            self.checkpointer.wait()  # a background save of the last step is committed before the run is done
             if dist.is_main:
                 self.run_dir.write_state("done", step, max_steps)
                 self.tracker.print(f"done at step {step}: {self.run_dir}")
@@ -226,6 +232,7 @@ class Trainer:
             return
         if not self.checkpointer.is_save_step(step):
             self.save(step)
+        self.checkpointer.wait()  # a background save is committed before the job is requeued or exits
         if self.dist.is_main:
             self.run_dir.write_state("preempted", step, self.max_steps)
             self.tracker.print(f"preempted at step {step}: checkpoint saved, requeueing" if self.preemption.requeues
@@ -240,9 +247,11 @@ class Trainer:
         if evaluated_before(self.run_dir, step, self.cfg.eval):
             self.tracker.print(f"step {step}: already evaluated with this eval config (results.jsonl); not sampled again")
             return
+        if self.eval_ema is not self.ema:
+            gather_full_ema(self.ema, self.eval_ema)
         self.preemption.sampling = True
         try:
-            row = evaluate_model(self.ema, self.cfg, step, self.run_dir, dist=self.dist, flops=self.flops,
+            row = evaluate_model(self.eval_ema, self.cfg, step, self.run_dir, dist=self.dist, flops=self.flops,
                                  params=self.params, log_fn=self.tracker.log_result, say=self.tracker.print,
                                  forward=self.sample_forward,
                                  stop=lambda: self.dist.any_rank(self.preemption.raised))

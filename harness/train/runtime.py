@@ -70,6 +70,38 @@ def setup_distributed(device_pref: str = "auto") -> Dist:
     return Dist(rank, world_size, local_rank, device, host_group)
 
 
+def check_parallel(tc: DictConfig, world_size: int) -> None:
+    """The job's process count fits the config: checked before a run writes anything. A checkpoint of any world
+    size loads at any other (torch.distributed.checkpoint reshards), but each rank's slice of the global batch
+    must be whole, and FSDP has nothing to shard across in one process."""
+    require(tc.parallel != "fsdp" or world_size > 1,
+            f"trainer.parallel=fsdp needs more than one process (this job has {world_size}): start it with "
+            "torchrun --nproc_per_node=N, or use trainer.parallel=ddp")
+    require(tc.global_batch_size % world_size == 0,
+            f"trainer.global_batch_size={tc.global_batch_size} is not divisible by the world size {world_size}: "
+            "the run's batches (and its checkpoints' data position) cannot be split across that many processes")
+
+
+def fully_shard_training(model: torch.nn.Module, ema: torch.nn.Module, tc: DictConfig, dist: Dist) -> None:
+    """FSDP2 in place: each transformer block, then the root (the embedders and final layer), of the model and
+    of the EMA, over all ranks, so the EMA's shards sit on the rank that holds the same model shards.
+
+    The model's sharded (master) weights, gradients and AdamW state are fp32; under trainer.precision=bf16 the
+    blocks compute with bf16 weights and gradients are reduced in fp32. Otherwise (fp32, the CPU default:
+    gloo's collectives are measured in fp32 only) the policy is fp32 throughout. The EMA stays fp32 and never
+    runs a forward while sharded (evaluation samples from a gathered copy: `step.gather_full_ema`)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+    bf16 = fast_path_settings(tc, dist.device, dist.world_size)["precision"] == "bf16"
+    compute = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for module, policy in ((model, compute), (ema, MixedPrecisionPolicy())):
+        for block in module.blocks:
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(module, mesh=mesh, mp_policy=policy)
+
+
 # ----------------------------------------------------------------------------- fast paths
 
 
@@ -137,10 +169,10 @@ def autocast_forward(train_model, model: torch.nn.Module, fast: dict, device: to
 
 def training_forward(model: torch.nn.Module, tc: DictConfig, dist: Dist) -> tuple:
     """(forward, fast-path settings) of the train loop: `model` compiled as configured, under DDP with more than
-    one process, called under autocast."""
+    one process (an FSDP model is sharded already: `fully_shard_training`), called under autocast."""
     fast = fast_path_settings(tc, dist.device, dist.world_size)
     train_model = compiled(model, fast)
-    if dist.world_size > 1:
+    if dist.world_size > 1 and tc.parallel == "ddp":
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
             bucket_cap_mb=float(tc.ddp_bucket_mb), gradient_as_bucket_view=True)

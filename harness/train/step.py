@@ -14,12 +14,14 @@ import copy
 import numpy as np
 import torch
 import torch.distributed as torch_dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 from omegaconf import DictConfig
 
 from harness.config import latent_geometry
 from harness.diffusion import create_diffusion
 from harness.model import build_model
-from harness.train.runtime import Dist
+from harness.train.runtime import Dist, fully_shard_training
 
 LOGGED_LOSSES = ("loss", "mse", "vb")  # each a mean over the logging window
 
@@ -27,15 +29,19 @@ LOGGED_LOSSES = ("loss", "mse", "vb")  # each a mean over the logging window
 # ----------------------------------------------------------------------------- model, EMA, optimizer
 
 
-def build_training(cfg: DictConfig, device: torch.device) -> tuple:
+def build_training(cfg: DictConfig, device: torch.device, dist: Dist | None = None) -> tuple:
     """(model, fp32 EMA, optimizer, diffusion) of `cfg` on `device`. The model is initialised on the CPU from
-    `cfg.seed`, so every rank and every device starts from the same weights."""
+    `cfg.seed`, so every rank and every device starts from the same weights. With `trainer.parallel=fsdp` (and
+    the job's `dist`) the model and the EMA are sharded alike (`runtime.fully_shard_training`) before the
+    optimizer is built on the shards."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, latent_geometry(cfg)).to(device)
     model.grad_checkpointing = bool(cfg.trainer.grad_checkpointing)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     # Training only: the EMA samples FIDs as `harness eval` does, with the residual stream in fp32.
     model.low_precision_residual = cfg.trainer.residual_precision == "bf16"
+    if dist is not None and cfg.trainer.parallel == "fsdp":
+        fully_shard_training(model, ema, cfg.trainer, dist)
     return model, ema, build_optimizer(model, cfg.trainer, device), create_diffusion(cfg.diffusion)
 
 
@@ -112,6 +118,19 @@ class NonFiniteWatch:
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, for every parameter."""
-    ema_params = list(ema.parameters())
-    torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - decay)
+    """ema <- decay * ema + (1 - decay) * model, for every parameter. Under FSDP both are sharded alike, so each
+    rank updates its own shards (the DTensors' local tensors): no communication."""
+    ema_params = [_local(p) for p in ema.parameters()]
+    torch._foreach_lerp_(ema_params, [_local(p.detach()) for p in model.parameters()], 1.0 - decay)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP parameter (a view: updating it updates the parameter); a plain tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def gather_full_ema(ema: torch.nn.Module, full: torch.nn.Module) -> torch.nn.Module:
+    """`full`, an unsharded model of the EMA's config, loaded with the sharded EMA's weights (every rank takes part
+    in the all-gather): under FSDP each rank samples its share of an evaluation from a whole copy, as under DDP."""
+    full.load_state_dict(get_model_state_dict(ema, options=StateDictOptions(full_state_dict=True)))
+    return full

@@ -1,0 +1,143 @@
+"""Sharded checkpoints (torch.distributed.checkpoint) and FSDP: two gloo processes on CPU.
+
+Each rank writes its own part of a checkpoint directory; resuming maps the saved parts onto any world size; a
+kill mid-save leaves only a temp dir, and the previous checkpoint is used; FSDP trains like DDP (within a stated
+tolerance) and resumes exactly; a background (async) save is committed whole and resumes exactly.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, TINY, harness_env, run_harness
+from harness.config import compose
+from harness.io import read_jsonl
+from harness.run_dir import RunDir, checkpoint_step, read_checkpoint
+from harness.train.loop import train
+from harness.train.step import LOGGED_LOSSES
+
+STEPS = 10
+# FSDP vs DDP on CPU in fp32 (trainer.precision=auto): the same math, with gradients reduce-scattered instead of
+# all-reduced. Measured with two gloo processes over 10 steps of the tiny model: losses and weights bitwise equal
+# (a sum of two gradients rounds the same either way); with more ranks the summation order may differ, so the
+# test allows float32 rounding over 10 steps.
+LOSS_RTOL = 1e-6
+WEIGHT_ATOL = 1e-6
+
+
+def train_args(run_dir: Path, *extra: str) -> list[str]:
+    return ["train", *TINY, f"trainer.max_steps={STEPS}", "trainer.ckpt_every=5", f"hydra.run.dir={run_dir}", *extra]
+
+
+def torchrun(run_dir: Path, *extra: str, port: int) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                           "-m", "harness.cli", *train_args(run_dir, *extra)],
+                          cwd=REPO, env=harness_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def weights(run_dir: Path, step: int = STEPS) -> dict:
+    state = read_checkpoint(RunDir(run_dir).checkpoint_file(step))
+    assert state["step"] == step
+    return {which: state[which] for which in ("model", "ema")}
+
+
+def assert_weights(a: dict, b: dict, atol: float = 0.0) -> None:
+    for which in ("model", "ema"):
+        assert a[which].keys() == b[which].keys()
+        for key in a[which]:
+            if atol == 0.0:
+                assert torch.equal(a[which][key], b[which][key]), f"{which}.{key} differs"
+            else:
+                torch.testing.assert_close(a[which][key], b[which][key], rtol=0, atol=atol, msg=f"{which}.{key}")
+
+
+def losses(run_dir: Path) -> list[list[float]]:
+    return [[row[k] for k in LOGGED_LOSSES] for row in read_jsonl(Path(run_dir) / "metrics.jsonl")]
+
+
+def resumed_from(run_dir: Path, step: int, source: Path) -> Path:
+    """A run dir holding only `source`'s checkpoint of `step` (and its config): what a kill after that save leaves."""
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(RunDir(source).checkpoint_file(step), RunDir(run_dir).checkpoint_file(step))
+    shutil.copy(source / "config.yaml", run_dir / "config.yaml")
+    return run_dir
+
+
+def test_fsdp_trains_like_ddp_and_its_checkpoints_resume_at_two_and_at_one_process(tmp_path):
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    torchrun(ddp, port=29531)
+    torchrun(fsdp, "trainer.parallel=fsdp", port=29532)
+    # Each rank wrote its own part: the FSDP shards of rank 0 and of rank 1, and rank 0 the metadata.
+    parts = sorted(p.name for p in RunDir(fsdp).checkpoint_file(STEPS).iterdir())
+    assert parts == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert [checkpoint_step(p) for p in RunDir(fsdp).checkpoints()] == [5, 10]
+    for a, b in zip(losses(ddp), losses(fsdp), strict=True):
+        assert b == pytest.approx(a, rel=LOSS_RTOL)
+    assert_weights(weights(fsdp), weights(ddp), atol=WEIGHT_ATOL)
+
+    # Killed after step 5 and resumed by two processes (here with background saves): bitwise the same run.
+    again = resumed_from(tmp_path / "again", 5, fsdp)
+    done = torchrun(again, "trainer.parallel=fsdp", "trainer.async_checkpoint=true", port=29533)
+    assert f"resumed {again} from step 5" in done.stdout + done.stderr
+    assert_weights(weights(again), weights(fsdp))
+    assert not list((again / "checkpoints").glob(".step_*"))  # every background save committed
+
+    # Saved by two FSDP processes, resumed by one: the shards map onto whole tensors, the run goes on.
+    one = resumed_from(tmp_path / "one", 5, fsdp)
+    result = run_harness(train_args(one))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed {one} from step 5" in result.stdout + result.stderr
+    assert_weights(weights(one), weights(fsdp), atol=WEIGHT_ATOL)
+    assert losses(one)[-1] == pytest.approx(losses(fsdp)[-1], rel=LOSS_RTOL)
+
+
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint_used(tmp_path):
+    reference = tmp_path / "reference"
+    train(compose([*TINY, f"trainer.max_steps={STEPS}", "trainer.ckpt_every=5"]), reference)
+    # Killed while writing step 10: its temp dir holds a part and no .metadata; step 5 is the newest checkpoint.
+    killed = resumed_from(tmp_path / "killed", 5, reference)
+    partial = RunDir(killed).checkpoint_temp_dir(STEPS)
+    partial.mkdir()
+    (partial / "__0_0.distcp").write_bytes((RunDir(reference).checkpoint_file(STEPS) / "__0_0.distcp").read_bytes()[:100])
+    assert RunDir(killed).newest_checkpoint() == RunDir(killed).checkpoint_file(5)
+    result = train(compose([*TINY, f"trainer.max_steps={STEPS}", "trainer.ckpt_every=5"]), killed)
+    assert result["step"] == STEPS
+    assert [checkpoint_step(p) for p in RunDir(killed).checkpoints()] == [5, 10] and not partial.exists()
+    assert f"resumed {killed} from step 5" in (killed / "train.log").read_text()
+    assert_weights(weights(killed), weights(reference))
+
+
+def test_background_saves_are_committed_whole_and_resume_exactly(tmp_path):
+    reference = tmp_path / "reference"
+    train(compose([*TINY, f"trainer.max_steps={STEPS}", "trainer.ckpt_every=5"]), reference)
+    background = tmp_path / "background"
+    args = [*TINY, f"trainer.max_steps={STEPS}", "trainer.ckpt_every=2", "trainer.keep_last=2",
+            "trainer.ckpt_milestones=[5]", "trainer.async_checkpoint=true"]
+    train(compose(args), background)
+    # keep-last 2 plus the milestone, every one committed (no temp dir), the last one equal to a blocking save's
+    assert [checkpoint_step(p) for p in RunDir(background).checkpoints()] == [5, 8, 10]
+    assert not list((background / "checkpoints").glob(".step_*"))
+    assert_weights(weights(background), weights(reference))
+    resumed = resumed_from(tmp_path / "resumed", 5, background)
+    train(compose(args), resumed)
+    assert_weights(weights(resumed), weights(reference))
+
+
+def test_an_older_single_file_checkpoint_still_resumes_exactly(tmp_path):
+    from test_train import as_older_pt
+
+    reference = tmp_path / "reference"
+    train(compose([*TINY, f"trainer.max_steps={STEPS}", "trainer.ckpt_every=5"]), reference)
+    older = resumed_from(tmp_path / "older", 5, reference)
+    path = as_older_pt(RunDir(older).checkpoint_file(5))
+    assert RunDir(older).checkpoints() == [path]
+    train(compose([*TINY, f"trainer.max_steps={STEPS}", "trainer.ckpt_every=5"]), older)
+    assert_weights(weights(older), weights(reference))
