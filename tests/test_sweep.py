@@ -143,7 +143,7 @@ def test_invalid_points_are_all_listed_before_anything_is_written(tmp_path):
     with pytest.raises(HarnessError) as err:
         launch.launch_sweep("demo", ["model=mini-S/4,no-such-model", "model.hidden_size=30", f"hydra.sweep.dir={out_dir}"])
     assert "2 problems in a grid of 2 runs" in str(err.value)
-    assert "  - model=no-such-model: model=no-such-model is not one of DiT-B/2," in str(err.value)
+    assert "  - model=no-such-model: model=no-such-model is not one of DiT-5B/2," in str(err.value)
     assert "  - model=mini-S/4: model.hidden_size=30 is not divisible" in str(err.value)
 
 

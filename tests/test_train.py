@@ -465,7 +465,7 @@ def test_non_finite_watch_keeps_the_first_bad_step():
     ("trainer.lr=abc", "trainer.lr must be a number > 0, got 'abc'"),
     ("trainer.log_every=true", "trainer.log_every must be a positive integer, got True"),
     ("trainr.max_steps=2", "trainr.max_steps is not a config key (check its spelling; a new key is added as +trainr"),
-    ("model=DiT-X/2", "model=DiT-X/2 is not one of DiT-B/2, DiT-B/4,"),
+    ("model=DiT-X/2", "model=DiT-X/2 is not one of DiT-5B/2, DiT-5B/4,"),
     ("experiment=imagenet_256", "experiment=imagenet_256 is not one of imagenet256, imagenet512"),
     ("autoencoder=sd-vae-ft-ema data.image_size=64", "data.channels=1: the sd-vae-ft-ema VAE encodes RGB images"),
     ("data=latents data.root=/nonexistent", "data.root='/nonexistent' is not a directory"),
