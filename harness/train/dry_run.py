@@ -88,7 +88,7 @@ def memory_plan(tc, mc, params: int, block_params: int, tokens: int, precision: 
     plan = {"gpu_memory_gib": limit, "parallel": str(tc.get("parallel", "ddp"))}
     for parallel, fewest in (("ddp", 1), ("fsdp", 2)):  # FSDP shards over at least two processes
         memory = at(parallel, gpus)
-        plan[parallel] = {**memory, "fits": memory["total_gb"] <= limit,
+        plan[parallel] = {**memory, "fits": gpus >= fewest and memory["total_gb"] <= limit,
                           "gpus_needed": gpus_to_fit(lambda n, p=parallel: at(p, n), batch, limit, fewest)}
     return plan
 
@@ -164,7 +164,7 @@ def fit_line(plan: dict, gpus: int) -> str:
             on += f"fits (~{est['total_gb']:.3g} GiB)" if est["fits"] else f"will NOT fit (~{est['total_gb']:.3g} GiB)"
         needed = est["gpus_needed"]
         if needed is not None:
-            on += f", needs {needed} GPUs" + (f" (trainer.parallel=fsdp trainer.gpus={needed})" if name == "FSDP" else "")
+            on += f", needs {needed} GPU{'s' if needed > 1 else ''}" + (f" (trainer.parallel=fsdp trainer.gpus={needed})" if name == "FSDP" else "")
         elif name == "DDP" and est["state_gb"] > plan["gpu_memory_gib"]:
             on += f", on any number of GPUs (its unsharded state alone is {est['state_gb']:.3g} GiB)"
         else:
