@@ -9,6 +9,10 @@ evaluates), on the demo sweep shrunk to a tiny DiT and 1,500 fast steps:
 3. S's patch-8 job is killed (`scancel --signal=KILL`) after its first checkpoint; launching S again
    must resubmit only that run, which resumes from its checkpoint; launching S once more submits nothing.
 
+A second, smaller scenario runs one config as a two-task job (two gloo processes on the node's two CPUs,
+joined through submitit's TorchDistributedEnvironment): preempted with USR2 mid-run on both tasks, requeued,
+and its final weights equal to those of the same two-task job run without interruption.
+
 Without SLURM (and no root to start it) the tests skip; under CI=true they fail instead.
 """
 
@@ -25,7 +29,7 @@ import torch
 
 from conftest import REPO, run_harness
 from harness.io import read_jsonl
-from harness.run_dir import RunDir, checkpoint_step
+from harness.run_dir import RunDir, checkpoint_step, read_checkpoint
 from harness.sweep.schedulers import SUBMISSIONS, last_submissions
 from harness.sweep.status import sweep_status
 
@@ -58,8 +62,8 @@ def slurm_or_skip() -> None:
         pytest.skip(message)
 
 
-def sweep(sweep_dir: Path, *overrides: str, wait_s: int = 0) -> subprocess.CompletedProcess:
-    out = run_harness(["sweep", "demo", *TINY, *overrides, f"hydra.sweep.dir={sweep_dir}",
+def sweep(sweep_dir: Path, *overrides: str, wait_s: int = 0, tiny: tuple = tuple(TINY)) -> subprocess.CompletedProcess:
+    out = run_harness(["sweep", "demo", *tiny, *overrides, f"hydra.sweep.dir={sweep_dir}",
                        f"hydra.launcher.wait_s={wait_s}"], timeout=wait_s + 120)
     assert out.returncode in (0, 1), out.stdout + out.stderr
     return out
@@ -91,7 +95,8 @@ def wait_until(condition, what: str, deadline: float, poll_s: float = 0.3):
 
 
 def final_weights(run_dir: Path) -> dict:
-    return torch.load(RunDir(run_dir).checkpoints()[-1], map_location="cpu", weights_only=False)
+    """The newest checkpoint's step, model and EMA, a single file or a sharded directory alike."""
+    return read_checkpoint(RunDir(run_dir).checkpoints()[-1], keys={"step", "model", "ema"})
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +152,7 @@ def test_every_run_finishes_with_checkpoints_and_results(scenario):
     for run_dir in (scenario["p_run"], scenario["killed_run"], scenario["twin_run"]):
         state = json.loads((run_dir / "run_state.json").read_text())
         assert (state["state"], state["step"]) == ("done", STEPS)
-        assert RunDir(run_dir).checkpoints()[-1].name == f"step_{STEPS:07d}.pt"
+        assert checkpoint_step(RunDir(run_dir).checkpoints()[-1]) == STEPS
         rows = read_jsonl(run_dir / "results.jsonl")
         assert rows and rows[-1]["step"] == STEPS and rows[-1]["fid"] > 0 and rows[-1]["fid_name"] == "fid_digits"
     rows = {r["run"]: r for r in sweep_status(scenario["s_dir"])}
@@ -185,3 +190,64 @@ def test_relaunch_after_completion_submits_nothing(scenario):
     assert "0 of 2 runs to submit (slurm)" in scenario["again"]
     assert len(read_jsonl(scenario["s_dir"] / SUBMISSIONS)) == 3
     assert not scenario["queue_after_again"]
+
+
+# One run, two tasks: the demo's mini-S/8 with 300 fast steps (~15 s of training on two gloo processes), no FID.
+TWO_TASK_STEPS = 300
+TWO_TASKS = (
+    "launcher=slurm", "model=mini-S/8", "trainer.global_batch_size=16", f"trainer.max_steps={TWO_TASK_STEPS}",
+    "trainer.ckpt_every=50", "trainer.log_every=10", "eval.every=null",
+    "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=30",
+)
+TWO_TASK_RUN = "digits-mini-S-8-adaln_zero"
+TWO_TASK_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def two_tasks(tmp_path_factory):
+    """Sweep Q's two-task job is preempted (USR2 to both tasks) mid-run; sweep R's identical job runs through. The
+    node's two CPUs hold one such job at a time, so R runs before or after Q's requeued second half."""
+    slurm_or_skip()
+    root = tmp_path_factory.mktemp("slurm-two-tasks")
+    q_dir, r_dir = root / "Q", root / "R"
+    seen: dict = {}
+    try:
+        sweep(q_dir, tiny=TWO_TASKS)
+        sweep(r_dir, tiny=TWO_TASKS)
+        deadline = time.time() + TWO_TASK_TIMEOUT_S
+        q_run = q_dir / TWO_TASK_RUN
+        wait_until(lambda: 20 <= last_logged_step(q_run), "Q's first steps", deadline)
+        assert last_logged_step(q_run) < TWO_TASK_STEPS - 100, "Q ran too far to be preempted mid-run"
+        q_job = job_of(q_dir, TWO_TASK_RUN)
+        subprocess.run(["scancel", "--signal=USR2", q_job], check=True, timeout=60)  # every task of the job
+        seen["requeued_status"] = wait_until(
+            lambda: next((r for r in sweep_status(q_dir) if r["state"] == "requeued"), None), "Q's requeue", deadline)
+        wait_until(lambda: not queued(q_dir, r_dir), "the jobs to leave the queue", deadline, poll_s=1.0)
+        seen.update(q_job=q_job, q_run=q_run, r_run=r_dir / TWO_TASK_RUN)
+        yield seen
+    finally:
+        for sweep_dir in (q_dir, r_dir):
+            ids = [r["job_id"] for r in read_jsonl(sweep_dir / SUBMISSIONS)]
+            if ids:
+                subprocess.run(["scancel", *ids], capture_output=True, timeout=60)
+
+
+def test_a_two_task_job_preempted_on_both_tasks_requeues_and_matches_an_uninterrupted_one(two_tasks):
+    q_run, r_run = two_tasks["q_run"], two_tasks["r_run"]
+    for run_dir in (q_run, r_run):
+        state = json.loads((run_dir / "run_state.json").read_text())
+        assert (state["state"], state["step"]) == ("done", TWO_TASK_STEPS)
+        assert "on cpu x2" in (run_dir / "train.log").read_text()  # one process group of two ranks
+    state = json.loads((q_run / "run_state.json").read_text())
+    assert state["requeues"] >= 1 and state["slurm_job_id"] == two_tasks["q_job"]  # the same job, requeued
+    log = (q_run / "train.log").read_text()
+    assert "preempted at step" in log and "resumed" in log
+    # Both tasks ran, each time: submitit logs each task's rank.
+    logs = sorted(Path(two_tasks["requeued_status"]["log"]).parent.glob("*_log.out"))
+    assert [p.name.split("_")[1] for p in logs] == ["0", "1"]
+    assert all(p.read_text().count("global_rank=") >= 2 for p in logs)  # started twice: before and after the requeue
+    preempted, uninterrupted = final_weights(q_run), final_weights(r_run)
+    assert preempted["step"] == uninterrupted["step"] == TWO_TASK_STEPS
+    for which in ("model", "ema"):
+        for key, value in uninterrupted[which].items():
+            assert torch.equal(preempted[which][key], value), (which, key)
