@@ -195,16 +195,19 @@ def is_checkpoint_dir(path: Path) -> bool:
                               or (path / ".metadata").exists())
 
 
-def checkpoint_problem(path: Path) -> str | None:
-    """Why a checkpoint cannot be read, found cheaply (None: it looks whole). A directory: its .metadata and
-    every part file the metadata names, long enough for the bytes it points into; a file: its zip directory."""
+def checkpoint_problem(path: Path, parts: bool = True) -> str | None:
+    """Why a checkpoint cannot be read, found cheaply (None: it looks whole). A directory: its .metadata and (with
+    `parts`, which reads the metadata and so imports torch) every part file the metadata names, long enough for
+    the bytes it points into; a file: its zip directory."""
     path = Path(path)
     if not path.is_dir():
         return None if zipfile.is_zipfile(path) else "its zip directory does not read (truncated?)"
-    from torch.distributed.checkpoint import FileSystemReader  # heavy: see read_checkpoint
-
     if not (path / ".metadata").is_file():
         return f"{path / '.metadata'} is missing"
+    if not parts:
+        return None
+    from torch.distributed.checkpoint import FileSystemReader  # heavy: see read_checkpoint
+
     try:
         metadata = FileSystemReader(path).read_metadata()
     except Exception as err:  # noqa: BLE001 - a damaged .metadata is one line for the user
@@ -325,9 +328,10 @@ class RunDir:
         return sorted(found, key=lambda p: (checkpoint_step(p), p.is_dir()))
 
     def newest_checkpoint(self) -> Path | None:
-        """The newest checkpoint that looks whole (`checkpoint_problem`): what a resume would start from unless
-        its tensors turn out damaged too. A few small reads per checkpoint, where loading would read gigabytes."""
-        return next((p for p in reversed(self.checkpoints()) if checkpoint_problem(p) is None), None)
+        """The newest checkpoint that looks whole (a directory's .metadata is there, a file's zip directory reads):
+        what a resume would start from unless it turns out damaged too. A few bytes per checkpoint, without torch
+        (status and sweep plans call this), where loading would read gigabytes."""
+        return next((p for p in reversed(self.checkpoints()) if checkpoint_problem(p, parts=False) is None), None)
 
     def check_checkpoints(self) -> None:
         """Refuse (one line naming the file) a newest checkpoint directory that lacks a part or its .metadata: a

@@ -73,8 +73,9 @@ def resumed_from(run_dir: Path, step: int, source: Path) -> Path:
 
 def test_fsdp_trains_like_ddp_and_its_checkpoints_resume_at_two_and_at_one_process(tmp_path):
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
-    torchrun(ddp, port=29531)
-    torchrun(fsdp, "trainer.parallel=fsdp", port=29532)
+    evaluation = ("eval.every=10", "eval.num_samples=24", "eval.batch_size=8", "eval.sampler=ddpm4")  # at the end
+    torchrun(ddp, *evaluation, port=29531)
+    torchrun(fsdp, "trainer.parallel=fsdp", *evaluation, port=29532)
     # Each rank wrote its own part: the FSDP shards of rank 0 and of rank 1, and rank 0 the metadata.
     parts = sorted(p.name for p in RunDir(fsdp).checkpoint_file(STEPS).iterdir())
     assert parts == [".metadata", "__0_0.distcp", "__1_0.distcp"]
@@ -82,6 +83,9 @@ def test_fsdp_trains_like_ddp_and_its_checkpoints_resume_at_two_and_at_one_proce
     for a, b in zip(losses(ddp), losses(fsdp), strict=True):
         assert b == pytest.approx(a, rel=LOSS_RTOL)
     assert_weights(weights(fsdp), weights(ddp), atol=WEIGHT_ATOL)
+    # Sampled from the gathered EMA, the evaluation is DDP's (the samples' noise is drawn outside the model).
+    (ddp_row,), (fsdp_row,) = read_jsonl(ddp / "results.jsonl"), read_jsonl(fsdp / "results.jsonl")
+    assert fsdp_row["fid"] == pytest.approx(ddp_row["fid"], rel=LOSS_RTOL)
 
     # Killed after step 5 and resumed by two processes (here with background saves): bitwise the same run.
     again = resumed_from(tmp_path / "again", 5, fsdp)

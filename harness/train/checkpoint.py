@@ -13,6 +13,7 @@ business (`harness.run_dir`).
 from __future__ import annotations
 
 import random
+import threading
 import warnings
 from concurrent.futures import Future
 from pathlib import Path
@@ -118,7 +119,7 @@ class Checkpointer:
         self.background = bool(tc.async_checkpoint)
         # DCP's own CPU (gloo) group: a background save's collectives must not interleave with training's.
         self.group = torch_dist.new_group(backend="gloo") if dist.world_size > 1 else None
-        self.pending: Future | None = None
+        self.pending: tuple[Future, threading.Event] | None = None
         self.commit_error: BaseException | None = None
 
     def is_save_step(self, step: int) -> bool:
@@ -139,10 +140,20 @@ class Checkpointer:
             self._commit(step)
             self.dist.barrier()
             return
-        self.pending = dcp.async_save(state, checkpoint_id=temp, process_group=self.group)
-        # Rank 0's write finishes after every rank's part and the metadata are written: commit then, not at the
-        # next wait(), so a kill during a long evaluation keeps this checkpoint.
-        self.pending.add_done_callback(lambda done: done.exception() is None and self._commit(step))
+        written = dcp.async_save(state, checkpoint_id=temp, process_group=self.group)
+        committed = threading.Event()  # a future's result() may return before its callbacks have run
+
+        def commit(future: Future) -> None:
+            # Rank 0's write finishes after every rank's part and the metadata are written: commit then, not at
+            # the next wait(), so a kill during a long evaluation keeps this checkpoint.
+            try:
+                if future.exception() is None:
+                    self._commit(step)
+            finally:
+                committed.set()
+
+        self.pending = (written, committed)
+        written.add_done_callback(commit)
 
     def _commit(self, step: int) -> None:
         if not self.dist.is_main:
@@ -159,8 +170,9 @@ class Checkpointer:
         """Return once a background save is committed (raising what it raised); at once without one."""
         if self.pending is None:
             return
-        pending, self.pending = self.pending, None
-        pending.result()
+        (written, committed), self.pending = self.pending, None
+        written.result()
+        committed.wait()
         if self.commit_error is not None:
             err, self.commit_error = self.commit_error, None
             raise err
