@@ -145,3 +145,35 @@ def test_an_older_single_file_checkpoint_still_resumes_exactly(tmp_path):
     assert RunDir(older).checkpoints() == [path]
     train(compose([*TINY, f"trainer.max_steps={STEPS}", "trainer.ckpt_every=5"]), older)
     assert_weights(weights(older), weights(reference))
+
+
+def test_a_stop_waits_for_the_background_save_and_the_run_resumes_exactly(tmp_path):
+    """SIGTERM with trainer.async_checkpoint: the step it lands in is saved and committed before the exit (143)."""
+    import json
+    import os
+    import signal
+    import time
+
+    from conftest import HARNESS
+
+    reference = tmp_path / "reference"
+    steps = 60
+    train(compose([*TINY, f"trainer.max_steps={steps}", "trainer.ckpt_every=10"]), reference)
+    stopped = tmp_path / "stopped"
+    args = ["train", *TINY, f"trainer.max_steps={steps}", "trainer.ckpt_every=10", "trainer.async_checkpoint=true",
+            f"hydra.run.dir={stopped}"]
+    proc = subprocess.Popen([*HARNESS, *args], cwd=REPO, env=harness_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not RunDir(stopped).checkpoints() and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGTERM)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, stderr[-2000:]
+    state = json.loads((stopped / "run_state.json").read_text())
+    newest = checkpoint_step(RunDir(stopped).checkpoints()[-1])
+    assert (state["state"], state["step"]) == ("preempted", newest) and newest < steps
+    assert not list((stopped / "checkpoints").glob(".step_*"))  # committed, not left half-way
+    resumed = run_harness(args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_weights(weights(stopped, steps), weights(reference, steps))
