@@ -157,7 +157,7 @@ def test_a_stop_waits_for_the_background_save_and_the_run_resumes_exactly(tmp_pa
     from conftest import HARNESS
 
     reference = tmp_path / "reference"
-    steps = 60
+    steps = 30
     train(compose([*TINY, f"trainer.max_steps={steps}", "trainer.ckpt_every=10"]), reference)
     stopped = tmp_path / "stopped"
     args = ["train", *TINY, f"trainer.max_steps={steps}", "trainer.ckpt_every=10", "trainer.async_checkpoint=true",

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
