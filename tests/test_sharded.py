@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,19 +104,42 @@ def test_fsdp_trains_like_ddp_and_its_checkpoints_resume_at_two_and_at_one_proce
     assert losses(one)[-1] == pytest.approx(losses(fsdp)[-1], rel=LOSS_RTOL)
 
 
+# A training run whose save of step 10 stalls after writing its part, before the metadata: the moment to kill it.
+STALLED_SAVE = """
+import sys, time
+import torch.distributed.checkpoint.filesystem as fs
+from harness.config import compose
+from harness.train.loop import train
+
+finish = fs._FileSystemWriter.finish
+def stalled(self, metadata, results):
+    if "step_0000010" in str(self.path):
+        time.sleep(300)
+    return finish(self, metadata, results)
+fs._FileSystemWriter.finish = stalled
+train(compose(sys.argv[2:]), sys.argv[1])
+"""
+
+
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint_used(tmp_path):
+    overrides = [*TINY, f"trainer.max_steps={STEPS}", "trainer.ckpt_every=5"]
     reference = tmp_path / "reference"
-    train(compose([*TINY, f"trainer.max_steps={STEPS}", "trainer.ckpt_every=5"]), reference)
-    # Killed while writing step 10: its temp dir holds a part and no .metadata; step 5 is the newest checkpoint.
-    killed = resumed_from(tmp_path / "killed", 5, reference)
+    train(compose(overrides), reference)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", STALLED_SAVE, str(killed), *overrides], cwd=REPO, env=harness_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = RunDir(killed).checkpoint_temp_dir(STEPS)
-    partial.mkdir()
-    (partial / "__0_0.distcp").write_bytes((RunDir(reference).checkpoint_file(STEPS) / "__0_0.distcp").read_bytes()[:100])
+    deadline = time.time() + 120
+    while time.time() < deadline and not (partial / "__0_0.distcp").exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.kill()  # SIGKILL while saving step 10: its part is written, its .metadata is not
+    proc.communicate()
+    assert (partial / "__0_0.distcp").exists() and not (partial / ".metadata").exists()
     assert RunDir(killed).newest_checkpoint() == RunDir(killed).checkpoint_file(5)
-    result = train(compose([*TINY, f"trainer.max_steps={STEPS}", "trainer.ckpt_every=5"]), killed)
+    result = train(compose(overrides), killed)
     assert result["step"] == STEPS
-    assert [checkpoint_step(p) for p in RunDir(killed).checkpoints()] == [5, 10] and not partial.exists()
     assert f"resumed {killed} from step 5" in (killed / "train.log").read_text()
+    assert [checkpoint_step(p) for p in RunDir(killed).checkpoints()] == [5, 10] and not partial.exists()
     assert_weights(weights(killed), weights(reference))
 
 
@@ -152,7 +176,6 @@ def test_a_stop_waits_for_the_background_save_and_the_run_resumes_exactly(tmp_pa
     import json
     import os
     import signal
-    import time
 
     from conftest import HARNESS
 
