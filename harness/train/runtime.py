@@ -86,10 +86,11 @@ def fully_shard_training(model: torch.nn.Module, ema: torch.nn.Module, tc: DictC
     """FSDP2 in place: each transformer block, then the root (the embedders and final layer), of the model and
     of the EMA, over all ranks, so the EMA's shards sit on the rank that holds the same model shards.
 
-    The model's sharded (master) weights, gradients and AdamW state are fp32; under trainer.precision=bf16 the
-    blocks compute with bf16 weights and gradients are reduced in fp32. Otherwise (fp32, the CPU default:
-    gloo's collectives are measured in fp32 only) the policy is fp32 throughout. The EMA stays fp32 and never
-    runs a forward while sharded (evaluation samples from a gathered copy: `step.gather_full_ema`)."""
+    The model's sharded (master) weights, gradients and AdamW state are fp32; the policy follows
+    trainer.precision: under bf16 the blocks gather and compute with bf16 weights and gradients are reduced in
+    fp32; under fp32 (the CPU default) it is fp32 throughout. Both run on CPU with gloo (docs/reliability.md has
+    the measured differences from DDP). The EMA stays fp32 and never runs a forward while sharded (evaluation
+    samples from a gathered copy: `step.gather_full_ema`)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
