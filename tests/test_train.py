@@ -617,7 +617,7 @@ print("raised", flag.raised, flag.requeues, flush=True)
 if sys.argv[2] == "again":
     os.kill(os.getpid(), signal.SIGTERM)
     print("still here", flush=True)
-flag.requeue_or_exit()
+flag.requeue_or_exit(True if sys.argv[2] == "peer_usr2" else None)  # the job's decision: a peer rank got SIGUSR2
 """
 
 
@@ -625,6 +625,7 @@ flag.requeue_or_exit()
     ("SIGUSR2", "exit", 0, ["raised True True", "requeue"]),           # preempted: submitit requeues
     ("SIGTERM", "exit", 143, ["raised True False"]),                    # stopped: no requeue
     ("SIGTERM", "again", -signal.SIGTERM, ["raised True False"]),       # a second SIGTERM stops at once
+    ("SIGTERM", "peer_usr2", 0, ["raised True False", "requeue"]),     # another rank got SIGUSR2: requeue too
 ])
 def test_preemption_flag_requeues_on_sigusr2_and_stops_on_sigterm(first, then, status, lines):
     done = subprocess.run([sys.executable, "-c", SIGNAL_SCRIPT, first, then], cwd=REPO, env=harness_env(),

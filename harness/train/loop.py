@@ -230,15 +230,16 @@ class Trainer:
         """On SIGUSR2 or SIGTERM (on any rank): `step` saved, the run marked preempted, then requeue or exit."""
         if not self.dist.any_rank(self.preemption.raised):
             return
+        requeue = self.dist.any_rank(self.preemption.requeues)  # USR2 on one rank requeues the whole job
         if not self.checkpointer.is_save_step(step):
             self.save(step)
         self.checkpointer.wait()  # a background save is committed before the job is requeued or exits
         if self.dist.is_main:
             self.run_dir.write_state("preempted", step, self.max_steps)
-            self.tracker.print(f"preempted at step {step}: checkpoint saved, requeueing" if self.preemption.requeues
+            self.tracker.print(f"preempted at step {step}: checkpoint saved, requeueing" if requeue
                                else f"stopped at step {step} (SIGTERM): checkpoint saved, launching again resumes")
         self.tracker.finish()
-        self.preemption.requeue_or_exit()
+        self.preemption.requeue_or_exit(requeue)
 
     def evaluate(self, step: int) -> None:
         """FID of the EMA at `step`, unless results.jsonl has it with this eval config; a preemption while sampling

@@ -45,11 +45,13 @@ class PreemptionFlag:
             where = b"after this sampling batch" if self.sampling else b"at the end of this step"
             os.write(2, b"SIGTERM: stopping " + where + b" with a checkpoint (again to stop now)\n")
 
-    def requeue_or_exit(self) -> None:
+    def requeue_or_exit(self, requeue: bool | None = None) -> None:
+        """Requeue (SIGUSR2) or exit 143; `requeue` is the job's decision where the ranks saw different signals."""
+        requeue = self.requeues if requeue is None else requeue
         previous = self.previous.get(getattr(signal, "SIGUSR2", None))
-        if self.requeues and callable(previous) and previous not in (signal.SIG_DFL, signal.SIG_IGN):
+        if requeue and callable(previous) and previous not in (signal.SIG_DFL, signal.SIG_IGN):
             previous(signal.SIGUSR2, None)  # submitit: checkpoint() -> requeue -> exit
-        sys.exit(0 if self.requeues else 128 + signal.SIGTERM)
+        sys.exit(0 if requeue else 128 + signal.SIGTERM)
 
     def restore(self) -> None:
         for signum, previous in self.previous.items():
