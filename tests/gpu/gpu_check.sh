@@ -16,6 +16,10 @@
 #   tests/gpu/gpu_check.sh profile    DiT-XL/2 at batch 32 profiled kernel by kernel, with the code Inductor
 #                                     generated for its step packed into $OUT/inductor_code.tgz (where the
 #                                     elementwise time goes, and what each fused kernel reads and writes).
+#   tests/gpu/gpu_check.sh fsdp       DiT-XL/2 trained by the train app under DDP, then under FSDP, two processes
+#                                     with one GPU each, 32 per GPU: logged img/s and peak memory per window (what
+#                                     sharding costs and saves). FSDP in one process is refused (nothing to shard
+#                                     across) and NCCL will not put two ranks on one GPU, so it needs two GPUs.
 # Budget: under 8 minutes; each benchmark has its own time limit and a failed one does not stop the rest.
 # Results: one JSON line per benchmark in bench/gpu_<suite>.jsonl ($OUT/... through the device tool).
 #
@@ -26,7 +30,7 @@
 #     hydra-submitit-launcher==1.2.0 torch-fidelity==0.4.0
 set -uo pipefail
 suite=${1:-check}
-[[ $suite =~ ^(check|variants|autotune|profile)$ ]] || { echo "gpu_check.sh: suite '$suite' is not one of check, variants, autotune, profile" >&2; exit 2; }
+[[ $suite =~ ^(check|variants|autotune|profile|fsdp)$ ]] || { echo "gpu_check.sh: suite '$suite' is not one of check, variants, autotune, profile, fsdp" >&2; exit 2; }
 cd "$(dirname "$0")/../.."
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -51,14 +55,16 @@ bench() {  # bench LIMIT_S OVERRIDES... [--what ...] [--profile]
     | sed '/^{/,$d' || { echo "FAILED ($?): $*"; failed=1; }
 }
 
-train_loop() {  # train_loop LIMIT_S OVERRIDES...: the train app itself, its logged img/s and MFU per window
-  local limit=$1; shift
+train_loop() {  # [NPROC=N] train_loop LIMIT_S OVERRIDES...: the train app itself (N processes under torchrun),
+  local limit=$1; shift                    # its logged img/s, MFU and peak memory per window
   if (( SECONDS + 30 > budget )); then echo "SKIPPED (budget): train $*"; failed=1; return; fi
   echo "=== [$SECONDS s] train $*"
   [[ -f /tmp/harness-latents/index.json ]] || python3 -c "from harness.data import write_synthetic_latent_cache as w; \
 w('/tmp/harness-latents', num_images=8192, latent_shape=(4, 32, 32), num_classes=1000, shard_size=2048)"
   local run=/tmp/harness-train-$SECONDS
-  timeout "$limit" python3 -m harness.cli train experiment=imagenet256 trainer.device=$device data.root=/tmp/harness-latents \
+  local launch=(python3)
+  [[ ${NPROC:-1} -gt 1 ]] && launch=(python3 -m torch.distributed.run --nproc_per_node="$NPROC")
+  timeout "$limit" "${launch[@]}" -m harness.cli train experiment=imagenet256 trainer.device=$device data.root=/tmp/harness-latents \
     eval.every=null trainer.ckpt_every=100000 trainer.log_every=100 "hydra.run.dir=$run" "$@" 2>&1 | grep -v Warning \
     || { echo "FAILED ($?): train $*"; failed=1; }
   [[ -f $run/metrics.jsonl ]] && python3 -c "import json, sys
@@ -89,6 +95,15 @@ elif [[ $suite == profile ]]; then
   bench 200 model=DiT-XL/2 trainer.global_batch_size=32 --what train --profile
   grep -rl --include='*.py' 'async_compile.triton(' "$TORCHINDUCTOR_CACHE_DIR" | tar czf "$out/inductor_code.tgz" -T - \
     && echo "generated code: $out/inductor_code.tgz"
+elif [[ $suite == fsdp ]]; then
+  gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+  if [[ $device == cuda && $gpus -lt 2 ]]; then
+    echo "SKIPPED: FSDP needs two processes on two GPUs; this machine has $gpus"
+  else
+    for parallel in ddp fsdp; do
+      NPROC=2 train_loop 200 model=DiT-XL/2 trainer.global_batch_size=64 trainer.max_steps=300 trainer.parallel=$parallel
+    done
+  fi
 elif [[ $suite == autotune ]]; then  # kernel tuning compiles for minutes: the limits allow for it
   if ((h200_sized)); then
     bench 150 model=DiT-XL/2 trainer.global_batch_size=256 --what train --profile
