@@ -140,11 +140,15 @@ def scenario(tmp_path_factory):
         seen.update(p_dir=p_dir, s_dir=s_dir, p_run=p_run, killed_run=killed_run, twin_run=twin_run)
         yield seen
     finally:
-        # Never leave jobs of this module behind.
-        for sweep_dir in (p_dir, s_dir):
-            ids = [r["job_id"] for r in read_jsonl(sweep_dir / SUBMISSIONS)]
-            if ids:
-                subprocess.run(["scancel", *ids], capture_output=True, timeout=60)
+        cancel_jobs(p_dir, s_dir)
+
+
+def cancel_jobs(*sweep_dirs: Path) -> None:
+    """Never leave jobs of this module behind."""
+    for sweep_dir in sweep_dirs:
+        ids = [r["job_id"] for r in read_jsonl(sweep_dir / SUBMISSIONS)]
+        if ids:
+            subprocess.run(["scancel", *ids], capture_output=True, timeout=60)
 
 
 def test_every_run_finishes_with_checkpoints_and_results(scenario):
@@ -226,10 +230,7 @@ def two_tasks(tmp_path_factory):
         seen.update(q_job=q_job, q_run=q_run, r_run=r_dir / TWO_TASK_RUN)
         yield seen
     finally:
-        for sweep_dir in (q_dir, r_dir):
-            ids = [r["job_id"] for r in read_jsonl(sweep_dir / SUBMISSIONS)]
-            if ids:
-                subprocess.run(["scancel", *ids], capture_output=True, timeout=60)
+        cancel_jobs(q_dir, r_dir)
 
 
 def test_a_two_task_job_preempted_on_both_tasks_requeues_and_matches_an_uninterrupted_one(two_tasks):
