@@ -13,7 +13,7 @@ from harness.config import compose, latent_geometry, to_yaml, with_paper_setting
 from harness.config.checks import validate
 from harness.errors import require
 from harness.flops import count_flops, training_compute_flops
-from harness.model import count_params
+from harness.model import build_model, count_params
 from harness.progress import Say, quiet
 from harness.train.runtime import autocast_forward, fast_path_settings
 from harness.train.step import build_training, step_draws, step_generator, train_step
@@ -68,8 +68,6 @@ def gpus_to_fit(memory_at, global_batch: int, limit_gb: float, fewest: int = 1, 
 
 def block_param_count(model_cfg, geometry) -> int:
     """Parameters of one transformer block (what FSDP gathers at a time), from a weightless (meta) model."""
-    from harness.model import build_model
-
     model = build_model(model_cfg, geometry, device="meta", init_weights=False)
     return sum(p.numel() for p in model.blocks[0].parameters())
 
@@ -85,7 +83,7 @@ def memory_plan(tc, mc, params: int, block_params: int, tokens: int, precision: 
                                         block_params)
 
     limit, gpus = float(tc.gpu_memory_gib), int(tc.gpus)
-    plan = {"gpu_memory_gib": limit, "parallel": str(tc.get("parallel", "ddp"))}
+    plan = {"gpu_memory_gib": limit, "parallel": str(tc.parallel)}
     for parallel, fewest in (("ddp", 1), ("fsdp", 2)):  # FSDP shards over at least two processes
         memory = at(parallel, gpus)
         plan[parallel] = {**memory, "fits": gpus >= fewest and memory["total_gb"] <= limit,
