@@ -178,7 +178,9 @@ def test_each_fid_has_a_seeded_bootstrap_interval_over_its_samples(cfg, digits, 
     assert result["fid_hi"] - result["fid"] == pytest.approx(1.96 * result["fid_se"], rel=1e-3)
     again = compute_fid(held, cfg.eval, cfg.data, cache_dir=fid_cache)
     assert {k: again[k] for k in ("fid_se", "fid_lo", "fid_hi")} == {k: result[k] for k in ("fid_se", "fid_lo", "fid_hi")}
-    assert "fid_se" not in compute_fid(held, cfg.eval, cfg.data, cache_dir=fid_cache, bootstrap=False)
+    fewer, none = (OmegaConf.merge(cfg.eval, {"fid_resamples": n}) for n in (20, 0))
+    assert compute_fid(held, fewer, cfg.data, cache_dir=fid_cache)["fid_se"] != result["fid_se"]  # eval.fid_resamples counts
+    assert "fid_se" not in compute_fid(held, none, cfg.data, cache_dir=fid_cache)
     # More samples of the same images: a smaller standard error.
     assert compute_fid(train, cfg.eval, cfg.data, cache_dir=fid_cache)["fid_se"] < result["fid_se"]
 

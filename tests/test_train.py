@@ -527,6 +527,7 @@ def test_a_run_dir_that_is_a_file_is_one_line(tmp_path):
     ("eval.cfg_scale=0.5", "eval.cfg_scale must be a number >= 1 (1 = no guidance), got 0.5"),
     ("trainer.ckpt_milestones=[0]", "trainer.ckpt_milestones must be a list of positive integers, got [0]"),
     ("eval.ddim_eta=-1", "eval.ddim_eta must be a number >= 0, got -1"),
+    ("eval.fid_resamples=-1", "eval.fid_resamples must be auto or an integer >= 0 (0: no interval), got -1"),
     ("eval.sampler=euler50", "eval.sampler='euler50': unknown sampler 'euler'; "
                              "allowed: ddpm<N> | ddim<N> | <N> with 1 <= N <= 1000 (or comma-separated section counts)"),
     ("trainer.lr=true", "trainer.lr must be a number > 0, got True"),

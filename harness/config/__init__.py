@@ -139,7 +139,8 @@ def resolve_device(spec, key: str):
 # a stored config (a run's config.yaml, a checkpoint's) is read with them filled in, so an older run still
 # resumes, plans and evaluates instead of differing from today's config by a key it never had.
 KEYS_ADDED_LATER = {"trainer.compile_tuning": False, "trainer.residual_precision": "fp32", "eval.val_timesteps": 0,
-                    "eval.val_limit": None, "trainer.parallel": "ddp", "trainer.async_checkpoint": False}
+                    "eval.val_limit": None, "trainer.parallel": "ddp", "trainer.async_checkpoint": False,
+                    "eval.fid_resamples": "auto"}
 _ABSENT = object()
 
 

@@ -142,6 +142,7 @@ class EvalConfig:
     cache_dir: Optional[str] = None
     val_timesteps: int = MISSING
     val_limit: Optional[int] = None
+    fid_resamples: Any = MISSING  # auto | an integer >= 0
 
 
 @dataclass

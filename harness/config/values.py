@@ -69,6 +69,12 @@ def _forward_batch(node: DictConfig, key: str) -> None:
             f"{_full_key(node, key)} must be auto or a positive integer, got {value!r}")
 
 
+def _resamples(node: DictConfig, key: str) -> None:
+    value = node.get(key)
+    require(value == "auto" or (_is_integer(value) and value >= 0),
+            f"{_full_key(node, key)} must be auto or an integer >= 0 (0: no interval), got {value!r}")
+
+
 def _betas(node: DictConfig, key: str) -> None:
     betas = node.get(key)
     require(OmegaConf.is_list(betas) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas),
@@ -144,6 +150,7 @@ RULES = {
     "eval.max_forward_batch": _forward_batch,
     "eval.val_timesteps": partial(integer, low=0),
     "eval.val_limit": partial(integer, low=2, optional=True),
+    "eval.fid_resamples": _resamples,
 }
 
 

@@ -60,6 +60,7 @@ FID_KEY, ISC_KEY = "frechet_inception_distance", "inception_score_mean"
 # The bootstrap of one FID over its samples (fid_bootstrap): resamples, seed and level of the interval. Each resample
 # is a covariance and an eigensolve in the feature dims: ~10 ms at the digits CNN's 128, seconds at Inception's 2048,
 # where fewer resamples keep it cheap next to sampling (the standard error needs far fewer than an interval's tails).
+# These are eval.fid_resamples=auto's counts.
 FID_BOOTSTRAP_RESAMPLES = 200
 FID_BOOTSTRAP_RESAMPLES_LARGE = 50  # feature dims above SMALL_FEATURES
 SMALL_FEATURES = 512
@@ -378,13 +379,13 @@ def fid_bootstrap(features, reference: dict, fid: float, n_resamples: int = FID_
 
 def compute_fid(images_uint8: torch.Tensor, eval_cfg: DictConfig, data_cfg: DictConfig,
                 cache_dir: str | os.PathLike | None = None, device: str | torch.device | None = None,
-                say: Say = quiet, labels: torch.Tensor | None = None, bootstrap: bool = True) -> dict:
+                say: Say = quiet, labels: torch.Tensor | None = None) -> dict:
     """FID of uint8 NCHW samples against the reference statistics, with torch-fidelity's feature extraction and metrics.
 
     Returns {"fid", "fid_name", "feature_extractor", "num_samples"} plus "isc" (eval.isc) and
     "precision"/"recall" (eval.prc), computed with the same extractor (for digits-cnn: its class logits
-    and penultimate features); with `bootstrap`, the FID's bootstrap interval over the samples (`fid_bootstrap`:
-    fid_se, fid_lo, fid_hi, fid_ci_level); with `labels` (the class each sample was conditioned on) and an extractor
+    and penultimate features); unless `eval.fid_resamples` is 0, the FID's bootstrap interval over the samples
+    (`fid_bootstrap`: fid_se, fid_lo, fid_hi, fid_ci_level); with `labels` (the class each sample was conditioned on) and an extractor
     that classifies the dataset's classes (`classifies`), "class_accuracy": the share of samples it assigns to their
     label, from the logits of the same forward pass. `say` gets a line saying what is compared when the work starts.
     """
@@ -413,8 +414,10 @@ def compute_fid(images_uint8: torch.Tensor, eval_cfg: DictConfig, data_cfg: Dict
                                          False)[FID_KEY])
     out = {"fid": fid, "fid_name": extractor.fid_name, "feature_extractor": extractor.name,
            "num_samples": len(images_uint8)}
-    if bootstrap:
+    resamples = eval_cfg.get("fid_resamples", "auto")
+    if resamples == "auto":
         resamples = FID_BOOTSTRAP_RESAMPLES if extractor.feature_dims <= SMALL_FEATURES else FID_BOOTSTRAP_RESAMPLES_LARGE
+    if resamples:
         out.update(fid_bootstrap(features[extractor.feature_layer].numpy(), ref_stats, fid, n_resamples=resamples))
     if accuracy:
         predicted = features[extractor.isc_layer].argmax(1)
