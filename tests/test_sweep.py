@@ -70,7 +70,8 @@ def test_every_sweep_expands_to_its_grid():
     assert sorted(s.cfg.model.name for s in demo) == sorted(f"mini-{m}/{p}" for m in ("S", "B") for p in (8, 4, 2))
     assert {s.cfg.data.name for s in demo} == {"digits"} and {s.cfg.trainer.device for s in demo} == {"cpu"}
     assert [s.cfg.model.name for s in demo_long] == [s.cfg.model.name for s in demo]
-    assert demo_long[0].cfg.trainer.max_steps > demo[0].cfg.trainer.max_steps
+    demo_images, long_images = (s[0].cfg.trainer.max_steps * s[0].cfg.trainer.global_batch_size for s in (demo, demo_long))
+    assert long_images > demo_images
     assert schedulers.executor_kind(paper[0].cfg) == "slurm" and schedulers.executor_kind(demo[0].cfg) == "local"
 
 
