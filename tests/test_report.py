@@ -517,6 +517,11 @@ def test_one_replica_fids_show_their_bootstrap_interval_and_the_class_accuracy(t
     bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
     assert len(bars) == 1 and len(bars[0].lines[2][0].get_segments()) == len(at)
     assert any("bootstrap" in t.get_text() for t in ax.get_legend().get_texts())
+    for ax in plot_fid_vs_steps(df).axes:  # every evaluation of every run, on both panels
+        bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+        assert sum(len(c.lines[2][0].get_segments()) for c in bars) == len(df[df["fid"].notna()])
+    plain_steps = plot_fid_vs_steps(collect_results(make_fixture_sweep(tmp_path / "plain"))).axes[0]
+    assert not plain_steps.containers and not any("bootstrap" in t.get_text() for t in plain_steps.get_legend().get_texts())
 
     md = write_report([sweep], tmp_path / "report")["md"].read_text()
     top = md.split("Sweeps:")[0]

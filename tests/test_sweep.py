@@ -314,7 +314,7 @@ def test_harness_sweep_exits_1_when_a_run_failed_or_was_interrupted(monkeypatch,
 
     rows = [{"run": f"run-{i}", "run_dir": "", "state": state, "job_id": None, "queue_state": None, "step": 3,
              "max_steps": 5, "checkpoint": None, "requeues": 0, "fid": None, "fid_step": None, "fid_name": None,
-             "log": None, "error": []} for i, state in enumerate(states)]
+             "fid_lo": None, "fid_hi": None, "class_accuracy": None, "log": None, "error": []} for i, state in enumerate(states)]
     monkeypatch.setattr(launch, "launch_sweep", lambda name, overrides: rows)
     assert main(["sweep", "demo"]) == exit_status
     assert f"{len(states)} runs: " in capsys.readouterr().out
@@ -529,6 +529,10 @@ def test_status_reads_a_run_without_a_state_file_and_picks_the_fid_as_the_report
     assert (row["state"], row["step"], row["max_steps"], row["fid"]) == ("interrupted", 130, 400, 40.0)
     assert [r["fid"] for r in run.results()] == [40.0]
     assert "130/400" in status.format_status([row])
+    append_jsonl(run.results_file, {"step": 130, "fid": 30.0, "fid_name": "fid_digits", "num_samples": 500,
+                                    "fid_lo": 27.5, "fid_hi": 32.5, "class_accuracy": 0.625})
+    (row,) = status.sweep_status(tmp_path / "sweep")
+    assert "30.00 [27.5, 32.5] (130) fid_digits" in status.format_status([row]) and "62.5%" in status.format_status([row])
     row_without_config = {**row, "max_steps": None}
     assert "130/?" in status.format_status([row_without_config])
 

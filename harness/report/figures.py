@@ -269,23 +269,32 @@ def plot_fid_vs_steps(df: pd.DataFrame, mix_extractors: bool = False) -> Figure:
     """FID vs training steps of every config, two panels (paper Fig. 6 style).
 
     Left: colour by model size, line style by patch size (scaling the model). Right: colour by patch
-    size, line style by model size (shrinking the patch). Hollow markers: runs not finished.
+    size, line style by model size (shrinking the patch). Hollow markers: runs not finished. Each evaluation
+    with a bootstrap interval over its samples (fid_lo, fid_hi) gets it as an error bar; seed replicas are
+    lines of their own.
     """
     check_extractors(df, mix_extractors)
     ev = evaluated(df)
     style = _Style.of(df)
     fig, (left, right) = _new_figure(13.0, 5.0, ncols=2)
+    intervals = (ev[["fid_lo", "fid_hi"]].notna().all(axis=1) if {"fid_lo", "fid_hi"} <= set(ev)
+                 else pd.Series(False, index=ev.index))
     for _, run in ev.groupby(["run_path", "fid_name"], dropna=False, sort=False):
         run = run.sort_values("step")
         first = run.iloc[0]
+        bars = run[intervals.loc[run.index]]
         for ax, color, ls in ((left, style.size_color(first["size"]), style.patch_line(first["patch"])),
                               (right, style.patch_color(first["patch"]), style.size_line(first["size"]))):
             ax.plot(run["step"], run["fid"], color=color, ls=ls, lw=1.8, zorder=2)
+            if len(bars):
+                ax.errorbar(bars["step"], bars["fid"], yerr=[bars["fid"] - bars["fid_lo"], bars["fid_hi"] - bars["fid"]],
+                            fmt="none", ecolor=color, elinewidth=1.0, capsize=3, alpha=0.7, zorder=2)
             for _, row in run.iterrows():
                 _point(ax, row["step"], row["fid"], row, style, color=color, size=6.5)
     for ax in (left, right):
         ax.set_yscale("log")
-        _log_ticks(ax.yaxis, ev["fid"])
+        _log_ticks(ax.yaxis, list(ev["fid"]) + (list(ev.loc[intervals, "fid_lo"]) + list(ev.loc[intervals, "fid_hi"])
+                                               if intervals.any() else []))
         ax.xaxis.set_major_locator(MaxNLocator(nbins=7, steps=[1, 2, 5, 10]))
         ax.xaxis.set_major_formatter(FuncFormatter(_steps_formatter))
         ax.set_xlabel("Training steps")
@@ -293,8 +302,10 @@ def plot_fid_vs_steps(df: pd.DataFrame, mix_extractors: bool = False) -> Figure:
     left.set_title("Scaling model size (colour) at each patch size (line style)", fontsize=10.5)
     right.set_title("Shrinking the patch (colour) at each model size (line style)", fontsize=10.5)
     unfinished = [_unfinished_handle()] if (ev["state"] != "done").any() else []
+    bar_handle = [Line2D([], [], color="0.4", marker="|", markersize=10, ls="none",
+                         label="95% bootstrap interval\nover each FID's samples")] if intervals.any() else []
     _legend(left, style.size_handles(color=True) + style.line_handles("Patch size", style.patches, style.patch_line)
-            + style.extractor_handles())
+            + style.extractor_handles() + bar_handle)
     _legend(right, style.patch_handles(lines=True) + style.line_handles("Model size", style.sizes, style.size_line)
             + style.extractor_handles() + unfinished)
     return fig

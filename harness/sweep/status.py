@@ -42,7 +42,8 @@ def newest_checkpoint_step(run_dir: Path) -> int | None:
 
 
 def sweep_status(sweep_dir: str | os.PathLike) -> list[dict]:
-    """One row per run of a sweep dir: state, job, progress, last FID, log and (if failed) the error."""
+    """One row per run of a sweep dir: state, job, progress, last FID (its interval, class accuracy), log and (if
+    failed) the error."""
     sweep_dir = Path(sweep_dir).absolute()
     require(sweep_dir.is_dir(), f"{sweep_dir} is not a directory")
     require(not RunDir(sweep_dir).state_file.exists(),
@@ -117,6 +118,7 @@ def _run_row(run: RunDir, submission: dict, queue: dict | None, needs_queue: boo
         "max_steps": saved.max_steps if saved else _configured_max_steps(run), "checkpoint": checkpoint,
         "requeues": saved.requeues if saved else None,
         "fid": last.get("fid"), "fid_step": last.get("step"), "fid_name": last.get("fid_name"),
+        "fid_lo": last.get("fid_lo"), "fid_hi": last.get("fid_hi"), "class_accuracy": last.get("class_accuracy"),
         "log": log, "error": error,
     }
 
@@ -152,14 +154,16 @@ def format_status(rows: list[dict]) -> str:
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
-    header = ["run", "state", "job", "step", "checkpoint", "requeues", "last FID (step)", "log"]
+    header = ["run", "state", "job", "step", "checkpoint", "requeues", "last FID [95%] (step)", "class acc.", "log"]
     body = []
     for r in rows:
         step = "" if r["step"] is None else f"{r['step']}/{'?' if r['max_steps'] is None else r['max_steps']}"
-        fid = "" if r["fid"] is None else f"{r['fid']:.2f} ({r['fid_step']}) {r['fid_name'] or ''}".rstrip()
+        interval = "" if r["fid_lo"] is None else f" [{r['fid_lo']:.1f}, {r['fid_hi']:.1f}]"
+        fid = "" if r["fid"] is None else f"{r['fid']:.2f}{interval} ({r['fid_step']}) {r['fid_name'] or ''}".rstrip()
+        accuracy = "" if r["class_accuracy"] is None else f"{100 * r['class_accuracy']:.1f}%"
         checkpoint = "" if r["checkpoint"] is None else str(r["checkpoint"])  # where a relaunch resumes
         body.append([r["run"], r["state"], r["job_id"] or "", step, checkpoint, str(r["requeues"] or 0), fid,
-                     r["log"] or ""])
+                     accuracy, r["log"] or ""])
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     lines = [f"{len(rows)} run{'' if len(rows) == 1 else 's'}: {summary}",
              *text_table(header, body, left=range(len(header)))]
