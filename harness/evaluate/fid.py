@@ -385,9 +385,9 @@ def compute_fid(images_uint8: torch.Tensor, eval_cfg: DictConfig, data_cfg: Dict
     Returns {"fid", "fid_name", "feature_extractor", "num_samples"} plus "isc" (eval.isc) and
     "precision"/"recall" (eval.prc), computed with the same extractor (for digits-cnn: its class logits
     and penultimate features); unless `eval.fid_resamples` is 0, the FID's bootstrap interval over the samples
-    (`fid_bootstrap`: fid_se, fid_lo, fid_hi, fid_ci_level); with `labels` (the class each sample was conditioned on) and an extractor
-    that classifies the dataset's classes (`classifies`), "class_accuracy": the share of samples it assigns to their
-    label, from the logits of the same forward pass. `say` gets a line saying what is compared when the work starts.
+    (`fid_bootstrap`: fid_se, fid_lo, fid_hi, fid_ci_level); with `labels` (the class each sample was conditioned
+    on) and an extractor that classifies the dataset's classes (`classifies`), "class_accuracy": the share of samples
+    it assigns to their label, from the logits of the same forward pass. `say` gets a line saying what is compared when the work starts.
     """
     extractor = check_eval_config(eval_cfg, data_cfg)
     _check_images(images_uint8, data_cfg, extractor)
