@@ -163,7 +163,11 @@ def run_identity(cfg: DictConfig) -> dict:
     """The part of a config that defines what a run trains (see RUN_CONTROL_KEYS for what it leaves out)."""
     # Without the hydra node: outside a running Hydra app it holds values that only exist at run time.
     identity = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]), resolve=True)
+    # A decaying lr schedule ends at max_steps, so there max_steps sets every step's lr: it is part of what is trained.
+    decays = OmegaConf.select(cfg, "trainer.lr_schedule", default="constant") != "constant"
     for dotted in RUN_CONTROL_KEYS:
+        if decays and dotted == "trainer.max_steps":
+            continue
         *parents, leaf = dotted.split(".")
         node = identity
         for key in parents:

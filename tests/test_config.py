@@ -84,7 +84,7 @@ def test_a_stored_config_reads_merges_and_compares_as_before():
     schema's types would convert (25 stays 25), and they compare with a fresh composition as they did."""
     cfg = compose(["trainer.ddp_bucket_mb=25"])
     stored = OmegaConf.create(to_yaml(cfg))
-    del stored.trainer["compile_tuning"], stored.trainer["residual_precision"]
+    del stored.trainer["compile_tuning"], stored.trainer["residual_precision"], stored.trainer["lr_schedule"]
     stored = with_keys_added_later(OmegaConf.create(OmegaConf.to_yaml(stored)))
     assert OmegaConf.get_type(stored) is dict and stored.trainer.ddp_bucket_mb == 25
     assert run_identity(stored) == run_identity(cfg)
@@ -93,3 +93,10 @@ def test_a_stored_config_reads_merges_and_compares_as_before():
     assert (merged.trainer.lr, merged.trainer.extra) == (2e-4, 1)
     assert run_identity(OmegaConf.create(to_yaml(compose(["trainer.lr=0.0002"])))) == run_identity(
         OmegaConf.merge(stored, {"trainer": {"lr": 2e-4}}))
+
+
+def test_max_steps_is_part_of_what_a_run_trains_only_under_a_decaying_lr_schedule():
+    """Training a constant-lr run further is the same run; under a cosine schedule max_steps sets every step's lr."""
+    for schedule, same in (("constant", True), ("cosine", False)):
+        short, longer = (compose([f"trainer.lr_schedule={schedule}", f"trainer.max_steps={n}"]) for n in (100, 200))
+        assert (run_identity(short) == run_identity(longer)) is same, schedule

@@ -65,9 +65,9 @@ def train_args(run_dir: Path, steps: int, *extra: str) -> list[str]:
     return ["train", *TINY, f"trainer.max_steps={steps}", "trainer.ckpt_every=10", f"hydra.run.dir={run_dir}", *extra]
 
 
-def start_and_signal_after_first_checkpoint(run_dir: Path, steps: int, signum: int) -> tuple[int, str]:
+def start_and_signal_after_first_checkpoint(run_dir: Path, steps: int, signum: int, *extra: str) -> tuple[int, str]:
     """Starts a training run, sends `signum` once its first checkpoint is on disk: (exit status, stderr)."""
-    proc = subprocess.Popen([*HARNESS, *train_args(run_dir, steps)], cwd=REPO, env=harness_env(),
+    proc = subprocess.Popen([*HARNESS, *train_args(run_dir, steps, *extra)], cwd=REPO, env=harness_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not RunDir(run_dir).checkpoints() and proc.poll() is None:
@@ -79,19 +79,20 @@ def start_and_signal_after_first_checkpoint(run_dir: Path, steps: int, signum: i
 
 def test_resume_after_sigkill_or_sigterm_is_bitwise_exact(tmp_path):
     steps = 60
+    schedule = ("trainer.warmup_steps=15", "trainer.lr_schedule=cosine")  # the lr of a step is the step's alone
     reference = tmp_path / "uninterrupted"
-    done = run_harness(train_args(reference, steps))
+    done = run_harness(train_args(reference, steps, *schedule))
     assert done.returncode == 0, done.stderr[-2000:]
 
     # SIGKILL, as the OOM killer or a lost node: whatever the last checkpoint holds survives.
     killed = tmp_path / "killed"
-    start_and_signal_after_first_checkpoint(killed, steps, signal.SIGKILL)
+    start_and_signal_after_first_checkpoint(killed, steps, signal.SIGKILL, *schedule)
     saved = [checkpoint_step(p) for p in RunDir(killed).checkpoints()]
     assert saved and max(saved) < steps, f"the run was not killed mid-way (checkpoints {saved})"
 
     # SIGTERM, as `kill` or torchrun stopping its workers: the step it lands in is saved, then exit 143.
     stopped = tmp_path / "stopped"
-    status, stderr = start_and_signal_after_first_checkpoint(stopped, steps, signal.SIGTERM)
+    status, stderr = start_and_signal_after_first_checkpoint(stopped, steps, signal.SIGTERM, *schedule)
     state = json.loads((stopped / "run_state.json").read_text())
     newest = checkpoint_step(RunDir(stopped).checkpoints()[-1])
     assert status == 143, stderr[-2000:]
@@ -99,7 +100,7 @@ def test_resume_after_sigkill_or_sigterm_is_bitwise_exact(tmp_path):
     assert "SIGTERM: stopping at the end of this step" in stderr
 
     for run_dir in (killed, stopped):
-        resumed = run_harness(train_args(run_dir, steps))
+        resumed = run_harness(train_args(run_dir, steps, *schedule))
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         assert f"resumed {run_dir} from step" in resumed.stdout + resumed.stderr
         assert_bitwise_equal(final_weights(run_dir), final_weights(reference))
@@ -281,6 +282,23 @@ def test_step_draws_timesteps_noise_and_label_dropout_rate():
     assert abs(noise.mean()) < 0.02 and abs(noise.std() - 1) < 0.02
     again = step_draws(step_generator(0, 1, cpu), 20_000, slice(100, 200), (1, 2, 2), 1000, 0.1, cpu)
     assert torch.equal(again[0], t[100:200]) and torch.equal(again[2], drop[100:200])  # a rank's slice of the same draw
+
+
+def test_the_lr_warms_up_then_holds_or_falls_along_a_half_cosine_to_zero():
+    from harness.train.step import learning_rate
+
+    def schedule(kind):
+        tc = compose([*TINY, "trainer.max_steps=100", "trainer.lr=1e-3", "trainer.warmup_steps=10",
+                      f"trainer.lr_schedule={kind}"]).trainer
+        return [learning_rate(tc, step) for step in range(100)]
+
+    constant, cosine = schedule("constant"), schedule("cosine")
+    assert constant[:10] == cosine[:10] == pytest.approx([1e-4 * (i + 1) for i in range(10)])  # linear warm-up
+    assert constant[10:] == [1e-3] * 90
+    assert cosine[10] == 1e-3 and cosine[55] == pytest.approx(5e-4) and 0 < cosine[99] < 1e-6
+    assert all(a > b for a, b in zip(cosine[10:], cosine[11:]))
+    no_warmup = compose([*TINY, "trainer.lr=1e-3"]).trainer  # the paper's: constant from the first step
+    assert learning_rate(no_warmup, 0) == learning_rate(no_warmup, 10**6) == 1e-3
 
 
 def test_checkpoints_keep_the_last_n_and_every_milestone(tmp_path):
@@ -531,6 +549,8 @@ def test_a_run_dir_that_is_a_file_is_one_line(tmp_path):
     ("eval.sampler=euler50", "eval.sampler='euler50': unknown sampler 'euler'; "
                              "allowed: ddpm<N> | ddim<N> | <N> with 1 <= N <= 1000 (or comma-separated section counts)"),
     ("trainer.lr=true", "trainer.lr must be a number > 0, got True"),
+    ("trainer.lr_schedule=linear", "trainer.lr_schedule='linear' is not one of constant, cosine"),
+    ("trainer.warmup_steps=-1", "trainer.warmup_steps must be an integer >= 0, got -1"),
 ])
 def test_a_value_of_the_wrong_type_or_range_names_its_key(override, message):
     with pytest.raises(HarnessError) as err:

@@ -140,7 +140,7 @@ def resolve_device(spec, key: str):
 # resumes, plans and evaluates instead of differing from today's config by a key it never had.
 KEYS_ADDED_LATER = {"trainer.compile_tuning": False, "trainer.residual_precision": "fp32", "eval.val_timesteps": 0,
                     "eval.val_limit": None, "trainer.parallel": "ddp", "trainer.async_checkpoint": False,
-                    "eval.fid_resamples": "auto"}
+                    "eval.fid_resamples": "auto", "trainer.warmup_steps": 0, "trainer.lr_schedule": "constant"}
 _ABSENT = object()
 
 

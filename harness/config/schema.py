@@ -91,6 +91,8 @@ class TrainerConfig:
     max_steps: int = MISSING
     global_batch_size: int = MISSING
     lr: Number = MISSING
+    warmup_steps: int = MISSING
+    lr_schedule: str = MISSING  # constant | cosine
     weight_decay: Number = MISSING
     betas: List[Number] = MISSING
     ema_decay: Number = MISSING

@@ -13,6 +13,7 @@ from harness.errors import HarnessError, require
 CONDITIONINGS = ("adaln_zero", "adaln", "cross_attention", "in_context")
 PRECISIONS = ("auto", "fp32", "bf16")
 ATTENTION_KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
+LR_SCHEDULES = ("constant", "cosine")
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -117,6 +118,8 @@ RULES = {
     "trainer.keep_last": positive,
     "trainer.gpus": positive,
     "trainer.lr": partial(number, allowed="> 0", test=lambda v: v > 0),
+    "trainer.warmup_steps": partial(integer, low=0),
+    "trainer.lr_schedule": partial(one_of, allowed=LR_SCHEDULES),
     "trainer.weight_decay": partial(number, allowed=">= 0", test=lambda v: v >= 0),
     "trainer.ema_decay": partial(number, allowed="in [0, 1)", test=lambda v: 0 <= v < 1),
     "trainer.grad_clip": partial(number, allowed=">= 0 (0: no clipping)", test=lambda v: v >= 0),

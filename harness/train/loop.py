@@ -34,8 +34,8 @@ from harness.train.checkpoint import Checkpointer
 from harness.train.preemption import PreemptionFlag
 from harness.train.runtime import (Dist, achieved_tflops, apply_matmul_settings, datasheet_peak_tflops, inference_forward,
                                    check_parallel, mfu, peak_memory_gb, setup_distributed, training_forward)
-from harness.train.step import (LOGGED_LOSSES, NonFiniteWatch, build_training, gather_full_ema, step_draws,
-                                step_generator, train_step)
+from harness.train.step import (LOGGED_LOSSES, NonFiniteWatch, build_training, gather_full_ema, learning_rate,
+                                step_draws, step_generator, train_step)
 
 
 def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None, checked: bool = False) -> dict:
@@ -207,6 +207,8 @@ class Trainer:
         gen = step_generator(cfg.seed, step, device)
         t, noise, drop = step_draws(gen, self.tc.global_batch_size, self.rank_slice, self.sample_shape,
                                     self.diffusion.num_timesteps, float(cfg.model.class_dropout_prob), device)
+        for group in self.opt.param_groups:
+            group["lr"] = learning_rate(self.tc, step)
         return train_step(self.forward, self.diffusion, self.model, self.ema, self.opt, x, y, t, noise, drop, self.tc)
 
     def log(self, step: int, window: ThroughputWindow, row: bool = True) -> None:

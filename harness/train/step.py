@@ -10,6 +10,7 @@ uninterrupted run (on CPU), and W ranks with batch B/W train the same samples as
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import torch
@@ -50,6 +51,17 @@ def build_optimizer(model: torch.nn.Module, tc: DictConfig, device: torch.device
     fused = tc.fused_adamw is True or (tc.fused_adamw == "auto" and device.type == "cuda")
     return torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas),
                              fused=fused or None)
+
+
+def learning_rate(tc: DictConfig, step: int) -> float:
+    """The lr of the optimizer step that takes a run from `step` to `step + 1`: a linear warm-up over
+    `trainer.warmup_steps`, then `trainer.lr` held (constant, the paper's) or brought down to 0 at `max_steps` along
+    a half cosine. A function of the step alone, as nanoGPT's, so a resumed run follows the same schedule."""
+    lr = float(tc.lr) * min(1.0, (step + 1) / max(1, tc.warmup_steps))
+    if tc.lr_schedule == "cosine" and step >= tc.warmup_steps:
+        progress = (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps)
+        lr *= 0.5 * (1.0 + math.cos(math.pi * progress))
+    return lr
 
 
 # ----------------------------------------------------------------------------- per-step randomness
