@@ -47,8 +47,9 @@ def build_training(cfg: DictConfig, device: torch.device, dist: Dist | None = No
 
 
 def build_optimizer(model: torch.nn.Module, tc: DictConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW as configured; the fused kernel on CUDA unless told otherwise."""
-    fused = tc.fused_adamw is True or (tc.fused_adamw == "auto" and device.type == "cuda")
+    """AdamW as configured; PyTorch's fused kernel (CUDA and CPU) unless told otherwise: on a CPU the per-parameter
+    loop of the plain one costs a small model about a sixth of its step."""
+    fused = tc.fused_adamw is True or (tc.fused_adamw == "auto" and device.type in ("cuda", "cpu"))
     return torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas),
                              fused=fused or None)
 
