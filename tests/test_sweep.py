@@ -28,6 +28,7 @@ from harness.run_dir import RunDir
 TINY_GRID = [
     "model=custom", "model.patch_size=8,4", "model.depth=2", "model.hidden_size=32", "model.num_heads=2",
     "trainer.global_batch_size=16", "trainer.max_steps=20", "eval.every=0", "eval.num_samples=20",
+    "trainer.lr=1e-3", "trainer.lr_schedule=constant",  # the tests' own, not the demo's recipe
 ]
 
 
