@@ -207,8 +207,9 @@ class Trainer:
         gen = step_generator(cfg.seed, step, device)
         t, noise, drop = step_draws(gen, self.tc.global_batch_size, self.rank_slice, self.sample_shape,
                                     self.diffusion.num_timesteps, float(cfg.model.class_dropout_prob), device)
+        lr = learning_rate(self.tc, step)
         for group in self.opt.param_groups:
-            group["lr"] = learning_rate(self.tc, step)
+            group["lr"] = lr
         return train_step(self.forward, self.diffusion, self.model, self.ema, self.opt, x, y, t, noise, drop, self.tc)
 
     def log(self, step: int, window: ThroughputWindow, row: bool = True) -> None:

@@ -48,7 +48,7 @@ def build_training(cfg: DictConfig, device: torch.device, dist: Dist | None = No
 
 def build_optimizer(model: torch.nn.Module, tc: DictConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW as configured; PyTorch's fused kernel (CUDA and CPU) unless told otherwise: on a CPU the per-parameter
-    loop of the plain one costs a small model about a sixth of its step."""
+    loop of the plain one cost mini-S/8 about 15% of its step (docs/demo.md)."""
     fused = tc.fused_adamw is True or (tc.fused_adamw == "auto" and device.type in ("cuda", "cpu"))
     return torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas),
                              fused=fused or None)
