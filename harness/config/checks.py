@@ -9,7 +9,6 @@ from harness.autoencoders import check_autoencoder_config, check_autoencoder_sou
 from harness.config import latent_geometry
 from harness.config.values import check_eval_values, check_values
 from harness.data import check_data_source
-from harness.evaluate.fid import check_eval_config
 from harness.model import check_model_config
 
 
@@ -37,4 +36,6 @@ def check_run_inputs(cfg: DictConfig) -> None:
     if evaluates or cfg.data.name != "latents":
         check_autoencoder_source(cfg.autoencoder)
     if evaluates:
+        from harness.evaluate.fid import check_eval_config  # torch-fidelity loads in 3 s: only for a run that evaluates
+
         check_eval_config(cfg.eval, cfg.data)

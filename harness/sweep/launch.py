@@ -11,7 +11,6 @@ from harness.errors import HarnessError
 from harness.sweep import plan, schedulers
 from harness.sweep.plan import RunSpec
 from harness.sweep.status import sweep_status
-from harness.train.loop import train
 
 
 def prepare_sweep(name: str, overrides: list[str], inputs: bool = True) -> tuple[DictConfig, list[RunSpec], str]:
@@ -66,6 +65,8 @@ def plan_sweep(name: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
 
 def train_checked_point(cfg: DictConfig) -> dict:
     """The task of each launched point, in its job: the launch checked its config and files already."""
+    from harness.train.loop import train  # in the job only: checking and planning a grid need no training loop
+
     return train(cfg, checked=True)
 
 
