@@ -90,12 +90,13 @@ class ResultRow:
     global_batch_size: int
     images_seen: int
     train_compute_flops: float
-    fid: float
-    fid_name: str
-    feature_extractor: str
-    num_samples: int
-    sampler: str
-    cfg_scale: float
+    # Null in a row of the validation loss only (eval.fid_every): no samples, no FID.
+    fid: float | None
+    fid_name: str | None
+    feature_extractor: str | None
+    num_samples: int | None
+    sampler: str | None
+    cfg_scale: float | None
     cfg_channels: int | None
     seed: int
     dataset: str
@@ -448,7 +449,9 @@ class RunDir:
             key = (row.get("step"), row.get("fid_name"))
             if key not in best or samples(row) >= samples(best[key]):
                 best[key] = row
-        return list(best.values())
+        # A row of the validation loss only (fid_name null) gives way to an FID row of its step, which holds the loss too.
+        sampled = {step for step, name in best if name is not None}
+        return [row for (step, name), row in best.items() if name is not None or step not in sampled]
 
     def append_result(self, row: ResultRow) -> dict:
         record = row.to_json()

@@ -528,6 +528,25 @@ def test_training_evaluates_every_n_steps_through_one_sampling_forward(tmp_path,
     assert [(row["step"], row["num_samples"]) for row in again] == [(2, 24), (4, 24), (4, 20)]
 
 
+def test_fid_every_samples_only_at_its_steps_and_the_other_evaluations_score_the_validation_loss(tmp_path, fid_cache):
+    from harness.train.loop import train
+
+    overrides = [*TINY_EVAL, "trainer.max_steps=6", "trainer.ckpt_every=6", "trainer.log_every=2",
+                 "trainer.global_batch_size=8", "trainer.device=cpu", "eval.every=2", "eval.fid_every=4",
+                 "eval.val_limit=16", f"eval.cache_dir={fid_cache}"]
+    train(compose(overrides), tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert [(row["step"], row["fid"] is not None) for row in rows] == [(2, False), (4, True), (6, True)]
+    assert all(row["val_loss"] is not None and row["val_timesteps"] == 10 for row in rows)
+    assert (rows[0]["fid_name"], rows[0]["num_samples"], rows[0]["sampler"]) == (None, None, None)
+    assert rows[0]["val_loss"] != rows[1]["val_loss"]  # the EMA moved: a new score, not a copy
+    samples = sorted(p.name for p in (tmp_path / "run" / "samples").iterdir())
+    assert not any("000002" in name for name in samples) and any("000004" in name for name in samples)
+
+    train(compose(overrides), tmp_path / "run")  # launched again once finished: nothing is scored again
+    assert (tmp_path / "run" / "results.jsonl").read_text().count("\n") == 3
+
+
 def test_a_kill_during_an_evaluation_keeps_its_checkpoint_and_the_resumed_run_evaluates_that_step(
         tmp_path, fid_cache, monkeypatch):
     import harness.train.loop as train_module

@@ -22,7 +22,7 @@ from harness.report.figures import plot_fid_vs_gflops, plot_fid_vs_steps, plot_s
 from harness.report.laws import predict_config, predict_held_out
 from harness.report.render import write_report, write_results_csv
 from harness.report.stats import BOOTSTRAP_RESAMPLES, compute_frontier, fit_power_law, predict_fid
-from harness.run_dir import RESULT_COLUMNS, find_run_dirs
+from harness.run_dir import RESULT_COLUMNS, RunDir, find_run_dirs
 
 FIGURES = ("fid_vs_gflops", "fid_vs_steps", "fid_vs_compute", "samples")
 
@@ -486,6 +486,30 @@ def test_replicas_give_error_bars_an_interval_table_and_the_loss_law(tmp_path):
     assert "- val loss vs Gflops: not fitted; need at least 3 points" in top
     assert re.search(r"- loss vs compute: L\(C\) = a C\^-b( \+ c)?, b = -?\d\.\d{3} \[.*\] \(frontier of \d+ points; ", top)
     assert written["loss_vs_compute.png"].exists()
+
+
+def test_rows_of_the_validation_loss_only_feed_the_loss_laws_and_not_the_fid_fits(tmp_path):
+    from harness.report.laws import compute_frontier_law
+
+    sweep = make_replica_sweep(tmp_path / "replicas", fid_only_at_last=True)  # eval.fid_every=0: FID at the end only
+    df = collect_results(sweep)
+    assert len(df) == 2 * 3 * len(STEPS) and df["val_loss"].notna().all()
+    assert set(df.loc[df["fid"].notna(), "step"]) == {MAX_STEPS}
+    assert default_step(df)[0] == MAX_STEPS and set(aggregate_replicas(df)["step"]) == {MAX_STEPS}
+    law = compute_frontier_law(df, n_boot=50)
+    assert set(law.curves["step"]) == set(STEPS)  # every step's loss is on the curves
+    assert len(compute_frontier(df)) >= 1 and set(compute_frontier(df)["step"]) == {MAX_STEPS}
+    md = write_report([sweep], tmp_path / "report")["md"].read_text()
+    assert re.search(r"- loss vs compute: L\(C\) = a C\^-b", md.split("Sweeps:")[0])
+
+    # An FID taken later at a step that had only its loss (`harness eval`) replaces that row: one row per step.
+    run = RunDir(find_run_dirs(sweep)[0])
+    only_loss = next(row for row in run.read_results() if row["fid"] is None)
+    with open(run.results_file, "a") as f:
+        f.write(json.dumps({**only_loss, "fid": 7.0, "fid_name": "fid_digits", "feature_extractor": "digits-cnn",
+                            "num_samples": 1000}) + "\n")
+    kept = [row for row in run.results() if row["step"] == only_loss["step"]]
+    assert [row["fid"] for row in kept] == [7.0]
 
 
 def _with_row_fields(sweep: Path, fields) -> Path:

@@ -338,6 +338,9 @@ def test_gpu_hours_wall_hours_and_requeues_of_a_planned_run(tmp_path):
     assert row["eval_gpu_hours"] == pytest.approx(8 * 50_000 * 250 / sample_rate / 3600)  # 8 evaluations, no guidance
     assert row["gpus"] == 8 and row["wall_hours"] == pytest.approx(row["gpu_hours"] / 8)
     assert row["requeues_needed"] == math.ceil(row["wall_hours"] * 60 / row["timeout_min"]) - 1
+    (spec,) = grid("paper_grid", ["model=DiT-XL/2", "eval.fid_every=200000", f"hydra.sweep.dir={tmp_path}"])
+    fewer = plan.plan_row(spec, table)  # every evaluation scores the loss; FID-50K only at 200K and 400K
+    assert fewer["evaluations"] == 8 and fewer["eval_gpu_hours"] == pytest.approx(row["eval_gpu_hours"] * 2 / 8)
 
 
 def test_local_runs_share_the_cores(monkeypatch):

@@ -551,6 +551,10 @@ def test_a_run_dir_that_is_a_file_is_one_line(tmp_path):
     ("trainer.lr=true", "trainer.lr must be a number > 0, got True"),
     ("trainer.lr_schedule=linear", "trainer.lr_schedule='linear' is not one of constant, cosine"),
     ("trainer.warmup_steps=-1", "trainer.warmup_steps must be an integer >= 0, got -1"),
+    ("eval.every=-5", "eval.every must be an integer >= 0 or null, got -5"),
+    ("eval.fid_every=-1", "eval.fid_every must be an integer >= 0 or null, got -1"),
+    ("eval.fid_every=3000", "eval.fid_every=3000 must be a multiple of eval.every=2000 (FID is sampled at "
+                            "evaluations), 0 (only at the last step) or null (at every evaluation)"),
 ])
 def test_a_value_of_the_wrong_type_or_range_names_its_key(override, message):
     with pytest.raises(HarnessError) as err:

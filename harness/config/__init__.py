@@ -118,6 +118,21 @@ def latent_geometry(cfg: DictConfig) -> Geometry:
     return Geometry(image_size // downsample, channels, integer(data, "num_classes"))
 
 
+def evaluates_at(ev: DictConfig, step: int, max_steps: int) -> bool:
+    """Whether a training run evaluates at `step`: every eval.every steps and at the last (0: only at the last;
+    null: never)."""
+    every = ev.get("every")
+    return every is not None and (step >= max_steps or (every > 0 and step % every == 0))
+
+
+def samples_fid_at(ev: DictConfig, step: int, max_steps: int) -> bool:
+    """Whether the evaluation at `step` samples for FID too, not only the validation loss: every eval.fid_every
+    steps and at the last (0: only at the last; null: at every evaluation). The validation loss costs a small
+    fraction of sampling, so a loss curve can have many points and the FID a few."""
+    fid_every = ev.get("fid_every")
+    return step >= max_steps or fid_every is None or (fid_every > 0 and step % fid_every == 0)
+
+
 def resolve_device(spec, key: str):
     """The torch.device a setting (`key`) names. `auto`: this process's GPU when CUDA is visible, else the CPU;
     `cuda`: this process's GPU (cuda:LOCAL_RANK, as torchrun and SLURM number a node's processes); `cuda:N`,

@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 from harness.autoencoders import check_autoencoder_config, check_autoencoder_source
 from harness.config import latent_geometry
-from harness.config.values import check_eval_values, check_values
+from harness.config.values import check_eval_schedule, check_eval_values, check_values
 from harness.data import check_data_source
 from harness.model import check_model_config
 
@@ -23,6 +23,7 @@ def validate(cfg: DictConfig, evaluates: bool = False) -> None:
     check_values(cfg.trainer, "trainer")
     check_values(cfg, "")
     check_values(cfg.diffusion, "diffusion")
+    check_eval_schedule(cfg.eval)
     if evaluates or cfg.eval.every is not None:
         check_eval_values(cfg.eval, cfg.diffusion.num_timesteps)
 

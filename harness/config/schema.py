@@ -122,6 +122,7 @@ class TrainerConfig:
 @dataclass
 class EvalConfig:
     every: Optional[int] = MISSING
+    fid_every: Optional[int] = None
     num_samples: int = MISSING
     sampler: str = MISSING
     ddim_eta: Number = MISSING

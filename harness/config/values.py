@@ -141,6 +141,7 @@ RULES = {
     "trainer.parallel": partial(one_of, allowed=("ddp", "fsdp")),
     "trainer.async_checkpoint": flag,
     "eval.every": partial(integer, low=0, optional=True),
+    "eval.fid_every": partial(integer, low=0, optional=True),
     "eval.num_samples": _fid_samples,
     "eval.batch_size": positive,
     "eval.seed": partial(integer, low=0),
@@ -180,10 +181,19 @@ def rule_error(dotted: str, value) -> str | None:
     return None
 
 
+def check_eval_schedule(ev: DictConfig) -> None:
+    """eval.every and eval.fid_every: FID is sampled only at evaluations, so fid_every must be a multiple of every."""
+    every = RULES["eval.every"](ev, "every")
+    fid_every = RULES["eval.fid_every"](ev, "fid_every")
+    require(not (every and fid_every) or fid_every % every == 0,
+            f"eval.fid_every={fid_every} must be a multiple of eval.every={every} (FID is sampled at evaluations), "
+            "0 (only at the last step) or null (at every evaluation)")
+
+
 def check_eval_values(ev: DictConfig, num_timesteps: int) -> None:
     """The `eval` values that need no files (sample counts, labels, guidance, sampler); the extractor and its
     weights are checked by `harness.evaluate.fid.check_eval_config`."""
-    check_values(ev, "eval", skip=("every",))
+    check_values(ev, "eval", skip=("every", "fid_every"))
     # torch (via harness.diffusion) only here: reading a config (status, report) must not import it.
     from harness.diffusion import parse_sampler
 

@@ -31,10 +31,14 @@ from harness.tracking import Tracker, run_id
 from harness.train.runtime import inference_forward, setup_distributed
 
 
-def evaluated_before(run_dir: str | os.PathLike, step: int, eval_cfg: DictConfig) -> bool:
+def evaluated_before(run_dir: str | os.PathLike, step: int, eval_cfg: DictConfig, fid: bool = True) -> bool:
     """Whether the run's results.jsonl already holds `step` evaluated as `eval_cfg` would (extractor, number of
-    samples, sampler, guidance, seed): a run launched again after it finished, or resumed from before an
-    evaluation it had done, need not spend the sampling time again (FID-50K of XL/2: hours)."""
+    samples, sampler, guidance, seed; without `fid`, the validation loss over as many timesteps): a run launched
+    again after it finished, or resumed from before an evaluation it had done, need not spend the sampling time
+    again (FID-50K of XL/2: hours)."""
+    if not fid:
+        return any(row.get("step") == step and row.get("val_loss") is not None
+                   and row.get("val_timesteps") == int(eval_cfg.val_timesteps) for row in RunDir(run_dir).read_results())
     protocol = {"feature_extractor": str(eval_cfg.feature_extractor), "num_samples": int(eval_cfg.num_samples),
                 "sampler": str(eval_cfg.sampler), "cfg_scale": float(eval_cfg.cfg_scale),
                 "cfg_channels": eval_cfg.cfg_channels, "seed": int(eval_cfg.seed)}
@@ -42,12 +46,15 @@ def evaluated_before(run_dir: str | os.PathLike, step: int, eval_cfg: DictConfig
                for row in RunDir(run_dir).read_results())
 
 
-def result_row(cfg: DictConfig, step: int, run_dir: str | os.PathLike, fid: dict, params: int, gflops: float,
+def result_row(cfg: DictConfig, step: int, run_dir: str | os.PathLike, fid: dict | None, params: int, gflops: float,
                eval_wall_s: float, fid_floor: float | None = None, val: dict | None = None) -> ResultRow:
     """The results row of one evaluation: the run's config, its compute so far, and the evaluation's numbers
-    (`fid`: compute_fid's, with its bootstrap interval and class accuracy where it has them; `val`:
+    (`fid`: compute_fid's, with its bootstrap interval and class accuracy where it has them, None for an
+    evaluation of the validation loss only: its FID and sampling keys are null; `val`:
     harness.evaluate.val_loss.validation_loss's, None without one)."""
     m, ev, batch = cfg.model, cfg.eval, int(cfg.trainer.global_batch_size)
+    sampled = fid is not None
+    fid = fid or {"fid": None, "fid_name": None, "feature_extractor": None, "num_samples": None}
     return ResultRow(
         run_id=run_id(cfg, run_dir), run_dir=str(Path(run_dir).resolve()), sweep=cfg.get("sweep_name"),
         model=m.name, size=m.size, patch=int(m.patch_size), conditioning=m.conditioning,
@@ -56,8 +63,9 @@ def result_row(cfg: DictConfig, step: int, run_dir: str | os.PathLike, fid: dict
         step=int(step), global_batch_size=batch, images_seen=batch * int(step),
         train_compute_flops=training_compute_flops(float(gflops), batch, int(step)),
         fid=fid["fid"], fid_name=fid["fid_name"], feature_extractor=fid["feature_extractor"],
-        num_samples=fid["num_samples"], sampler=str(ev.sampler), cfg_scale=float(ev.cfg_scale),
-        cfg_channels=ev.cfg_channels, seed=int(ev.seed), dataset=cfg.data.name,
+        num_samples=fid["num_samples"], sampler=str(ev.sampler) if sampled else None,
+        cfg_scale=float(ev.cfg_scale) if sampled else None, cfg_channels=ev.cfg_channels if sampled else None,
+        seed=int(ev.seed), dataset=cfg.data.name,
         image_size=int(cfg.data.image_size), eval_wall_s=round(eval_wall_s, 3), timestamp=time.time(),
         isc=fid.get("isc"), precision=fid.get("precision"), recall=fid.get("recall"), fid_floor=fid_floor,
         fid_se=fid.get("fid_se"), fid_lo=fid.get("fid_lo"), fid_hi=fid.get("fid_hi"),
@@ -68,9 +76,10 @@ def result_row(cfg: DictConfig, step: int, run_dir: str | os.PathLike, fid: dict
 def evaluate_model(model: nn.Module, cfg: DictConfig, step: int, run_dir: str | os.PathLike, dist=None,
                    flops: dict | None = None, params: int | None = None, cache_dir: str | os.PathLike | None = None,
                    log_fn: Callable[[dict], None] | None = None, forward: nn.Module | None = None,
-                   stop: Callable[[], bool] | None = None, say: Say = to_stderr) -> dict | None:
+                   stop: Callable[[], bool] | None = None, say: Say = to_stderr, fid: bool = True) -> dict | None:
     """Evaluate the in-memory EMA `model` of a run at `step`: validation loss, sample, FID, append the row to
-    results.jsonl.
+    results.jsonl. Without `fid`, only the validation loss: a row with a null FID (none if there is no loss to
+    score: eval.val_timesteps 0, or no held-out split).
 
     The validation loss (`eval.val_timesteps`; harness.evaluate.val_loss) comes first, from generators of its
     own, so it changes no sample and no FID. Called by every rank of a job (`dist`: an object with rank,
@@ -89,6 +98,34 @@ def evaluate_model(model: nn.Module, cfg: DictConfig, step: int, run_dir: str | 
     check_eval_config(cfg.eval, cfg.data)  # fail before sampling, not after
     geometry = latent_geometry(cfg)
     val = validation_loss(model, cfg, device, dist=dist, say=say)
+    run, scores, floor = RunDir(run_dir), None, None
+    if fid:
+        images = generate_samples(forward or inference_forward(model, cfg, device), cfg.diffusion,
+                                  run_autoencoder(cfg, device), cfg.eval, geometry, device, rank=rank,
+                                  world_size=world_size, stop=stop, say=say)
+        if rank != 0:
+            return None
+        if cfg.eval.save_grid:
+            save_grid(images, run.sample_file(step, "png"))
+        if cfg.eval.save_npz:
+            save_npz(images, run.sample_file(step, "npz"))
+        # The labels the samples were conditioned on: the digits CNN's class accuracy compares its predictions with them.
+        scores = compute_fid(images, cfg.eval, cfg.data, cache_dir=cache_dir, device=device, say=say,
+                             labels=sample_labels(cfg.eval, geometry))
+        floor = reference_floor(cfg.eval, cfg.data, cache_dir=cache_dir, device=device, say=say)
+    elif rank != 0 or val is None:
+        return None
+    else:
+        say(f"step {step}: val loss {val['val_loss']:.4g} (se {val['val_loss_se']:.2g}); no FID here (eval.fid_every)")
+    if flops is None:
+        flops = count_flops(cfg.model, geometry, say=say)
+    if params is None:
+        params = count_params(model)
+    row = run.append_result(result_row(cfg, step, run.path, scores, params, flops["gflops"],
+                                       time.perf_counter() - start, floor, val))
+    if log_fn is not None:
+        log_fn(row)
+    return row
     images = generate_samples(forward or inference_forward(model, cfg, device), cfg.diffusion, run_autoencoder(cfg, device),
                               cfg.eval, geometry, device, rank=rank, world_size=world_size, stop=stop, say=say)
     if rank != 0:

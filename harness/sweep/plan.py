@@ -23,7 +23,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from harness.config import CONF_DIR, composition_error, latent_geometry, resolve_device
+from harness.config import CONF_DIR, composition_error, latent_geometry, resolve_device, samples_fid_at
 from harness.config.checks import check_run_inputs, validate
 from harness.diffusion import parse_sampler, space_timesteps
 from harness.errors import HarnessError, first_line, require
@@ -325,12 +325,13 @@ def sampling_steps(sampler: str, num_timesteps: int) -> int:
     return len(space_timesteps(num_timesteps, parse_sampler(sampler, num_timesteps)[1]))
 
 
-def num_evaluations(every, max_steps: int) -> int:
-    """Evaluations in a run: every `every` steps before the end, and at the end (none if every is null)."""
-    if every is None:
-        return 0
-    every = int(every)
-    return (len(range(every, max_steps, every)) if every > 0 else 0) + 1
+def evaluation_count(ev, max_steps: int) -> tuple[int, int]:
+    """A run's evaluations and, of those, the ones that sample for FID (harness.config.evaluates_at, samples_fid_at)."""
+    if ev.get("every") is None:
+        return 0, 0
+    every = int(ev.every)
+    steps = [*(range(every, max_steps, every) if every > 0 else ()), max_steps]
+    return len(steps), sum(samples_fid_at(ev, step, max_steps) for step in steps)
 
 
 def load_throughput(path: Path = THROUGHPUT_FILE) -> dict:
@@ -384,12 +385,12 @@ def plan_row(spec: RunSpec, table: dict, decision: Decision | None = None) -> di
     layout = schedulers.job_layout(cfg, "slurm")
     steps = int(tc.max_steps)
     batch = int(tc.global_batch_size)
-    evals = num_evaluations(ev.every, steps)
-    samples = evals * int(ev.num_samples)
+    evals, fid_evals = evaluation_count(ev, steps)
+    samples = fid_evals * int(ev.num_samples)
     guided = float(ev.cfg_scale) > 1.0
     train_rate, train_source = throughput(table, str(m.name), gflops, "train")
     sample_rate, sample_source = throughput(table, str(m.name), gflops, "sample", guided)
-    denoise = sampling_steps(str(ev.sampler), int(cfg.diffusion.num_timesteps)) if evals else 0
+    denoise = sampling_steps(str(ev.sampler), int(cfg.diffusion.num_timesteps)) if fid_evals else 0
     on_gpu = layout.gpus > 0
     train_h = steps * batch / train_rate / 3600 if on_gpu else None
     eval_h = samples * denoise / sample_rate / 3600 if on_gpu else None
@@ -436,7 +437,7 @@ def format_plan(plan: dict) -> str:
     lines = [f"sweep {name}: {len(rows)} runs in {sweep_dir} (launcher: {executor}; dry run, nothing submitted)",
              *text_table(header, [*body, total], left={0, 1, 12}), "",
              "Gflops: fvcore, one forward pass of one image (1 multiply-add = 1 flop); paper: Table 4 / Sec. 3.2.",
-             "train compute = Gflops x batch x steps x 3 (paper Fig. 9); FID samples = evaluations x eval.num_samples."]
+             "train compute = Gflops x batch x steps x 3 (paper Fig. 9); FID samples = evaluations that sample (eval.fid_every) x eval.num_samples."]
     models_by_source: dict[str, list[str]] = {}
     for r in rows:
         for source in r["sources"]:

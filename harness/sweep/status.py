@@ -85,8 +85,8 @@ def run_state(saved: RunState | None, queued: str | None, queue_unknown: bool, s
 
 def _run_row(run: RunDir, submission: dict, queue: dict | None, needs_queue: bool) -> dict:
     saved = run.read_state()
-    results = run.results()
-    last = max(results, key=lambda row: row.get("step") or 0) if results else {}
+    with_fid = [row for row in run.results() if row.get("fid") is not None]
+    last = max(with_fid, key=lambda row: row.get("step") or 0) if with_fid else {}
     checkpoint = newest_checkpoint_step(run.path)
     job_errors = _tail(submission.get("stderr"))
     executor = submission.get("executor")

@@ -21,7 +21,7 @@ import torch.distributed as torch_dist
 from omegaconf import DictConfig
 
 from harness.autoencoders import run_autoencoder
-from harness.config import latent_geometry
+from harness.config import evaluates_at, latent_geometry, samples_fid_at
 from harness.config.checks import check_run_inputs, validate
 from harness.data import BatchStream, build_dataset
 from harness.evaluate.run import evaluate_model, evaluated_before
@@ -156,7 +156,7 @@ class Trainer:
             if step >= max_steps:
                 self.tracker.print(f"already at step {step}, trainer.max_steps={max_steps}: nothing to train")
         try:
-            if self.eval_every and step % self.eval_every == 0 and 0 < step < max_steps:
+            if 0 < step < max_steps and evaluates_at(cfg.eval, step, max_steps):
                 self.evaluate(step)  # resumed from a checkpoint whose evaluation a kill cut short (one done is skipped)
             self.model.train()
             window = ThroughputWindow()
@@ -174,11 +174,11 @@ class Trainer:
                 if self.checkpointer.is_save_step(step):  # before this step's evaluation: a kill while sampling keeps it
                     self.save(step)
                 self.stop_if_preempted(step)
-                if self.eval_every and step % self.eval_every == 0 and step < max_steps:
+                if step < max_steps and evaluates_at(cfg.eval, step, max_steps):
                     with window.paused():  # sampling time is not training time
                         self.evaluate(step)
             self.tracker.close_bar()  # training is over: the final evaluation has its own progress
-            if self.eval_every is not None:
+            if evaluates_at(cfg.eval, step, max_steps):
                 self.evaluate(step)
             self.checkpointer.wait()  # a background save of the last step is committed before the run is done
             if dist.is_main:
@@ -245,11 +245,12 @@ class Trainer:
         self.preemption.requeue_or_exit(requeue)
 
     def evaluate(self, step: int) -> None:
-        """FID of the EMA at `step`, unless results.jsonl has it with this eval config; a preemption while sampling
-        stops at the next batch and saves."""
+        """The EMA's validation loss at `step` and, where eval.fid_every says, its FID; unless results.jsonl has
+        them with this eval config. A preemption while sampling stops at the next batch and saves."""
         self.nonfinite.check(self.dist)
-        if evaluated_before(self.run_dir, step, self.cfg.eval):
-            self.tracker.print(f"step {step}: already evaluated with this eval config (results.jsonl); not sampled again")
+        fid = samples_fid_at(self.cfg.eval, step, self.max_steps)
+        if evaluated_before(self.run_dir, step, self.cfg.eval, fid=fid):
+            self.tracker.print(f"step {step}: already evaluated with this eval config (results.jsonl); not again")
             return
         if self.eval_ema is not self.ema:
             gather_full_ema(self.ema, self.eval_ema)
@@ -257,13 +258,13 @@ class Trainer:
         try:
             row = evaluate_model(self.eval_ema, self.cfg, step, self.run_dir, dist=self.dist, flops=self.flops,
                                  params=self.params, log_fn=self.tracker.log_result, say=self.tracker.print,
-                                 forward=self.sample_forward,
+                                 forward=self.sample_forward, fid=fid,
                                  stop=lambda: self.dist.any_rank(self.preemption.raised))
         except SamplingStopped:  # preempted while sampling: the resumed run samples this step again
             self.stop_if_preempted(step)
             raise  # not reached: stop_if_preempted exits
         finally:
             self.preemption.sampling = False
-        if row is not None:
+        if row is not None and fid:
             self.tracker.print(f"step {step}: {row['fid_name']} {row['fid']:.4g} ({row['num_samples']} samples, "
                                f"{row['sampler']}, cfg {row['cfg_scale']:g})")
