@@ -4,6 +4,8 @@ handed the checked points and submits the runs that still need a job."""
 
 from __future__ import annotations
 
+import gc
+
 from omegaconf import DictConfig
 
 from harness.config import CONF_DIR
@@ -67,7 +69,11 @@ def train_checked_point(cfg: DictConfig) -> dict:
     """The task of each launched point, in its job: the launch checked its config and files already."""
     from harness.train.loop import train  # in the job only: checking and planning a grid need no training loop
 
-    return train(cfg, checked=True)
+    result = train(cfg, checked=True)
+    # The job exits next: its final garbage collection would walk every torch object for 2-4 s while the next run
+    # of the sweep waits for this one's core.
+    gc.freeze()
+    return result
 
 
 def launch_sweep(name: str, overrides: list[str] | tuple[str, ...] = ()) -> list[dict]:

@@ -196,7 +196,8 @@ class InferenceForward(torch.nn.Module):
         object.__setattr__(self, "_call", autocast_forward(compiled(module, fast), module, fast, device))
 
     def _run(self, x, t, y):
-        torch.compiler.cudagraph_mark_step_begin()  # with CUDA graphs: the last call's outputs are consumed
+        if x.is_cuda:  # CUDA graphs only there (train_step says why not elsewhere)
+            torch.compiler.cudagraph_mark_step_begin()  # with CUDA graphs: the last call's outputs are consumed
         return self._call(x, t, y)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

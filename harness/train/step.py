@@ -91,7 +91,8 @@ def train_step(forward, diffusion, model, ema, opt, x, y, t, noise, drop, tc: Di
     Nothing here reads a value back to the host, so the CPU queues the next step while the GPU runs this one;
     a non-finite loss is caught by `NonFiniteWatch` before anything is written.
     """
-    torch.compiler.cudagraph_mark_step_begin()  # with CUDA graphs: a new step, the last one's buffers are free
+    if x.is_cuda:  # CUDA graphs only there; on a CPU the call costs 1.5 s of torch._inductor imports at the first step
+        torch.compiler.cudagraph_mark_step_begin()  # with CUDA graphs: a new step, the last one's buffers are free
     losses = diffusion.training_losses(forward, x, t, {"y": y, "force_drop_ids": drop.long()}, noise=noise)
     losses["loss"].mean().backward()
     if tc.grad_clip and tc.grad_clip > 0:
