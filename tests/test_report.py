@@ -499,8 +499,11 @@ def test_rows_of_the_validation_loss_only_feed_the_loss_laws_and_not_the_fid_fit
     law = compute_frontier_law(df, n_boot=50)
     assert set(law.curves["step"]) == set(STEPS)  # every step's loss is on the curves
     assert len(compute_frontier(df)) >= 1 and set(compute_frontier(df)["step"]) == {MAX_STEPS}
-    md = write_report([sweep], tmp_path / "report")["md"].read_text()
+    written = write_report([sweep], tmp_path / "report")
+    md = written["md"].read_text()
     assert re.search(r"- loss vs compute: L\(C\) = a C\^-b", md.split("Sweeps:")[0])
+    assert "fid_vs_steps.png" not in written and "fid_vs_steps" not in md  # one FID per run: no curve to draw
+    assert "6 runs, 6 evaluations with FID, 12 of the validation loss only." in md
 
     # An FID taken later at a step that had only its loss (`harness eval`) replaces that row: one row per step.
     run = RunDir(find_run_dirs(sweep)[0])

@@ -291,8 +291,9 @@ def write_report(sweep_dirs, out_dir, step: int | None = None, overlay_paper: bo
     """Write the sweep report under `out_dir` and return the paths written.
 
     Files: report.md, report.html (self-contained: figures embedded as base64 PNG), results.csv
-    (every run x evaluated step), fits.json, and figures/<name>.png|svg for fid_vs_gflops,
-    fid_vs_steps, fid_vs_compute and samples (when runs saved sample grids). Keys of the returned
+    (every run x evaluated step), fits.json, and figures/<name>.png|svg for fid_vs_gflops, fid_vs_steps (when a
+    run has FID at two steps or more), fid_vs_compute, loss_vs_compute (with validation losses) and samples (when
+    runs saved sample grids). Keys of the returned
     dict: "md", "html", "csv", "json", "figures" (the figures dir) and "<name>.png" / "<name>.svg".
     `step=None` uses the last step that every finished run reached. `holdout`: a config left out of the fit vs
     Gflops and predicted (`predict_held_out`); `predict`: (label, Gflops) of configs outside the grid
@@ -322,9 +323,10 @@ def write_report(sweep_dirs, out_dir, step: int | None = None, overlay_paper: bo
     figures = {
         "fid_vs_gflops": plot_fid_vs_gflops(df, step, overlay_paper=overlay_paper, mix_extractors=mix_extractors,
                                             held_out=next((p for p in held_out if p.quantity == "FID"), None)),
-        "fid_vs_steps": plot_fid_vs_steps(df, mix_extractors=mix_extractors),
-        "fid_vs_compute": plot_fid_vs_compute(df, mix_extractors=mix_extractors),
     }
+    if evaluated(df).groupby("run_path")["step"].nunique().max() > 1:  # not when each run took FID once (eval.fid_every)
+        figures["fid_vs_steps"] = plot_fid_vs_steps(df, mix_extractors=mix_extractors)
+    figures["fid_vs_compute"] = plot_fid_vs_compute(df, mix_extractors=mix_extractors)
     if _has_val_loss(df):
         figures["loss_vs_compute"] = plot_loss_vs_compute(df, law)
     if last_samples(df):
@@ -356,7 +358,8 @@ def write_report(sweep_dirs, out_dir, step: int | None = None, overlay_paper: bo
 
     context = {
         "title": TITLE, "files": REPORT_FILES, "sweeps": ", ".join(str(Path(d)) for d in sweep_dirs),
-        "n_runs": df["run_path"].nunique(), "n_evaluations": len(evaluated(df)), "fid_text": fid_text,
+        "n_runs": df["run_path"].nunique(), "n_evaluations": len(evaluated(df)),
+        "n_loss_only": int((df["fid"].isna() & df["step"].notna() & df["val_loss"].notna()).sum()), "fid_text": fid_text,
         "headline": headline, "replicas": replicas,
         "summary": summary, "step_note": step_note, "runs": _run_display(table, step),
         "fits": {n: _fit_table(f) for n, f in fits.items()}, "several_kinds": len(names) > 1, "fit_notes": fit_notes,
