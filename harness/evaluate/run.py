@@ -126,28 +126,6 @@ def evaluate_model(model: nn.Module, cfg: DictConfig, step: int, run_dir: str | 
     if log_fn is not None:
         log_fn(row)
     return row
-    images = generate_samples(forward or inference_forward(model, cfg, device), cfg.diffusion, run_autoencoder(cfg, device),
-                              cfg.eval, geometry, device, rank=rank, world_size=world_size, stop=stop, say=say)
-    if rank != 0:
-        return None
-    run = RunDir(run_dir)
-    if cfg.eval.save_grid:
-        save_grid(images, run.sample_file(step, "png"))
-    if cfg.eval.save_npz:
-        save_npz(images, run.sample_file(step, "npz"))
-    # The labels the samples were conditioned on: the digits CNN's class accuracy compares its predictions with them.
-    fid = compute_fid(images, cfg.eval, cfg.data, cache_dir=cache_dir, device=device, say=say,
-                      labels=sample_labels(cfg.eval, geometry))
-    floor = reference_floor(cfg.eval, cfg.data, cache_dir=cache_dir, device=device, say=say)
-    if flops is None:
-        flops = count_flops(cfg.model, geometry, say=say)
-    if params is None:
-        params = count_params(model)
-    row = run.append_result(result_row(cfg, step, run.path, fid, params, flops["gflops"], time.perf_counter() - start,
-                                       floor, val))
-    if log_fn is not None:
-        log_fn(row)
-    return row
 
 
 def checkpoint_config(ckpt: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> tuple[DictConfig, dict]:
