@@ -100,3 +100,11 @@ def test_max_steps_is_part_of_what_a_run_trains_only_under_a_decaying_lr_schedul
     for schedule, same in (("constant", True), ("cosine", False)):
         short, longer = (compose([f"trainer.lr_schedule={schedule}", f"trainer.max_steps={n}"]) for n in (100, 200))
         assert (run_identity(short) == run_identity(longer)) is same, schedule
+
+
+@pytest.mark.parametrize("every", [None, 0, 1000, 2400, 7])
+def test_the_planned_evaluation_steps_are_the_steps_training_evaluates_at(every):
+    from harness.config import evaluates_at, evaluation_steps
+
+    ev = OmegaConf.create({"every": every})
+    assert evaluation_steps(ev, 4800) == [s for s in range(1, 4801) if evaluates_at(ev, s, 4800)]

@@ -125,6 +125,14 @@ def evaluates_at(ev: DictConfig, step: int, max_steps: int) -> bool:
     return every is not None and (step >= max_steps or (every > 0 and step % every == 0))
 
 
+def evaluation_steps(ev: DictConfig, max_steps: int) -> list[int]:
+    """The steps `evaluates_at` says yes to, in order (for plans; the training loop asks step by step)."""
+    every = ev.get("every")
+    if every is None:
+        return []
+    return [*(range(every, max_steps, every) if every > 0 else ()), max_steps]
+
+
 def samples_fid_at(ev: DictConfig, step: int, max_steps: int) -> bool:
     """Whether the evaluation at `step` samples for FID too, not only the validation loss: every eval.fid_every
     steps and at the last (0: only at the last; null: at every evaluation). The validation loss costs a small

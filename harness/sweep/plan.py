@@ -23,7 +23,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from harness.config import CONF_DIR, composition_error, latent_geometry, resolve_device, samples_fid_at
+from harness.config import (CONF_DIR, composition_error, evaluation_steps, latent_geometry, resolve_device,
+                            samples_fid_at)
 from harness.config.checks import check_run_inputs, validate
 from harness.diffusion import parse_sampler, space_timesteps
 from harness.errors import HarnessError, first_line, require
@@ -326,11 +327,8 @@ def sampling_steps(sampler: str, num_timesteps: int) -> int:
 
 
 def evaluation_count(ev, max_steps: int) -> tuple[int, int]:
-    """A run's evaluations and, of those, the ones that sample for FID (harness.config.evaluates_at, samples_fid_at)."""
-    if ev.get("every") is None:
-        return 0, 0
-    every = int(ev.every)
-    steps = [*(range(every, max_steps, every) if every > 0 else ()), max_steps]
+    """A run's evaluations and, of those, the ones that sample for FID."""
+    steps = evaluation_steps(ev, max_steps)
     return len(steps), sum(samples_fid_at(ev, step, max_steps) for step in steps)
 
 
