@@ -1,7 +1,8 @@
 """The config schema: every key of the train config, its type and, where one value serves every option of a
 group, its default. Registered in Hydra's ConfigStore on import; `conf/train.yaml` starts from `schema: train`
-and the data, autoencoder and logger options that add keys of their own start from `schema/<group>/<option>`,
-so composition refuses a key the schema does not know and a value of the wrong type.
+and the data, autoencoder and logger options that add keys of their own, and the two harness launchers
+(`hydra.launcher`), start from `schema/<group>/<option>`, so composition refuses a key the schema does not know
+and a value of the wrong type.
 
 OmegaConf 2.3 has no unions and no ranges: a key that takes an int or a float, or a string or a bool, is `Any`
 here, and the allowed values of every key (ranges, choices) are the rules of `harness.config.values`, which
@@ -11,7 +12,7 @@ here, and the allowed values of every key (ranges, choices) are the rules of `ha
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -163,6 +164,44 @@ class WandbLogger(LoggerConfig):
 
 
 @dataclass
+class LauncherConfig:
+    """`hydra.launcher` of the harness launchers (conf/hydra/launcher/harness_{local,slurm}.yaml; what each key
+    does is said there). A sweep may add `by_size`, settings per model size that its keys interpolate."""
+    _target_: str = MISSING
+    timeout_min: int = MISSING
+    gpus_per_node: Optional[int] = None
+    tasks_per_node: Optional[int] = None
+    cpus_per_task: Optional[int] = None
+    setup: List[str] = field(default_factory=list)
+    signal_delay_s: int = MISSING
+    max_num_timeout: int = MISSING
+    stderr_to_stdout: StrictBool = False
+    wait_s: Number = MISSING
+    poll_s: Number = MISSING
+    by_size: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LocalLauncher(LauncherConfig):
+    max_parallel: Optional[int] = None
+
+
+@dataclass
+class SlurmLauncher(LauncherConfig):
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    exclude: Optional[str] = None
+    comment: Optional[str] = None
+    gres: Optional[str] = None
+    max_gpus_per_node: Optional[int] = None
+    nodes: Optional[int] = None
+    mem_gb: Optional[Number] = None
+    additional_parameters: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -198,7 +237,8 @@ def register() -> None:
     store.store(group="schema", name="extract_latents", node=ExtractLatentsConfig, package="_global_")
     for group, option, node in (("data", "digits", DigitsData), ("data", "imagefolder", ImageFolderData),
                                 ("data", "latents", LatentsData), ("autoencoder", "vae", VAEConfig),
-                                ("logger", "wandb", WandbLogger)):
+                                ("logger", "wandb", WandbLogger), ("launcher", "local", LocalLauncher),
+                                ("launcher", "slurm", SlurmLauncher)):
         store.store(group=f"schema/{group}", name=option, node=node)
 
 

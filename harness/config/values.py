@@ -82,6 +82,12 @@ def _betas(node: DictConfig, key: str) -> None:
             f"{_full_key(node, key)} must be two numbers in [0, 1), got {betas!r}")
 
 
+def _strings(node: DictConfig, key: str) -> None:
+    lines = node.get(key)
+    require(OmegaConf.is_list(lines) and all(isinstance(line, str) for line in lines),
+            f"{_full_key(node, key)} must be a list of shell lines (strings), got {lines!r}")
+
+
 def _milestones(node: DictConfig, key: str) -> None:
     milestones = node.get(key)
     require(OmegaConf.is_list(milestones) and all(_is_integer(m) and m > 0 for m in milestones),
@@ -155,6 +161,21 @@ RULES = {
     "eval.val_timesteps": partial(integer, low=0),
     "eval.val_limit": partial(integer, low=2, optional=True),
     "eval.fid_resamples": _resamples,
+    # The harness launchers (harness.sweep.plan.check_grid runs these before anything is submitted).
+    "hydra.launcher.timeout_min": positive,
+    "hydra.launcher.gpus_per_node": partial(integer, low=0, optional=True),
+    "hydra.launcher.tasks_per_node": partial(integer, optional=True),
+    "hydra.launcher.cpus_per_task": partial(integer, optional=True),
+    "hydra.launcher.max_parallel": partial(integer, optional=True),
+    "hydra.launcher.nodes": partial(integer, optional=True),
+    "hydra.launcher.max_gpus_per_node": partial(integer, optional=True),
+    "hydra.launcher.mem_gb": partial(number, allowed="> 0", test=lambda v: v > 0, optional=True),
+    "hydra.launcher.signal_delay_s": partial(integer, low=0),
+    "hydra.launcher.max_num_timeout": partial(integer, low=0),
+    "hydra.launcher.wait_s": partial(number, allowed=">= 0 (seconds)", test=lambda v: v >= 0),
+    "hydra.launcher.poll_s": partial(number, allowed="> 0 (seconds)", test=lambda v: v > 0),
+    "hydra.launcher.stderr_to_stdout": flag,
+    "hydra.launcher.setup": _strings,
 }
 
 

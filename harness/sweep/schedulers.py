@@ -34,6 +34,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from submitit.slurm.slurm import _make_sbatch_string
 
+from harness.config.values import check_values
 from harness.errors import HarnessError, first_line, require
 from harness.io import append_jsonl, read_jsonl
 from harness.run_dir import RunState
@@ -119,6 +120,7 @@ def job_layout(cfg: DictConfig, executor: str) -> Layout:
     Explicit `hydra.launcher.gpus_per_node` / `nodes` / `tasks_per_node` win over the derivation.
     """
     p = cfg.hydra.launcher
+    check_values(p, "hydra.launcher")  # its ranges (harness.config.values.RULES); the schema checked the types
     on_cpu = str(cfg.trainer.device) == "cpu"
     gpus = 0 if on_cpu else int(cfg.trainer.gpus)
     require(gpus >= 0, f"trainer.gpus must be >= 0, got {gpus}")
