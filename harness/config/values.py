@@ -161,7 +161,7 @@ RULES = {
     "eval.val_timesteps": partial(integer, low=0),
     "eval.val_limit": partial(integer, low=2, optional=True),
     "eval.fid_resamples": _resamples,
-    # The harness launchers (harness.sweep.plan.check_grid runs these before anything is submitted).
+    # The harness launchers: harness.sweep.schedulers.job_layout runs these, for check_grid before anything is submitted.
     "hydra.launcher.timeout_min": positive,
     "hydra.launcher.gpus_per_node": partial(integer, low=0, optional=True),
     "hydra.launcher.tasks_per_node": partial(integer, optional=True),
