@@ -160,6 +160,17 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_bench(args: argparse.Namespace) -> int:
+    import time
+
+    from harness.demo_bench import format_demo_bench, run_demo_bench
+
+    workdir = args.dir or Path("bench") / f"demo-seed{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    row = run_demo_bench(args.seed, workdir, args.log, args.overrides, host_probe=not args.no_host_probe, say=to_stderr)
+    print(format_demo_bench(row))
+    return 0 if row["holds"] else 1
+
+
 class OneLineErrors(argparse.ArgumentParser):
     """argparse, except that a usage error is one line like every other bad input (argparse prints its usage)."""
 
@@ -232,6 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any of train, sample, features, latents (default: all)")
     p.add_argument("--log", default="bench/bench_log.jsonl", help="benchmark log to append to")
     p.add_argument("--profile", action="store_true", help="also profile the training step: top ops, GPU busy share")
+    p.add_argument("overrides", **overrides)
+
+    p = command("demo-bench", _demo_bench, "Run `make demo` for one seed in a new directory, time it and check its claim "
+                                           "(r <= -0.8, val loss falling, 90% class accuracy, 15 minutes); exit 1 if "
+                                           "it does not hold.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dir", default=None, help="a new or empty directory for the demo (default: "
+                                               "bench/demo-seed<N>-<date>-<time>)")
+    p.add_argument("--log", default="bench/demo_log.jsonl", help="benchmark log to append the row to")
+    p.add_argument("--no-host-probe", action="store_true",
+                   help="skip timing a mini-B/2 step before and after (about 15 s each)")
     p.add_argument("overrides", **overrides)
     return parser
 

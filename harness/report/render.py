@@ -24,7 +24,8 @@ from harness.report.collect import (SAMPLE_BOOTSTRAP, UNKNOWN_SPREAD, aggregate_
                                     load_paper_table4, pick_step, rows_at_step, run_table)
 from harness.report.figures import (figure_bytes, plot_fid_vs_compute, plot_fid_vs_gflops, plot_fid_vs_steps,
                                     plot_loss_vs_compute, plot_sample_grid)
-from harness.report.laws import FrontierLaw, compute_frontier_law, fit_loglog, predict_config, predict_held_out
+from harness.report.laws import (FrontierLaw, LogLogFit, compute_frontier_law, fit_loglog, predict_config,
+                                 predict_held_out)
 from harness.report.stats import (PREDICTION_INTERVAL, PowerLawFit, compute_frontier, fit_power_law, predict_fid,
                                   prediction_points)
 
@@ -181,46 +182,55 @@ def _has_val_loss(df: pd.DataFrame) -> bool:
     return "val_loss" in df and bool(df["val_loss"].notna().any())
 
 
-def _loss_lines(df: pd.DataFrame, at: pd.DataFrame, step: int) -> tuple[list[str], FrontierLaw | None]:
-    """The val loss headline lines (vs Gflops at `step`, and the compute-frontier law), and that law."""
+def _loss_lines(df: pd.DataFrame, at: pd.DataFrame, step: int) -> tuple[list[str], FrontierLaw | None, LogLogFit | None]:
+    """The val loss headline lines (vs Gflops at `step`, and the compute-frontier law), that law and the fit vs Gflops."""
     if not _has_val_loss(df):
         return ["loss vs compute: not fitted; no result row has val_loss (results written before validation loss "
-                "was recorded)"], None
-    lines = []
+                "was recorded)"], None, None
+    lines, vs_gflops = [], None
     if _has_val_loss(at):
         points = aggregate_replicas(at).dropna(subset=["val_loss_mean"])
         try:
-            fit = fit_loglog(points["gflops"], points["val_loss_mean"], labels=points["config"], what="val loss vs Gflops")
-            lo, hi = fit.exponent_ci
-            lines.append(f"val loss vs Gflops: exponent {fit.exponent:.3f} [{lo:.3f}, {hi:.3f}], r = {fit.r:.2f} "
-                         f"({fit.n} configs at step {step:,}; 95% BCa bootstrap)")
+            vs_gflops = fit_loglog(points["gflops"], points["val_loss_mean"], labels=points["config"],
+                                   what="val loss vs Gflops")
+            lo, hi = vs_gflops.exponent_ci
+            lines.append(f"val loss vs Gflops: exponent {vs_gflops.exponent:.3f} [{lo:.3f}, {hi:.3f}], "
+                         f"r = {vs_gflops.r:.2f} ({vs_gflops.n} configs at step {step:,}; 95% BCa bootstrap)")
         except HarnessError as err:
             lines.append(f"val loss vs Gflops: not fitted; {str(err).removeprefix('val loss vs Gflops: ')}")
     try:
         law = compute_frontier_law(df)
     except HarnessError as err:
-        return lines + [f"loss vs compute: not fitted; {err}"], None
+        return lines + [f"loss vs compute: not fitted; {err}"], None, vs_gflops
     fit = law.fit
     c_text = (f"c = {fit.c:.4g} kept by an F-test (p = {fit.f_pvalue:.3g})" if fit.model == "saturating"
               else f"c = 0: the F-test did not support a floor (p = {fit.f_pvalue:.3g})")
     lines.append(f"loss vs compute: L(C) = a C^-b{' + c' if fit.model == 'saturating' else ''}, b = {fit.b:.3f} "
                  f"[{fit.b_ci[0]:.3f}, {fit.b_ci[1]:.3f}] (frontier of {fit.n} points; {c_text})")
-    return lines, law
+    return lines, law, vs_gflops
 
 
-def _accuracy_line(at: pd.DataFrame, step: int) -> str:
-    """The class accuracy of the best config's samples (lowest FID at `step`, replicas averaged), and the range."""
+def _class_accuracy(at: pd.DataFrame) -> dict | None:
+    """The class accuracy of the best config's samples (lowest FID, replicas averaged) and of every config; None
+    where no row measured it."""
     if "class_accuracy" not in at or not at["class_accuracy"].notna().any():
-        return ("class accuracy: not measured (only an extractor that classifies the dataset's classes measures it, "
-                "the digits CNN on digits; rows written before it was recorded have none)")
+        return None
     points = aggregate_replicas(at).dropna(subset=["class_accuracy_mean"])
     best = points.loc[points["fid_mean"].idxmin()]
-    n = int(best["n_replicas"])
+    return {"best_config": best["config"], "best_fid": float(best["fid_mean"]),
+            "best_accuracy": float(best["class_accuracy_mean"]), "replicas": int(best["n_replicas"]),
+            "by_config": {row.config: float(row.class_accuracy_mean) for row in points.itertuples()}}
+
+
+def _accuracy_line(accuracy: dict | None, step: int) -> str:
+    if accuracy is None:
+        return ("class accuracy: not measured (only an extractor that classifies the dataset's classes measures it, "
+                "the digits CNN on digits; rows written before it was recorded have none)")
+    n, by_config = accuracy["replicas"], accuracy["by_config"].values()
     over = f", mean of {n} replicas" if n > 1 else ""
-    low, high = points["class_accuracy_mean"].min(), points["class_accuracy_mean"].max()
-    return (f"class accuracy: best config {best['config']} (FID {best['fid_mean']:.2f} at step {step:,}): "
-            f"{best['class_accuracy_mean']:.1%} of its samples classified as the class they were conditioned on "
-            f"(digits CNN{over}); {low:.1%} to {high:.1%} over {len(points)} configs")
+    return (f"class accuracy: best config {accuracy['best_config']} (FID {accuracy['best_fid']:.2f} at step {step:,}): "
+            f"{accuracy['best_accuracy']:.1%} of its samples classified as the class they were conditioned on "
+            f"(digits CNN{over}); {min(by_config):.1%} to {max(by_config):.1%} over {len(by_config)} configs")
 
 
 def _interval_note(at: pd.DataFrame) -> str:
@@ -314,7 +324,8 @@ def write_report(sweep_dirs, out_dir, step: int | None = None, overlay_paper: bo
     at = rows_at_step(df, step)
     held_out = predict_held_out(df, holdout, step) if holdout else []
     outside = [p for label, gflops in predict for p in predict_config(df, gflops, step, label=label)]
-    loss_lines, law = _loss_lines(df, at, step)
+    loss_lines, law, loss_vs_gflops = _loss_lines(df, at, step)
+    accuracy = _class_accuracy(at)
     # Written in a staging directory and swapped in whole: a kill leaves the previous report or the new one.
     out = staging_dir(final)
     paths = {key: out / name for key, name in REPORT_FILES.items()}
@@ -342,7 +353,7 @@ def write_report(sweep_dirs, out_dir, step: int | None = None, overlay_paper: bo
     summary += [f"Gflops vs FID: not fitted; {note}" for note in fit_notes]
     replicas = _replica_display(at)
     headline = (_headline(fits, fit_notes, step, len(names) > 1, replicas is not None) + loss_lines
-                + [p.line() for p in held_out + outside] + [_accuracy_line(at, step)])
+                + [p.line() for p in held_out + outside] + [_accuracy_line(accuracy, step)])
     predictions = _predictions(fits, at)
     frontier = compute_frontier(df)
     table = run_table(df, step)
@@ -375,6 +386,7 @@ def write_report(sweep_dirs, out_dir, step: int | None = None, overlay_paper: bo
         "step": step, "step_note": step_note, "fid_names": names, "fid": fid_text, "summary": summary,
         "headline": headline, "held_out": [asdict(p) for p in held_out],
         "predicted_configs": [asdict(p) for p in outside], "loss_law": asdict(law.fit) if law is not None else None,
+        "val_loss_vs_gflops": asdict(loss_vs_gflops) if loss_vs_gflops is not None else None, "class_accuracy": accuracy,
         "fits": {n: asdict(f) for n, f in fits.items()}, "predictions": predictions,
         "prediction_interval": PREDICTION_INTERVAL,
         "paper_fit": asdict(paper_fit) if paper_fit is not None else None,
