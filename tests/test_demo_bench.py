@@ -97,6 +97,26 @@ def test_the_demo_is_run_timed_and_logged_as_make_demo_runs_it(tmp_path, capsys)
     assert len(read_jsonl(log)) == 1
 
 
+def test_bad_overrides_are_the_sweeps_one_line_and_log_no_row(tmp_path, capsys):
+    log = tmp_path / "demo_log.jsonl"
+    assert main(["demo-bench", "--dir", str(tmp_path / "d"), "--log", str(log), "--no-host-probe",
+                 "trainer.max_steps=0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == ("harness: error: sweep demo: every run: trainer.max_steps must be a positive integer, got 0 "
+                   "(nothing was submitted)")
+    assert not log.exists() and not (tmp_path / "d" / "sweeps_out").exists()
+
+
+def test_the_host_speed_reads_as_it_was_probed():
+    row = {"seed": 0, "commit": "abc", "dir": "/d", "wall_s": 1.0, "sweep_s": 1.0, "report_s": 0.0, "holds": False,
+           "error": "harness sweep exited with 1: see /d/sweep.log"}
+    for probed, shown in [({"before": 101.4, "after": 98.6}, "host: mini-B/2 step 101 ms before, 99 ms after"),
+                          ({"before": 101.4, "after": None}, "host: mini-B/2 step 101 ms before, ? ms after"),
+                          ({"before": None, "after": None}, "host: not probed")]:
+        text = format_demo_bench({**row, "host_step_ms": probed})
+        assert shown in text and text.endswith("\n  harness sweep exited with 1: see /d/sweep.log")
+
+
 def test_an_override_that_moves_the_sweep_is_refused(tmp_path, capsys):
     assert main(["demo-bench", "--dir", str(tmp_path / "d"), f"hydra.sweep.dir={tmp_path}/elsewhere"]) == 2
     err = capsys.readouterr().err.strip()
