@@ -87,9 +87,8 @@ def run_demo_bench(seed: int, workdir: str | os.PathLike, log: str | os.PathLike
 
 def format_demo_bench(row: dict) -> str:
     """The row as a reader wants it: the verdict, each part of the claim, the times and the host's speed."""
-    before, after = (row["host_step_ms"][when] for when in ("before", "after"))
-    speed = ("not probed" if before is None and after is None else "mini-B/2 step "
-             + " ms before, ".join("?" if ms is None else f"{ms:.0f}" for ms in (before, after)) + " ms after")
+    before, after = (("?" if ms is None else f"{ms:.0f}") for ms in map(row["host_step_ms"].get, ("before", "after")))
+    speed = "not probed" if before == after == "?" else f"mini-B/2 step {before} ms before, {after} ms after"
     lines = [f"demo seed {row['seed']} ({row['commit'] or 'no git commit'}): "
              f"{'the claim holds' if row['holds'] else 'the claim does NOT hold'}",
              f"  wall {row['wall_s']:.0f} s (sweep {row['sweep_s']:.0f} s, report {row['report_s']:.0f} s); host: {speed}"]
