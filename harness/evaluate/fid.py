@@ -44,7 +44,7 @@ from torch_fidelity.utils import (create_feature_extractor, extract_featuresdict
 from harness.config import resolve_device, slug
 from harness.data import real_images_uint8
 # Importing harness.digits_cnn also registers DIGITS_CNN with torch-fidelity, which `_metrics` names.
-from harness.digits_cnn import DIGITS_CNN, DIGITS_LAYER, DIGITS_WEIGHTS, load_digits_cnn
+from harness.digits_cnn import DIGITS_CNN, DIGITS_LAYER, DIGITS_WEIGHTS, class_accuracy, load_digits_cnn
 from harness.errors import HarnessError, require
 from harness.io import atomic_torch_save, cache_root, check_output_path, sha256_file
 from harness.progress import Say, quiet
@@ -420,8 +420,7 @@ def compute_fid(images_uint8: torch.Tensor, eval_cfg: DictConfig, data_cfg: Dict
     if resamples:
         out.update(fid_bootstrap(features[extractor.feature_layer].numpy(), ref_stats, fid, n_resamples=resamples))
     if accuracy:
-        predicted = features[extractor.isc_layer].argmax(1)
-        out["class_accuracy"] = float((predicted == labels.to(predicted.device)).float().mean())
+        out["class_accuracy"] = class_accuracy(features[extractor.isc_layer], labels)
     if isc:
         out["isc"] = float(isc_featuresdict_to_metric(features, extractor.isc_layer, **kwargs)[ISC_KEY])
     if prc:
