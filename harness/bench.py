@@ -11,7 +11,6 @@ device is known. Results print as a table, return as a dict (JSON) and are appen
 from __future__ import annotations
 
 import json
-import platform
 import re
 import tempfile
 import time
@@ -34,7 +33,7 @@ from harness.flops import count_flops
 from harness.io import append_jsonl, check_output_path
 from harness.model import build_model
 from harness.train.runtime import (achieved_tflops, apply_matmul_settings, autocast_forward, compiled, datasheet_peak_tflops,
-                                   fast_path_settings, inference_forward, mfu, peak_memory_gb)
+                                   device_name, fast_path_settings, inference_forward, mfu, peak_memory_gb)
 from harness.train.step import build_training, train_step
 
 WHAT = ("train", "sample", "features", "latents")
@@ -244,7 +243,7 @@ def run_bench(overrides: list[str], what=WHAT, log: str | None = None, warmup: i
     peaks = {"measured": measured_peak_tflops(device, precision), "datasheet": datasheet_peak_tflops(device, precision)}
     result = {
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "overrides": list(overrides),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": device_name(device),
         "torch": torch.__version__, "model": cfg.model.name, "tokens": geometry.tokens(cfg.model.patch_size),
         "params": flops["params"], "gflops": flops["gflops"], "precision": precision,
         "peak_tflops_measured": peaks["measured"], "peak_tflops_datasheet": peaks["datasheet"],

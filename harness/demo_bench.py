@@ -63,17 +63,20 @@ def run_demo_bench(seed: int, workdir: str | os.PathLike, log: str | os.PathLike
     workdir.mkdir(parents=True, exist_ok=True)
     harness, commit = _harness_command(), _commit()  # the code that runs, before anyone edits it
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
-    host_before = _host_step_ms(harness, workdir, say) if host_probe else None
+    host_before = _host_probe(harness, workdir, say) if host_probe else None
     sweep_s, sweep_rc = _timed(harness + ["sweep", "demo", f"seed={seed}", *overrides], workdir, "sweep.log", say)
     if sweep_rc == 2:  # bad input: refused in one line before anything was submitted; no demo ran, no row
         lines = (workdir / "sweep.log").read_text().strip().splitlines() or [""]
         raise HarnessError(lines[-1].removeprefix("harness: error: "))
     report_s, report_rc = (_timed(harness + ["report", str(SWEEP_DIR), "-o", str(REPORT_DIR)], workdir, "report.log", say)
                            if sweep_rc == 0 else (0.0, None))
-    host_after = _host_step_ms(harness, workdir, say) if host_probe else None
+    host_after = _host_probe(harness, workdir, say) if host_probe else None
+    probed = host_before or host_after
     row = {"timestamp": started, "commit": commit, "seed": seed,
            "overrides": list(overrides), "dir": str(workdir), "cores": os.cpu_count(),
-           "host_step_ms": {"before": host_before, "after": host_after},
+           "host": probed and probed["device"],
+           "host_step_ms": {when: probe and 1e3 * probe["train"]["step_s"]
+                            for when, probe in (("before", host_before), ("after", host_after))},
            "sweep_s": round(sweep_s, 1), "report_s": round(report_s, 1), "wall_s": round(sweep_s + report_s, 1)}
     if sweep_rc or report_rc:
         failed = "sweep.log" if sweep_rc else "report.log"
@@ -92,6 +95,8 @@ def format_demo_bench(row: dict) -> str:
     lines = [f"demo seed {row['seed']} ({row['commit'] or 'no git commit'}): "
              f"{'the claim holds' if row['holds'] else 'the claim does NOT hold'}",
              f"  wall {row['wall_s']:.0f} s (sweep {row['sweep_s']:.0f} s, report {row['report_s']:.0f} s); host: {speed}"]
+    if row.get("host"):
+        lines.append(f"  on {row['host']}")
     if "error" in row:
         return "\n".join(lines + [f"  {row['error']}"])
     for name, part in row["claim"].items():
@@ -118,9 +123,10 @@ def _timed(command: list[str], workdir: Path, log_name: str, say) -> tuple[float
     return time.monotonic() - began, status
 
 
-def _host_step_ms(harness: list[str], workdir: Path, say) -> float | None:
-    """One mini-B/2 training step on one thread (`harness bench`), in ms: how fast the host is right now. None if the
-    probe failed (said, not raised: a failed probe after the demo must not lose the demo's row)."""
+def _host_probe(harness: list[str], workdir: Path, say) -> dict | None:
+    """`harness bench`'s row for one mini-B/2 training step on one thread: how fast the host is right now, and which CPU
+    it is (the demo's numbers repeat exactly only on the same one). None if the probe failed (said, not raised: a
+    failed probe after the demo must not lose the demo's row)."""
     probe_log = workdir / "host_speed.jsonl"
     say("probing the host's speed: a mini-B/2 training step on one thread")
     done = subprocess.run(harness + ["bench", *HOST_PROBE, "--log", str(probe_log)], cwd=workdir, capture_output=True,
@@ -128,7 +134,7 @@ def _host_step_ms(harness: list[str], workdir: Path, say) -> float | None:
     if done.returncode != 0:
         say(f"the host probe `harness bench {' '.join(HOST_PROBE)}` failed: {done.stderr.strip()[-300:]}")
         return None
-    return 1e3 * read_jsonl(probe_log)[-1]["train"]["step_s"]
+    return read_jsonl(probe_log)[-1]
 
 
 def _commit() -> str | None:

@@ -82,7 +82,7 @@ def test_the_demo_is_run_timed_and_logged_as_make_demo_runs_it(tmp_path, capsys)
     assert all(read_json(demo / "sweeps_out" / "demo" / run / "run_state.json")["state"] == "done" for run in runs)
     assert row["seed"] == 3
     assert row["wall_s"] == pytest.approx(row["sweep_s"] + row["report_s"], abs=0.11) and row["report_s"] > 0
-    assert row["host_step_ms"] == {"before": None, "after": None} and row["commit"]
+    assert row["host_step_ms"] == {"before": None, "after": None} and row["host"] is None and row["commit"]
     # Two configs are too few for a fit: the report says so, and the claim does not hold.
     assert row["claim"]["fid_r"]["value"] is None and not row["holds"]
     assert row["claim"]["best_accuracy"]["value"] is not None  # the digits CNN measured both runs' samples
@@ -115,6 +115,9 @@ def test_the_host_speed_reads_as_it_was_probed():
                           ({"before": None, "after": None}, "host: not probed")]:
         text = format_demo_bench({**row, "host_step_ms": probed})
         assert shown in text and text.endswith("\n  harness sweep exited with 1: see /d/sweep.log")
+        assert "\n  on " not in text
+    cpu = "cpu (AMD EPYC, family 26 model 2; AVX512; 1 threads)"
+    assert f"\n  on {cpu}\n" in format_demo_bench({**row, "host_step_ms": {"before": 64.0, "after": 65.0}, "host": cpu})
 
 
 def test_an_override_that_moves_the_sweep_is_refused(tmp_path, capsys):

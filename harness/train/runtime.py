@@ -5,9 +5,11 @@
 from __future__ import annotations
 
 import os
+import platform
 import resource
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import submitit
 import torch
@@ -232,6 +234,28 @@ DATASHEET_PEAK_TFLOPS = {
     ("H100", "bf16"): 989.0, ("H100", "fp32"): 494.5,
     ("A100", "bf16"): 312.0, ("A100", "fp32"): 156.0,
 }
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name; for a CPU its model and the vector ISA torch's kernels use on it, because float results (and so
+    a demo's FIDs, to the last digit) differ between CPUs: "cpu (AMD EPYC, family 26 model 2; AVX512; 1 threads)"."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({_cpu_model()}; {torch.backends.cpu.get_cpu_capability()}; {torch.get_num_threads()} threads)"
+
+
+def _cpu_model() -> str:
+    # Read by hand: three fields of /proc/cpuinfo do not justify a dependency (py-cpuinfo); elsewhere, platform's word.
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    fields = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    return f"{name}, family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields else name
 
 
 def datasheet_peak_tflops(device: torch.device, precision: str) -> float | None:
