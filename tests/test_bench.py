@@ -33,8 +33,8 @@ def test_bench_writes_every_field_positive(tmp_path):
     assert numbers and all(value > 0 for value in numbers.values()), numbers
     assert result["peak_tflops_datasheet"] is None  # a CPU has no datasheet entry
     # The CPU by name and vector ISA: the demo's numbers repeat to the last digit only on the same one.
-    capability = torch.backends.cpu.get_cpu_capability()
-    assert result["device"].startswith("cpu (") and f"; {capability}; {torch.get_num_threads()} threads)" in result["device"]
+    isa, threads = torch.backends.cpu.get_cpu_capability(), torch.get_num_threads()
+    assert result["device"].startswith("cpu (") and result["device"].endswith(f"; {isa}; {threads} threads)")
     assert result["device"].removeprefix("cpu (").split(";")[0].strip()
     logged = [json.loads(line) for line in log.read_text().splitlines()]
     assert logged[-1]["train"]["images_per_s"] == result["train"]["images_per_s"]
